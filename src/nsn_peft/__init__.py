@@ -1,0 +1,43 @@
+"""nsn-peft: Nested Subspace Networks and utilized-rank compression as a Hugging Face PEFT method.
+
+``import nsn_peft`` registers the ``"nsn"`` method with PEFT, so ``get_peft_model(model, NSNConfig(...))``,
+``PeftModel.from_pretrained`` and the ``AutoPeftModel*`` classes work as for any built-in method.
+"""
+
+from __future__ import annotations
+
+from ._peft_compat import register as _register
+from .config import NSNConfig
+from .layer import NSNLayer, NSNLinear
+from .model import NSNModel
+from .ranks import (
+    FlopsReport,
+    at_rank,
+    estimate_flops,
+    get_max_rank,
+    get_rank,
+    select_rank_for_target_flops,
+    selectable_ranks,
+    set_rank,
+)
+from .stats import ActivationStats
+
+_register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationStats",
+    "FlopsReport",
+    "NSNConfig",
+    "NSNLayer",
+    "NSNLinear",
+    "NSNModel",
+    "at_rank",
+    "estimate_flops",
+    "get_max_rank",
+    "get_rank",
+    "select_rank_for_target_flops",
+    "selectable_ranks",
+    "set_rank",
+]
