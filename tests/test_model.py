@@ -192,11 +192,12 @@ def test_save_load_round_trip_is_bit_exact_without_decomposing(tmp_path, input_i
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "NSN" and config["rank_pattern"] == {"down_proj": 8}
-    assert "stats" not in config or config["stats"] is None
+    assert "stats" not in config
     weights = load_file(tmp_path / "adapter_model.safetensors")
     assert all(".nsn_A" in k or ".nsn_B" in k for k in weights)
     card = (tmp_path / "README.md").read_text()
     assert "## NSN adapter" in card and "FLOPs" in card
+    assert "- nsn" in card and "library_name: peft" in card
 
     def fail(*args, **kwargs):
         raise AssertionError("decomposition must not run when loading a checkpoint")
@@ -264,3 +265,25 @@ def test_print_trainable_parameters(capsys):
     model = get_peft_model(tiny_llama(), NSNConfig(max_rank=4))
     model.print_trainable_parameters()
     assert "trainable params" in capsys.readouterr().out
+
+
+def test_peft_type_is_a_real_enum_member():
+    assert PeftType("NSN") is PeftType.NSN is PeftType["NSN"]
+    assert PeftType.NSN in list(PeftType) and PeftType.NSN == "NSN"
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.NSN] is NSNConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.NSN] is nsn_peft.NSNModel
+    nsn_peft._peft_compat.register()  # idempotent
+
+
+def test_load_adapter_adds_a_second_saved_adapter(tmp_path, input_ids):
+    first = get_peft_model(tiny_llama(), NSNConfig(max_rank=8))
+    first.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = first(input_ids).logits
+    model = get_peft_model(tiny_llama(), NSNConfig(max_rank=4), adapter_name="other")
+    model.load_adapter(tmp_path, adapter_name="loaded")
+    model.set_adapter("loaded")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, expected)

@@ -107,6 +107,8 @@ class NSNConfig(PeftConfig):
         # In-memory statistics are large tensors and never part of the serialised config.
         stats, self.stats = self.stats, None
         try:
-            return asdict(self)
+            data = asdict(self)
         finally:
             self.stats = stats
+        data.pop("stats", None)
+        return data

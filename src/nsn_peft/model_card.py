@@ -39,9 +39,22 @@ def nsn_summary_markdown(model) -> str:
     return "\n".join(lines)
 
 
+TAGS = ("nsn", "nsn-peft", "nested-subspace-networks")
+
+
+def _with_tags(text: str) -> str:
+    """Add the NSN tags to the card's YAML front matter (what the Hub indexes and filters on)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text) if text.startswith("---") else ModelCard("---\nlibrary_name: peft\n---\n" + text)
+    tags = list(card.data.tags or [])
+    card.data.tags = tags + [t for t in TAGS if t not in tags]
+    return str(card)
+
+
 def append_nsn_section(model, output_dir: str | os.PathLike) -> None:
     path = Path(output_dir) / "README.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = _with_tags(path.read_text(encoding="utf-8") if path.exists() else "")
     if MARKER in text:
         text = text[: text.index(MARKER)].rstrip() + "\n\n"
     write_text(path, text + nsn_summary_markdown(model))
