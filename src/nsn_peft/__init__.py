@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from ._peft_compat import register as _register
+from .calibration import collect_activation_stats
 from .config import NSNConfig
 from .layer import NSNLayer, NSNLinear
 from .model import NSNModel
@@ -21,6 +22,17 @@ from .ranks import (
     set_rank,
 )
 from .stats import ActivationStats
+from .training import (
+    FixedRankSampler,
+    NSNTrainer,
+    RankBuckets,
+    RankSampler,
+    SandwichRankSampler,
+    ScheduledRankSampler,
+    StagedRankSampler,
+    UncertaintyWeightedLoss,
+    UniformRankSampler,
+)
 
 _register()
 
@@ -28,6 +40,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStats",
+    "collect_activation_stats",
+    "FixedRankSampler",
+    "NSNTrainer",
+    "RankBuckets",
+    "RankSampler",
+    "SandwichRankSampler",
+    "ScheduledRankSampler",
+    "StagedRankSampler",
+    "UncertaintyWeightedLoss",
+    "UniformRankSampler",
     "FlopsReport",
     "NSNConfig",
     "NSNLayer",

@@ -1,0 +1,149 @@
+"""Multi-rank finetuning of SmolLM2-135M with NSN adapters on the MLP, using ``NSNTrainer``.
+
+Trains one nested model on the Python tutorial (the docs' ``tutorial`` sources) and reports held-out
+perplexity on the ``howto`` sources at 25/50/75/100 % of the max rank, before and after training.
+Runs offline (the model is the embedded SmolLM2 GGUF).
+
+    # a real run on an H100
+    python examples/train_multirank.py --device cuda --max-steps 300 --output-dir runs/multirank
+    # a smoke test on CPU (a few minutes)
+    python examples/train_multirank.py --device cpu --max-steps 3 --block-size 64 --batch-size 2 \\
+        --eval-tokens 2048 --output-dir /tmp/multirank
+
+The same script runs under DDP: ``torchrun --nproc_per_node 2 examples/train_multirank.py --device cuda ...``
+(the batch size is per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from transformers import TrainingArguments
+
+import nsn_peft
+from nsn_peft.models import load_model_and_tokenizer
+from nsn_peft.training import NSNTrainer, make_rank_sampler
+from nsn_peft.training._lm_data import TokenBlocks, collect_input_grams, perplexity, read_texts, token_blocks
+
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+TARGETS = ["up_proj", "gate_proj", "down_proj"]
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+logger = logging.getLogger("train_multirank")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--output-dir", default="runs/train_multirank")
+    p.add_argument("--model", default=None, help="model id/folder/.gguf (default: the embedded SmolLM2-135M)")
+    p.add_argument("--train-data", default=str(DOCS / "tutorial"))
+    p.add_argument("--eval-data", default=str(DOCS / "howto"))
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="per device")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--logvar-lr", type=float, default=5e-2, help="learning rate of the log-variances")
+    p.add_argument("--init", choices=["svd", "whitened"], default="whitened")
+    p.add_argument("--calib-tokens", type=int, default=32768, help="training tokens for the whitened init's statistics")
+    p.add_argument("--sampler", choices=["sandwich", "uniform"], default="sandwich")
+    p.add_argument("--num-random", type=int, default=2, help="random middle ranks of the sandwich sampler")
+    p.add_argument("--distill-alpha", type=float, default=0.0)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens for perplexity")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    torch.manual_seed(args.seed)
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    model.to(device)
+    train_blocks = token_blocks(
+        read_texts(args.train_data), tokenizer, args.block_size,
+        max_tokens=args.max_steps * args.batch_size * args.grad_accum * args.block_size,
+    )
+    eval_blocks = token_blocks(read_texts(args.eval_data), tokenizer, args.block_size, max_tokens=args.eval_tokens)
+    logger.info("train: %d blocks x %d tokens; held-out: %d blocks", len(train_blocks), args.block_size, len(eval_blocks))
+    autocast = torch.bfloat16 if bf16 else None
+    dense_ppl = perplexity(model, eval_blocks, args.batch_size, autocast)
+
+    stats = None
+    if args.init == "whitened":
+        calib = train_blocks[: max(1, args.calib_tokens // args.block_size)]
+        grams, counts = collect_input_grams(model, calib, TARGETS, args.batch_size)
+        stats = nsn_peft.ActivationStats(grams, counts, model_id=args.model or "smollm2-135m")
+    config = nsn_peft.NSNConfig(target_modules=TARGETS, init=args.init, stats=stats)
+    peft_model = get_peft_model(model, config)
+    grid = nsn_peft.selectable_ranks(peft_model)
+    top = grid[-1]
+    ranks = sorted({max([r for r in grid if r <= f * top] or [grid[0]]) for f in FRACTIONS})
+
+    def ppl_at_ranks() -> dict[int, float]:
+        out = {}
+        for r in ranks:
+            with nsn_peft.at_rank(peft_model, r):
+                out[r] = perplexity(peft_model, eval_blocks, args.batch_size, autocast)
+        return out
+
+    before = ppl_at_ranks()
+    targs = TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        weight_decay=0.0,
+        logging_steps=max(1, args.max_steps // 20),
+        save_strategy="steps",
+        save_steps=max(1, args.max_steps // 2),
+        save_total_limit=1,
+        bf16=bf16,
+        activation_checkpointing=args.activation_checkpointing,
+        use_cpu=device.type == "cpu",
+        report_to=[],
+        seed=args.seed,
+        dataloader_drop_last=True,
+    )
+    sampler = make_rank_sampler(args.sampler, seed=args.seed, num_random=args.num_random, num_ranks=2)
+    trainer = NSNTrainer(
+        peft_model, targs, train_dataset=TokenBlocks(train_blocks), eval_dataset=TokenBlocks(eval_blocks),
+        rank_sampler=sampler, logvar_learning_rate=args.logvar_lr, distill_alpha=args.distill_alpha, eval_ranks=ranks,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - start
+    after = ppl_at_ranks()
+    if trainer.is_world_process_zero():
+        final = Path(args.output_dir) / "final"
+        trainer.save_model(str(final))
+        print(f"\nSmolLM2-135M, NSN on {TARGETS} (init={args.init}), {args.max_steps} steps in {elapsed:.0f} s")
+        print(f"held-out perplexity ({args.eval_data}); dense model: {dense_ppl:.2f}")
+        print("| rank | % of max | MLP FLOPs vs dense | before | after |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in ranks:
+            flops = nsn_peft.estimate_flops(peft_model, r).targeted_fraction
+            print(f"| {r} | {100 * r / top:.0f}% | {flops:.2f} | {before[r]:.2f} | {after[r]:.2f} |")
+        print(f"log-variances: { {k: round(v, 3) for k, v in zip(trainer.rank_buckets.labels, trainer.rank_loss.log_vars.tolist())} }")
+        print(f"adapter saved to {final} (load with PeftModel.from_pretrained)")
+        if any(not math.isfinite(v) for v in after.values()):
+            raise SystemExit("non-finite perplexity after training")
+
+
+if __name__ == "__main__":
+    main()

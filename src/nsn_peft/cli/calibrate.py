@@ -1,0 +1,83 @@
+"""``nsn-peft calibrate``: collect per-layer activation statistics (input Gram matrices) on calibration text."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ._common import (
+    CommandResult,
+    add_common_options,
+    add_data_options,
+    add_model_options,
+    add_overwrite_option,
+    check_output_dir,
+    check_target_modules,
+    format_table,
+    lazy_import,
+    load_base,
+    model_ref_for_saving,
+    module_list,
+    new_command,
+    resolve_device,
+)
+
+
+def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
+    parser = new_command(
+        subparsers,
+        "calibrate",
+        summary="Collect activation statistics (XᵀX per linear layer) for data-aware inits and rank search.",
+        description=(
+            "Run the model over calibration text and accumulate the input Gram matrix XᵀX of every targeted "
+            "linear layer (float64). The stats folder feeds `adapt --init whitened|projected` and `search-ranks`."
+        ),
+        examples=[
+            "--model HuggingFaceTB/SmolLM2-135M --data ./calib.txt --max-tokens 131072 --output ./stats",
+            "--data wikitext:wikitext-2-raw-v1 --split train --target-modules q_proj,k_proj,v_proj --output ./stats",
+        ],
+    )
+    add_model_options(parser, task=False)
+    add_data_options(parser, seq_len=512, max_tokens=131072)
+    parser.add_argument(
+        "--target-modules", type=module_list, default=None, metavar="NAMES",
+        help="Layers to collect (comma-separated names, 'all-linear' or 're:<regex>'; default: all linear layers).",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", "-o", default=None, metavar="DIR", help="Stats folder to write (required).")
+    add_overwrite_option(out)
+    add_common_options(parser)
+    parser.set_defaults(func=run)
+    return {"calibrate": parser}
+
+
+def run(args: argparse.Namespace) -> CommandResult:
+    from .evaluate import load_texts
+
+    output = check_output_dir(args.output, args.overwrite)
+    texts = load_texts(args)
+    model, tokenizer = load_base(args, task="causal-lm")
+    check_target_modules(model, args.target_modules)
+    calibration = lazy_import("calibration", "calibrate")
+    stats = calibration.collect_activation_stats(
+        model, texts, tokenizer=tokenizer, max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+        target_modules=args.target_modules, device=resolve_device(args.device),
+    )
+    if not stats.model_id:
+        stats.model_id = model_ref_for_saving(args.model, args.gguf_file)
+    stats.save(output)
+    data = {
+        "output": str(output), "model": stats.model_id, "layers": len(stats.layer_names), "tokens": stats.num_tokens,
+        "in_features": {n: int(stats.grams[n].shape[0]) for n in stats.layer_names},
+    }
+    sizes: dict[int, int] = {}
+    for d in data["in_features"].values():
+        sizes[d] = sizes.get(d, 0) + 1
+    text = "\n".join(
+        [
+            f"Saved activation statistics of {data['layers']} layers ({data['tokens']:,} tokens) to {output}",
+            "",
+            format_table(sorted(sizes.items()), ["in_features", "layers"], align="rr"),
+        ]
+    )
+    return CommandResult(data, text)

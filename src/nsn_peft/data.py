@@ -1,0 +1,120 @@
+"""Text sources for calibration and evaluation: local folders/files, JSONL, ``datasets`` datasets.
+
+``load_texts`` turns any of them into a list of documents; ``token_blocks`` concatenates documents
+(EOS between them) into fixed-length blocks of token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".rst", ".md")
+PYTHON_DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+
+__all__ = ["load_texts", "python_docs_dir", "token_blocks", "token_stream"]
+
+
+def python_docs_dir(part: str = "tutorial") -> Path:
+    """A folder of the Python 3.11 documentation sources (Debian ``python3.11-doc``): real English offline."""
+    folder = PYTHON_DOCS_ROOT / part
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found: install the Python docs sources (apt install python3.11-doc)")
+    return folder
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{path}:{number}: no '{text_field}' field (set text_field=)")
+            texts.append(str(record[text_field]))
+    return texts
+
+
+def load_texts(
+    source: Any, *, split: Optional[str] = None, text_field: str = "text", max_docs: Optional[int] = None
+) -> list[str]:
+    """Documents from ``source``.
+
+    Args:
+        source: a folder (every ``*.txt``/``*.rst``/``*.md`` below it, sorted), a text file, a ``.jsonl``
+            file (one JSON object per line, text in ``text_field``), a ``datasets.Dataset``, a list of
+            strings, or a ``datasets`` Hub name ``"name"`` / ``"name:config"`` (e.g.
+            ``"wikitext:wikitext-2-raw-v1"``, split ``split`` or ``"train"``).
+        max_docs: keep only the first documents.
+    """
+    if isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
+        texts = list(source)
+    elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
+        if text_field not in source.column_names:
+            raise ValueError(f"Dataset has no column '{text_field}' (columns: {source.column_names})")
+        texts = list(source[text_field])
+    else:
+        path = Path(os.fspath(source))
+        if path.is_dir():
+            files = _text_files(path)
+            if not files:
+                raise ValueError(f"No text files ({', '.join(TEXT_SUFFIXES)}) under {path}")
+            texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        elif path.is_file():
+            texts = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8", errors="replace")]
+        elif path.suffix in (".txt", ".jsonl", ".rst", ".md", ".json") or os.sep in str(source) or str(source).startswith("."):
+            raise FileNotFoundError(f"Data file or folder not found: {path}")
+        else:
+            import datasets  # only needed for Hub datasets
+
+            name, _, config = str(source).partition(":")
+            dataset = datasets.load_dataset(name, config or None, split=split or "train")
+            return load_texts(dataset, text_field=text_field, max_docs=max_docs)
+    texts = [t for t in texts if t.strip()]
+    if max_docs is not None:
+        texts = texts[:max_docs]
+    if not texts:
+        raise ValueError(f"No non-empty text in {source!r}")
+    return texts
+
+
+def token_stream(texts: Sequence[str], tokenizer, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """All documents tokenised and concatenated (EOS between documents), as one 1-D id tensor."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_blocks(texts: Sequence[str], tokenizer, block_size: int, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """``(n, block_size)`` blocks of token ids cut from :func:`token_stream` (the remainder is dropped)."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    stream = token_stream(texts, tokenizer, None if max_tokens is None else max(max_tokens, block_size))
+    n = stream.numel() // block_size
+    if n == 0:
+        raise ValueError(f"Only {stream.numel()} tokens of text: not one block of {block_size}")
+    return stream[: n * block_size].view(n, block_size)

@@ -1,0 +1,47 @@
+"""Multi-rank training of nested (NSN) models with ``transformers.Trainer``.
+
+* :class:`NSNTrainer` — a ``Trainer`` that trains at several ranks per step.
+* :class:`UncertaintyWeightedLoss`, :class:`RankBuckets` — how per-rank losses are combined.
+* Rank samplers — :class:`UniformRankSampler`, :class:`SandwichRankSampler`, :class:`FixedRankSampler`,
+  :class:`ScheduledRankSampler`, :class:`StagedRankSampler`.
+"""
+
+from __future__ import annotations
+
+from .loss import RankBuckets, UncertaintyWeightedLoss, distillation_loss
+from .samplers import (
+    FixedRankSampler,
+    RankSampler,
+    SandwichRankSampler,
+    ScheduledRankSampler,
+    StagedRankSampler,
+    UniformRankSampler,
+    as_rank_sampler,
+    make_rank_sampler,
+)
+from .trainer import (
+    MULTIRANK_STATE_JSON,
+    MULTIRANK_STATE_TENSORS,
+    NSNTrainer,
+    clear_dequantized_gguf_marker,
+    default_eval_ranks,
+)
+
+__all__ = [
+    "MULTIRANK_STATE_JSON",
+    "MULTIRANK_STATE_TENSORS",
+    "FixedRankSampler",
+    "NSNTrainer",
+    "RankBuckets",
+    "RankSampler",
+    "SandwichRankSampler",
+    "ScheduledRankSampler",
+    "StagedRankSampler",
+    "UncertaintyWeightedLoss",
+    "UniformRankSampler",
+    "as_rank_sampler",
+    "clear_dequantized_gguf_marker",
+    "default_eval_ranks",
+    "distillation_loss",
+    "make_rank_sampler",
+]
