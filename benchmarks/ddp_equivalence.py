@@ -113,7 +113,8 @@ def worker(args) -> None:
         ),
     )
     trainer = NSNTrainer(
-        model, targs, train_dataset=train, rank_sampler=SandwichRankSampler(args.num_random), distill_alpha=args.distill_alpha
+        model, targs, train_dataset=train, rank_sampler=SandwichRankSampler(args.num_random), distill_alpha=args.distill_alpha,
+        backward_per_rank=not args.single_graph,
     )
     start = time.perf_counter()
     trainer.train()
@@ -148,6 +149,8 @@ def _launch(args, nproc: int, run_dir: Path) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.fsdp:
         cmd.append("--fsdp")
+    if args.single_graph:
+        cmd.append("--single-graph")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     logger.info("Launching: %s", " ".join(cmd))
@@ -210,7 +213,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-random", type=int, default=1)
     parser.add_argument("--distill-alpha", type=float, default=0.0)
-    parser.add_argument("--fsdp", action="store_true", help="shard the multi-process run with FSDP2 instead of DDP")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard the multi-process run with FSDP2 (needs GPUs: Accelerate enables FSDP only on them; "
+                             "with the default uncertainty weighting NSNTrainer refuses FSDP)")
+    parser.add_argument("--single-graph", action="store_true", help="NSNTrainer(backward_per_rank=False)")
     parser.add_argument("--tol", type=float, default=1e-3, help="max relative difference of the loss curves to pass")
     parser.add_argument("--out", default="ddp_equivalence.json")
     parser.add_argument("--work-dir", default=None, help="where both runs write (default: a temporary folder)")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from ._peft_compat import register as _register
 from .calibration import collect_activation_stats
+from .compression import load_compressed, save_compressed
 from .config import NSNConfig
+from .evaluation import evaluate_perplexity, perplexity
 from .layer import NSNLayer, NSNLinear
 from .model import NSNModel
 from .ranks import (
@@ -21,6 +23,7 @@ from .ranks import (
     selectable_ranks,
     set_rank,
 )
+from .rank_search import RankPlan, allocate_ranks_for_budget, search_ranks
 from .stats import ActivationStats
 from .training import (
     FixedRankSampler,
@@ -41,6 +44,13 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationStats",
     "collect_activation_stats",
+    "RankPlan",
+    "allocate_ranks_for_budget",
+    "evaluate_perplexity",
+    "load_compressed",
+    "perplexity",
+    "save_compressed",
+    "search_ranks",
     "FixedRankSampler",
     "NSNTrainer",
     "RankBuckets",

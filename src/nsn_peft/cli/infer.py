@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> CommandResult:
         "new_tokens": int(new_tokens.numel()), **info,
     }
     if not args.json and not args.quiet:
-        sys.stderr.write(
-            f"[{Path(str(ref)).name}: rank {point.label} (mean {info['mean_rank']:.0f}), "
-            f"{info['model_flops_fraction']:.3f} of dense FLOPs]\n"
-        )
+        how = f"rank {info['mean_rank']:.0f}" if info["min_rank"] == info["max_rank"] else f"mean rank {info['mean_rank']:.1f}"
+        if point.kind != "rank":
+            how += f" ({point.label})"
+        sys.stderr.write(f"[{Path(str(ref)).name}: {how}, {info['model_flops_fraction']:.3f} of dense FLOPs]\n")
     return CommandResult(data, completion)

@@ -201,6 +201,13 @@ class NSNTrainer(Trainer):
             bad = [r for r in self.eval_ranks if not 1 <= r <= self.rank_grid[-1]]
             if bad or not self.eval_ranks:
                 raise ValueError(f"eval_ranks {list(eval_ranks)} must be non-empty ranks in [1, {self.rank_grid[-1]}] (the top rank)")
+        if self.is_fsdp_enabled and self.rank_loss.learnable:
+            raise ValueError(
+                "NSNTrainer(weighting='uncertainty') does not support FSDP: the log-variances are trainable parameters "
+                "outside the model, and both Accelerate's FSDP2 optimizer preparation and FSDP optimizer-state "
+                "checkpointing map every optimizer parameter to a model parameter (KeyError). Use weighting='sum' "
+                "with FSDP, or DDP."
+            )
         if self.backward_per_rank and self.is_deepspeed_enabled:
             raise ValueError("NSNTrainer(backward_per_rank=True) does not support DeepSpeed (its backward also steps); pass backward_per_rank=False.")
         if self.backward_per_rank and "lomo" in str(self.args.optim).lower():
