@@ -10,6 +10,7 @@ Usage (the driver launches both runs itself through ``python -m torch.distribute
 
     python benchmarks/ddp_equivalence.py --device cpu --nproc 2 --steps 20 --out ddp_cpu.json   # gloo
     python benchmarks/ddp_equivalence.py --device cuda --nproc 2 --steps 50 --out ddp_cuda.json  # nccl
+    python benchmarks/ddp_equivalence.py --device cuda --nproc 2 --steps 50 --fsdp --weighting sum --out fsdp.json
 
 The worker (``--worker``) can also be started by hand, e.g. under ``accelerate launch``.
 """
@@ -114,7 +115,7 @@ def worker(args) -> None:
     )
     trainer = NSNTrainer(
         model, targs, train_dataset=train, rank_sampler=SandwichRankSampler(args.num_random), distill_alpha=args.distill_alpha,
-        backward_per_rank=not args.single_graph,
+        backward_per_rank=not args.single_graph, weighting=args.weighting,
     )
     start = time.perf_counter()
     trainer.train()
@@ -145,7 +146,7 @@ def _launch(args, nproc: int, run_dir: Path) -> dict:
         "--run-dir", str(run_dir),
     ]
     for key in ("device", "steps", "global_batch", "seq_len", "hidden", "layers", "vocab", "granularity", "lr",
-                "seed", "num_random", "distill_alpha"):
+                "seed", "num_random", "distill_alpha", "weighting"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.fsdp:
         cmd.append("--fsdp")
@@ -215,8 +216,9 @@ def main() -> None:
     parser.add_argument("--distill-alpha", type=float, default=0.0)
     parser.add_argument("--fsdp", action="store_true",
                         help="shard the multi-process run with FSDP2 (needs GPUs: Accelerate enables FSDP only on them; "
-                             "with the default uncertainty weighting NSNTrainer refuses FSDP)")
+                             "NSNTrainer refuses FSDP with uncertainty weighting: add --weighting sum)")
     parser.add_argument("--single-graph", action="store_true", help="NSNTrainer(backward_per_rank=False)")
+    parser.add_argument("--weighting", choices=["uncertainty", "sum"], default="uncertainty")
     parser.add_argument("--tol", type=float, default=1e-3, help="max relative difference of the loss curves to pass")
     parser.add_argument("--out", default="ddp_equivalence.json")
     parser.add_argument("--work-dir", default=None, help="where both runs write (default: a temporary folder)")

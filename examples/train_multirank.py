@@ -5,7 +5,7 @@ perplexity on the ``howto`` sources at 25/50/75/100 % of the max rank, before an
 Runs offline (the model is the embedded SmolLM2 GGUF).
 
     # a real run on an H100
-    python examples/train_multirank.py --device cuda --max-steps 300 --output-dir runs/multirank
+    python examples/train_multirank.py --device cuda --max-steps 100 --output-dir runs/multirank
     # a smoke test on CPU (a few minutes)
     python examples/train_multirank.py --device cpu --max-steps 3 --block-size 64 --batch-size 2 \\
         --eval-tokens 2048 --output-dir /tmp/multirank
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ logger = logging.getLogger("train_multirank")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--max-steps", type=int, default=100, help="the tutorial is ~68k tokens: 100 steps of 8x512 is ~6 epochs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--output-dir", default="runs/train_multirank")
     p.add_argument("--model", default=None, help="model id/folder/.gguf (default: the embedded SmolLM2-135M)")
@@ -66,6 +67,8 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process under torchrun
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     torch.manual_seed(args.seed)
 

@@ -316,13 +316,22 @@ def test_calibrate_search_adapt_projected_and_compress(stats, ws):
     proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats", "--target-fraction", "0.5", "--output", "plan.json",
                    "--json", cwd=ws)
     plan = json.loads(proc.stdout)
-    assert plan["mode"] == "budget" and (ws / "plan.json").is_file()
+    assert plan["mode"] == "budget" and plan["init"] == "whitened" and (ws / "plan.json").is_file()
+    assert plan["parameter_fraction"] <= 0.5 + 1e-9
     proc = run_cli("adapt", "--model", "tiny", "--init", "projected", "--stats", "stats", "--rank-plan", "plan.json",
                    "--granularity", GRANULARITY, "--output", "projected", "--json", cwd=ws)
     assert json.loads(proc.stdout)["init"] == "projected"
     proc = run_cli("compress", "--adapter", "projected", "--output", "compressed", "--json", cwd=ws)
-    assert json.loads(proc.stdout)["output"].endswith("compressed")
-    assert any((ws / "compressed").iterdir())
+    compressed = json.loads(proc.stdout)
+    assert compressed["factored_params"] < compressed["dense_params"]
+    assert (ws / "compressed" / "nsn_compression.json").is_file() and (ws / "compressed" / "tokenizer.json").is_file()
+    proc = run_cli("info", "--adapter", "compressed", "--json", cwd=ws)
+    assert json.loads(proc.stdout)["factor_params"] == compressed["factored_params"]
+    proc = run_cli("eval", "--model", "compressed", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256", "--json",
+                   cwd=ws)
+    (row,) = json.loads(proc.stdout)["results"]
+    assert row["label"] == "compressed" and row["perplexity"] > 1
+    assert row["model_flops_fraction"] == pytest.approx(compressed["model_flops_fraction"])
 
 
 def test_search_ranks_epsilon_mode(stats, ws):

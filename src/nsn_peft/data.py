@@ -24,8 +24,11 @@ __all__ = ["load_texts", "python_docs_dir", "token_blocks", "token_stream"]
 
 
 def python_docs_dir(part: str = "tutorial") -> Path:
-    """A folder of the Python 3.11 documentation sources (Debian ``python3.11-doc``): real English offline."""
-    folder = PYTHON_DOCS_ROOT / part
+    """A folder of the Python 3.11 documentation sources (Debian ``python3.11-doc``): real English offline.
+
+    ``NSN_PEFT_PYTHON_DOCS`` overrides the root (a copy of the ``_sources`` folder elsewhere).
+    """
+    folder = Path(os.environ.get("NSN_PEFT_PYTHON_DOCS", PYTHON_DOCS_ROOT)) / part
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found: install the Python docs sources (apt install python3.11-doc)")
     return folder

@@ -150,6 +150,8 @@ def allocate_ranks_for_budget(
     *,
     target_modules: Union[None, str, Sequence[str]] = None,
     granularity: int = 1,
+    normalize: str = "energy",
+    min_rank_fraction: float = 0.0,
     damp: float = 1e-6,
     device: Optional[Union[str, torch.device]] = None,
 ) -> RankPlan:
@@ -161,7 +163,17 @@ def allocate_ranks_for_budget(
     normalised error per parameter saved is taken repeatedly (``granularity`` components at a time, or a
     dense layer going to its break-even rank) until the budget is met. Layers where factoring would not
     save stay dense.
+
+    Args:
+        normalize: ``"energy"`` compares layers by the *fraction* of their output energy lost; ``"none"``
+            by the absolute output error per calibration token.
+        min_rank_fraction: no layer goes below this fraction of the rank a uniform allocation would
+            give it (a guard against starving a layer whose spectrum looks cheap to cut).
     """
+    if normalize not in ("energy", "none"):
+        raise ValueError(f"normalize must be 'energy' or 'none', got {normalize!r}")
+    if not 0 <= min_rank_fraction <= 1:
+        raise ValueError(f"min_rank_fraction must be in [0, 1], got {min_rank_fraction!r}")
     if not 0 < target_fraction <= 1:
         raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction!r}")
     if granularity < 1:
@@ -175,21 +187,24 @@ def allocate_ranks_for_budget(
             weight = weight.to(device)
         spectrum = whitened_spectrum(weight, stats.gram(name), damp).cpu()
         total = spectrum.sum()
-        spectra[name] = spectrum / total if total > 0 else spectrum
+        spectra[name] = spectrum / total if (normalize == "energy" and total > 0) else spectrum
     budget = target_fraction * sum(m * d for _, m, d in layers.values())
     rank: dict[str, Optional[int]] = dict.fromkeys(layers)  # None = dense
     cost = {n: m * d for n, (_, m, d) in layers.items()}
     total_cost = sum(cost.values())
 
+    floors = {n: max(1, int(min_rank_fraction * target_fraction * m * d / (m + d))) for n, (_, m, d) in layers.items()}
+
     def next_step(name: str) -> Optional[tuple[float, int, float]]:
         _, m, d = layers[name]
         spectrum = spectra[name]
         current = rank[name]
+        floor = floors[name]
         if current is None:
             # Leaving dense saves little at first (break-even rank), so look ahead: jump to the rank with the
             # best error-per-parameter over the whole path from dense, keeping the greedy well behaved.
             top = break_even_rank(m, d)
-            candidates = torch.arange(1, top + 1)
+            candidates = torch.arange(floor, top + 1)
             if granularity > 1:
                 candidates = candidates[(candidates % granularity == 0) | (candidates == 1)]
             if candidates.numel() == 0:
@@ -201,9 +216,9 @@ def allocate_ranks_for_budget(
             new, saved = int(candidates[best]), int(saved_all[best])
             return float(lost_all[best]) / saved, new, saved
         else:
-            if current <= 1:
+            if current <= floor:
                 return None
-            new = max(1, (current - 1) // granularity * granularity) if granularity > 1 else current - 1
+            new = max(floor, (current - 1) // granularity * granularity) if granularity > 1 else current - 1
             saved = (current - new) * (m + d)
         lost = float(spectrum[new : current if current is not None else spectrum.numel()].sum())
         if saved <= 0:
@@ -230,7 +245,8 @@ def allocate_ranks_for_budget(
     achieved = total_cost / sum(m * d for _, m, d in layers.values())
     logger.info("Allocated ranks for %.3f of parameters (achieved %.4f); %d layer(s) dense", target_fraction, achieved, len(dense))
     return RankPlan(ranks, dense, "whitened", target={"mode": "budget", "fraction": target_fraction, "achieved": achieved,
-                                                     "granularity": granularity})
+                                                     "granularity": granularity, "normalize": normalize,
+                                                     "min_rank_fraction": min_rank_fraction})
 
 
 def _assign_groups(names: Sequence[str], groups: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:

@@ -124,6 +124,14 @@ def unit_fraction(text: str) -> float:
     return value
 
 
+def open_unit_fraction(text: str) -> float:
+    """A float in (0, 1)."""
+    value = unit_fraction(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def csv_list(text: str) -> list[str]:
     """``"a,b , c"`` -> ``["a", "b", "c"]`` (empty items are an error)."""
     items = [item.strip() for item in str(text).split(",")]
@@ -232,8 +240,9 @@ def add_adapter_creation_options(parser: argparse.ArgumentParser, *, title: str 
     )
     group.add_argument("--exclude-modules", type=module_list, default=None, metavar="NAMES", help="Modules never adapted.")
     group.add_argument(
-        "--init", default="svd", choices=["svd", "whitened", "projected"],
-        help="Factor initialisation: svd (weights only), whitened or projected (need --stats).",
+        "--init", default=None, choices=["svd", "whitened", "projected"],
+        help="Factor initialisation: svd (weights only), whitened or projected (need --stats). "
+        "Default: the rank plan's init with --rank-plan, else svd.",
     )
     group.add_argument("--stats", default=None, metavar="DIR", help="Activation statistics folder (from `nsn-peft calibrate`).")
     group.add_argument("--rank-plan", default=None, metavar="JSON", help="Per-layer rank plan (from `nsn-peft search-ranks`).")
@@ -248,7 +257,8 @@ def add_data_options(parser: argparse.ArgumentParser, *, required: bool = True, 
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data", default=None, metavar="SOURCE",
-        help="Text source: a .txt/.jsonl file, a folder of them, or a datasets name (e.g. wikitext:wikitext-2-raw-v1)."
+        help="Text source: a .txt/.md/.rst/.jsonl file, a folder of text files, or a datasets name "
+        "(e.g. wikitext:wikitext-2-raw-v1)."
         + ("" if required else " Optional."),
     )
     group.add_argument("--split", default=None, help="Dataset split (datasets sources; default: test or train).")
@@ -397,6 +407,11 @@ def set_progress(enabled: bool) -> None:
         pass
 
 
+def progress_enabled() -> bool:
+    """Whether progress bars are on (``--progress``, not ``--quiet``)."""
+    return _PROGRESS["enabled"]
+
+
 def progress(iterable: Iterable, **kwargs: Any) -> Iterable:
     """A tqdm progress bar on stderr (disabled by ``--quiet``/``--no-progress``)."""
     from tqdm.auto import tqdm
@@ -414,7 +429,7 @@ def looks_like_path(ref: str) -> bool:
     text = str(ref)
     return (
         text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and os.sep != "/"
-        or text.lower().endswith((".gguf", ".txt", ".jsonl", ".json", ".yaml", ".yml", ".safetensors", ".csv"))
+        or text.lower().endswith((".gguf", ".txt", ".md", ".rst", ".jsonl", ".json", ".yaml", ".yml", ".safetensors", ".csv"))
         or Path(text).exists()
     )
 
@@ -560,7 +575,7 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
     """An :class:`~nsn_peft.NSNConfig` from the adapter-creation options (and ``--rank-plan``)."""
     from ..config import NSNConfig
 
-    kwargs: dict[str, Any] = {"init": args.init}
+    kwargs: dict[str, Any] = {}
     if args.max_rank is not None:
         kwargs["max_rank"] = args.max_rank
     if args.target_modules is not None:
@@ -575,13 +590,16 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
         kwargs["energy_output"] = args.energy_output
     if args.init_device is not None:
         kwargs["init_device"] = args.init_device
-    if args.init in ("whitened", "projected") and not args.stats:
-        raise UsageError(f"--init {args.init} needs activation statistics: pass --stats DIR (from `nsn-peft calibrate`)")
+    if args.rank_plan:
+        kwargs.update(rank_plan_kwargs(args.rank_plan))
+    # An explicit --init wins over the plan's, which wins over the default (svd).
+    kwargs["init"] = args.init or kwargs.get("init") or "svd"
+    if kwargs["init"] in ("whitened", "projected") and not args.stats:
+        origin = "--init" if args.init else "the rank plan's init"
+        raise UsageError(f"{origin} {kwargs['init']} needs activation statistics: pass --stats DIR (from `nsn-peft calibrate`)")
     if args.stats:
         check_stats_dir(args.stats)
         kwargs["stats_path"] = str(Path(args.stats).expanduser())
-    if args.rank_plan:
-        kwargs.update(rank_plan_kwargs(args.rank_plan))
     task = task or getattr(args, "task", "causal-lm")
     kwargs["task_type"] = "SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM"
     try:
@@ -650,10 +668,41 @@ def adapt_model(base: Any, config: Any, model_ref: Optional[str]):
     return model
 
 
-def model_for_inference(args: argparse.Namespace):
-    """``(peft_model, tokenizer, base_ref)``: ``--adapter`` when given, else adapt ``--model`` on the fly."""
+def is_compressed_folder(ref: Optional[str]) -> bool:
+    """Whether ``ref`` is a folder written by ``nsn-peft compress`` / :func:`nsn_peft.compression.save_compressed`."""
+    from ..compression import META_FILE
+
+    return ref is not None and Path(ref).expanduser().is_dir() and (Path(ref).expanduser() / META_FILE).is_file()
+
+
+def load_compressed_model(args: argparse.Namespace, ref: str):
+    """``(model, tokenizer)`` of a compressed model folder (fixed ranks, no NSN layers)."""
+    from transformers import AutoTokenizer
+
+    from ..compression import load_compressed
+    from ..models import resolve_dtype
+
+    tokenizer_ref = args.tokenizer or ref
+    if not args.tokenizer and not any((Path(ref) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer")
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype)
+    model = load_compressed(ref, device=resolve_device(args.device), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_ref))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_for_inference(args: argparse.Namespace, *, allow_compressed: bool = False):
+    """``(peft_model, tokenizer, base_ref)``: ``--adapter`` when given, else adapt ``--model`` on the fly.
+
+    With ``allow_compressed``, a ``--model`` folder written by ``compress`` is loaded as it is (fixed ranks).
+    """
     if getattr(args, "adapter", None):
         return load_adapter(args)
+    if allow_compressed and is_compressed_folder(args.model):
+        model, tokenizer = load_compressed_model(args, args.model)
+        return model, tokenizer, str(Path(args.model).resolve())
     config = nsn_config_from_args(args)
     base, tokenizer = load_base(args)
     ref = model_ref_for_saving(args.model, args.gguf_file)

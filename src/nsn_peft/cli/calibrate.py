@@ -19,6 +19,7 @@ from ._common import (
     model_ref_for_saving,
     module_list,
     new_command,
+    progress_enabled,
     resolve_device,
 )
 
@@ -61,10 +62,9 @@ def run(args: argparse.Namespace) -> CommandResult:
     calibration = lazy_import("calibration", "calibrate")
     stats = calibration.collect_activation_stats(
         model, texts, tokenizer=tokenizer, max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-        target_modules=args.target_modules, device=resolve_device(args.device),
+        target_modules=args.target_modules, device=resolve_device(args.device), show_progress=progress_enabled(),
     )
-    if not stats.model_id:
-        stats.model_id = model_ref_for_saving(args.model, args.gguf_file)
+    stats.model_id = model_ref_for_saving(args.model, args.gguf_file)
     stats.save(output)
     data = {
         "output": str(output), "model": stats.model_id, "layers": len(stats.layer_names), "tokens": stats.num_tokens,

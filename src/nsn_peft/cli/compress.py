@@ -31,7 +31,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         description=(
             "Truncate the factors of an NSN model to its active ranks (or --rank / --target-flops) and save a "
             "compressed model folder that loads without the dense weights. The model is an adapter folder "
-            "(--adapter) or --model adapted on the fly, typically with --rank-plan plan.json --init projected."
+            "(--adapter) or --model adapted on the fly, typically with --rank-plan plan.json --stats DIR. The folder "
+            "loads with nsn_peft.compression.load_compressed and works as --model for `eval` and `infer`."
         ),
         examples=[
             "--adapter ./nsn-adapter --rank 128 --output ./compressed",
@@ -46,6 +47,10 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     ranks.add_argument("--target-flops", type=unit_fraction, default=None, metavar="F", help="FLOPs budget vs dense, in (0, 1].")
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="DIR", help="Compressed model folder (required).")
+    out.add_argument(
+        "--save-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+        help="Save the tokenizer into the folder too (default: on, so eval/infer --model <folder> work).",
+    )
     add_overwrite_option(out)
     add_common_options(parser)
     parser.set_defaults(func=run)
@@ -53,7 +58,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from ..ranks import estimate_flops, get_max_rank, select_rank_for_target_flops, set_rank
+    from ..ranks import estimate_flops, get_max_rank, get_rank, nsn_layers, select_rank_for_target_flops, set_rank
 
     output = check_output_dir(args.output, args.overwrite)
     if args.rank is not None and args.target_flops is not None:
@@ -70,9 +75,16 @@ def run(args: argparse.Namespace) -> CommandResult:
     elif args.target_flops is not None:
         set_rank(model, select_rank_for_target_flops(model, args.target_flops, scope="model"))
     report = estimate_flops(model)
-    compression.save_compressed(model, output)
-    data = {"output": str(output), "base_model": ref, "model_flops_fraction": report.model_fraction,
-            "targeted_flops_fraction": report.targeted_fraction}
-    text = (f"Saved compressed model to {output} ({report.model_fraction:.3f} of dense FLOPs, "
-            f"{report.targeted_fraction:.3f} for the factored layers)")
+    ranks = get_rank(model)
+    layers = nsn_layers(model)
+    dense_params = sum(layer.out_features * layer.in_features for layer in layers.values())
+    kept_params = sum(r * (layers[n].out_features + layers[n].in_features) for n, r in ranks.items())
+    compression.save_compressed(model, output, tokenizer=tokenizer if args.save_tokenizer else None)
+    data = {
+        "output": str(output), "base_model": ref, "layers": len(ranks), "mean_rank": sum(ranks.values()) / len(ranks),
+        "factored_params": kept_params, "dense_params": dense_params, "model_flops_fraction": report.model_fraction,
+        "targeted_flops_fraction": report.targeted_fraction,
+    }
+    text = (f"Saved compressed model to {output}: {len(ranks)} factored layers at mean rank {data['mean_rank']:.1f}, "
+            f"{kept_params:,} parameters instead of {dense_params:,}; {report.model_fraction:.3f} of the dense matmul FLOPs")
     return CommandResult(data, text)

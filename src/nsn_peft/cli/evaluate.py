@@ -29,6 +29,7 @@ from ._common import (
     model_for_inference,
     positive_int,
     progress,
+    progress_enabled,
     rank_list,
     read_adapter_config,
     required,
@@ -142,6 +143,12 @@ def _new_sweep(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def nsn_layers(model: Any) -> dict[str, Any]:
+    from ..ranks import nsn_layers as _nsn_layers
+
+    return _nsn_layers(model)
+
+
 def load_texts(args: argparse.Namespace) -> list[str]:
     """Texts of ``--data`` (through :func:`nsn_peft.data.load_texts`)."""
     required(args, "data")
@@ -153,14 +160,14 @@ def load_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> float:
+def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> dict[str, float]:
+    """``{"perplexity", "nll", "tokens"}`` of ``model`` on ``texts`` (sliding window)."""
     evaluation = lazy_import("evaluation", "perplexity")
-    return float(
-        evaluation.perplexity(
-            model, texts, tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
-            batch_size=args.batch_size, device=resolve_device(args.device),
-        )
+    result = evaluation.evaluate_perplexity(
+        model, texts, tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, device=resolve_device(args.device), show_progress=progress_enabled(),
     )
+    return {"perplexity": float(result["perplexity"]), "nll": float(result["nll"]), "tokens": int(result["tokens"])}
 
 
 def _check_source(args: argparse.Namespace) -> None:
@@ -174,7 +181,7 @@ def evaluate_points(args: argparse.Namespace, model: Any, tokenizer: Any, texts:
     for point in progress(points, desc="Evaluating ranks", unit="rank", disable=len(points) < 2 or None):
         with point.context(model):
             row = describe_point(model, point)
-            row["perplexity"] = _perplexity(args, model, tokenizer, texts)
+            row.update(_perplexity(args, model, tokenizer, texts))
         logger.info("%s: perplexity %.4f", point.label, row["perplexity"])
         rows.append(row)
     return rows
@@ -183,8 +190,10 @@ def evaluate_points(args: argparse.Namespace, model: Any, tokenizer: Any, texts:
 def _baseline(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> Optional[float]:
     if not args.baseline:
         return None
+    if not hasattr(model, "disable_adapter"):
+        raise UsageError("--baseline needs an NSN model (a compressed model has no dense weights left)")
     with model.disable_adapter():
-        return _perplexity(args, model, tokenizer, texts)
+        return _perplexity(args, model, tokenizer, texts)["perplexity"]
 
 
 def _rows_text(rows: list[dict[str, Any]], baseline: Optional[float]) -> str:
@@ -203,11 +212,17 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
     output = check_output_file(args.output, args.overwrite) if args.output else None
     _check_source(args)
     texts = load_texts(args)
-    model, tokenizer, ref = model_for_inference(args)
-    points = resolve_rank_points(
-        model, ranks=args.ranks, fractions=args.fractions, target_flops=args.target_flops, flops_scope=args.flops_scope
-    )
-    rows = evaluate_points(args, model, tokenizer, texts, points)
+    model, tokenizer, ref = model_for_inference(args, allow_compressed=True)
+    if not nsn_layers(model):  # a compressed model: fixed ranks
+        if args.ranks or args.fractions or args.target_flops:
+            raise UsageError("--ranks/--fractions/--target-flops need an NSN model; a compressed model runs at fixed ranks")
+        rows = [{"label": "compressed", "kind": "compressed", "value": None, **fixed_rank_flops(model),
+                 **_perplexity(args, model, tokenizer, texts)}]
+    else:
+        points = resolve_rank_points(
+            model, ranks=args.ranks, fractions=args.fractions, target_flops=args.target_flops, flops_scope=args.flops_scope
+        )
+        rows = evaluate_points(args, model, tokenizer, texts, points)
     baseline = _baseline(args, model, tokenizer, texts)
     data = {"model": ref, "adapter": args.adapter, "data": args.data, "results": rows, "baseline_perplexity": baseline}
     if output is not None:
@@ -216,6 +231,34 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def fixed_rank_flops(model: Any) -> dict[str, Any]:
+    """Ranks and FLOPs of a compressed model (its :class:`~nsn_peft.compression.FactoredLinear` layers)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from ..compression import FactoredLinear
+    from ..flops import dense_flops, factored_flops
+
+    ranks, factored, dense_of_factored, other = [], 0, 0, 0
+    for module in model.modules():
+        if isinstance(module, FactoredLinear):
+            ranks.append(module.rank)
+            factored += factored_flops(module.out_features, module.in_features, module.rank)
+            dense_of_factored += dense_flops(module.out_features, module.in_features)
+        elif isinstance(module, nn.Linear):
+            other += dense_flops(module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):
+            other += dense_flops(module.weight.shape[1], module.weight.shape[0])
+    if not ranks:
+        raise ValueError("the model has neither NSN nor factored layers")
+    return {
+        "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks), "max_rank": max(ranks),
+        "targeted_flops_fraction": factored / dense_of_factored,
+        "model_flops_fraction": (factored + other) / (dense_of_factored + other),
+        "flops_per_token": factored + other,
+    }
+
+
 def _default_sweep_ranks(model: Any, points: int) -> list[int]:
     from ..ranks import selectable_ranks
 

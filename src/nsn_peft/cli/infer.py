@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from ._common import (
     CommandResult,
+    RankPoint,
     UsageError,
     add_adapter_creation_options,
     add_common_options,
@@ -38,8 +40,9 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         description=(
             "Generate a completion with an NSN model at --rank, --fraction (of each layer's max rank) or "
             "--target-flops (fraction of the dense model's matmul FLOPs). The model is an adapter folder "
-            "(--adapter) or a plain model adapted on the fly (--model: Hub id, folder or .gguf file; the "
-            "tokenizer comes from the GGUF or --tokenizer). Instruct models get their chat template by default."
+            "(--adapter), a plain model adapted on the fly (--model: Hub id, folder or .gguf file; the "
+            "tokenizer comes from the GGUF or --tokenizer) or a compressed model folder (--model, fixed ranks). "
+            "Instruct models get their chat template by default."
         ),
         examples=[
             '--target-flops 0.5 --prompt "The capital of France is"',
@@ -98,20 +101,31 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: Any, system: Any) -> tuple[
 def run(args: argparse.Namespace) -> CommandResult:
     import torch
 
+    from ..ranks import nsn_layers
+
     prompt = _prompt(args)
     chosen = [n for n in ("rank", "fraction", "target_flops") if getattr(args, n) is not None]
     if len(chosen) > 1:
         raise UsageError("pass at most one of --rank, --fraction, --target-flops")
     if args.adapter:
         read_adapter_config(args.adapter)
-    model, tokenizer, ref = model_for_inference(args)
-    (point,) = resolve_rank_points(
-        model,
-        ranks=[args.rank] if args.rank is not None else None,
-        fractions=[args.fraction] if args.fraction is not None else None,
-        target_flops=[args.target_flops] if args.target_flops is not None else None,
-        flops_scope=args.flops_scope,
-    )
+    model, tokenizer, ref = model_for_inference(args, allow_compressed=True)
+    if nsn_layers(model):
+        (point,) = resolve_rank_points(
+            model,
+            ranks=[args.rank] if args.rank is not None else None,
+            fractions=[args.fraction] if args.fraction is not None else None,
+            target_flops=[args.target_flops] if args.target_flops is not None else None,
+            flops_scope=args.flops_scope,
+        )
+        context, info = point.context(model), None
+    else:  # a compressed model: fixed ranks
+        if chosen:
+            raise UsageError("--rank/--fraction/--target-flops need an NSN model; a compressed model runs at fixed ranks")
+        from .evaluate import fixed_rank_flops
+
+        point = RankPoint("compressed", "compressed", "compressed")
+        context, info = contextlib.nullcontext(), {"label": "compressed", "kind": "compressed", **fixed_rank_flops(model)}
     inputs, used_chat = encode_prompt(tokenizer, prompt, args.chat, args.system)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -124,8 +138,8 @@ def run(args: argparse.Namespace) -> CommandResult:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     if tokenizer.pad_token_id is not None:
         gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
-    with point.context(model):
-        info = describe_point(model, point)
+    with context:
+        info = info or describe_point(model, point)
         with torch.inference_mode():
             output = model.generate(**inputs, **gen_kwargs)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]

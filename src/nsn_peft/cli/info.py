@@ -22,6 +22,7 @@ from ._common import (
     UsageError,
     add_common_options,
     format_table,
+    is_compressed_folder,
     new_command,
     rank_list,
     read_adapter_config,
@@ -39,11 +40,14 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         description=(
             "Print the factored layers of an adapter folder (shapes, max and active ranks, parameters) and the "
             "FLOPs of the factored layers at a few ranks, relative to the dense layers. Reads adapter_config.json "
-            "and the safetensors header only: the base model is not loaded."
+            "and the safetensors header only: the base model is not loaded. A compressed model folder (from "
+            "`compress`) is summarised from its nsn_compression.json."
         ),
         examples=["--adapter ./nsn-adapter", "--adapter ./nsn-adapter --ranks 64,128,full --layers --json"],
     )
-    parser.add_argument("--adapter", default=None, metavar="DIR", help="Adapter folder (required).")
+    parser.add_argument(
+        "--adapter", default=None, metavar="DIR", help="Adapter folder, or a compressed model folder from `compress` (required)."
+    )
     parser.add_argument(
         "--ranks", type=rank_list, default=None, metavar="LIST",
         help="Ranks of the FLOPs table (default: a few ranks of the grid).",
@@ -128,11 +132,90 @@ def _table_ranks(requested: Optional[list], top: int, granularity: int) -> list[
     return sorted(picks)
 
 
-def run(args: argparse.Namespace) -> CommandResult:
+def _layer_report(layers: Mapping[str, Mapping[str, int]], active: Mapping[str, int], requested: Optional[list],
+                  granularity: int) -> dict[str, Any]:
+    """Totals, FLOPs table and per-layer rows shared by adapters and compressed folders."""
     from ..flops import dense_flops, factored_flops
 
+    top = max(v["max_rank"] for v in layers.values())
+    dense = sum(dense_flops(v["out"], v["in"]) for v in layers.values())
+    flops_rows = []
+    for r in _table_ranks(requested, top, granularity):
+        flops = sum(factored_flops(v["out"], v["in"], min(r, v["max_rank"])) for v in layers.values())
+        flops_rows.append({"rank": r, "flops_per_token": flops, "flops_fraction": flops / dense})
+    at_active = sum(factored_flops(v["out"], v["in"], active[n]) for n, v in layers.items())
+    return {
+        "num_layers": len(layers),
+        "factor_params": sum(v["max_rank"] * (v["out"] + v["in"]) for v in layers.values()),
+        "dense_params": sum(v["out"] * v["in"] for v in layers.values()),
+        "dense_flops_per_token": dense,
+        "active_flops_per_token": at_active,
+        "active_flops_fraction": at_active / dense,
+        "max_rank_counts": {str(k): c for k, c in sorted(Counter(v["max_rank"] for v in layers.values()).items())},
+        "flops_table": flops_rows,
+        "layers": [
+            {
+                "name": n, "out_features": v["out"], "in_features": v["in"], "max_rank": v["max_rank"],
+                "active_rank": active[n], "params": v["max_rank"] * (v["out"] + v["in"]), "dense_params": v["out"] * v["in"],
+                "flops_fraction": factored_flops(v["out"], v["in"], active[n]) / dense_flops(v["out"], v["in"]),
+            }
+            for n, v in layers.items()
+        ],
+    }
+
+
+def _report_lines(data: Mapping[str, Any], show_layers: bool, flops_table: bool = True) -> list[str]:
+    lines = ["", "Max ranks:", format_table(list(data["max_rank_counts"].items()), ["max rank", "layers"], align="rr")]
+    if flops_table:
+        lines += [
+            "",
+            "FLOPs of the factored layers (2r(m+d) per token vs 2md dense):",
+            format_table([(r["rank"], r["flops_per_token"], round(r["flops_fraction"], 4)) for r in data["flops_table"]],
+                         ["rank", "FLOPs/token", "vs dense"]),
+        ]
+    if show_layers:
+        lines += [
+            "",
+            format_table(
+                [(r["name"], r["out_features"], r["in_features"], r["max_rank"], r["active_rank"], round(r["flops_fraction"], 4))
+                 for r in data["layers"]],
+                ["layer", "out", "in", "max rank", "active", "FLOPs vs dense"],
+            ),
+        ]
+    return lines
+
+
+def compressed_info(folder: Path, args: argparse.Namespace) -> CommandResult:
+    """The same report for a folder written by ``nsn-peft compress`` (ranks are fixed there)."""
+    from ..compression import META_FILE
+
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    layers = {
+        n: {"out": int(v["out_features"]), "in": int(v["in_features"]), "max_rank": int(v["rank"])}
+        for n, v in sorted(meta.get("layers", {}).items(), key=lambda kv: _natural_key(kv[0]))
+    }
+    if not layers:
+        raise ValueError(f"{folder}/{META_FILE} lists no factored layer")
+    active = {n: v["max_rank"] for n, v in layers.items()}
+    report = _layer_report(layers, active, args.ranks, 64)
+    data = {"path": str(folder), "kind": "compressed", "architecture": meta.get("architecture"), "dtype": meta.get("dtype"),
+            **report}
+    lines = [
+        f"Compressed model {folder}",
+        f"  architecture: {data['architecture']}; dtype: {data['dtype']}",
+        f"  factored layers: {report['num_layers']}; factor params: {report['factor_params']:,} vs dense "
+        f"{report['dense_params']:,} ({report['factor_params'] / report['dense_params']:.3f})",
+        f"  FLOPs/token of the factored layers: {report['active_flops_per_token']:,} "
+        f"({report['active_flops_fraction']:.3f} of dense)",
+    ]
+    return CommandResult(data, "\n".join(lines + _report_lines(data, args.layers, flops_table=False)))
+
+
+def run(args: argparse.Namespace) -> CommandResult:
     if not args.adapter:
         raise UsageError("the following arguments are required: --adapter")
+    if is_compressed_folder(args.adapter):
+        return compressed_info(Path(args.adapter), args)
     config = read_adapter_config(args.adapter)
     folder = Path(args.adapter)
     layers = adapter_layers(folder)
@@ -140,26 +223,10 @@ def run(args: argparse.Namespace) -> CommandResult:
         raise ValueError(f"{folder}/{ADAPTER_WEIGHTS} holds no NSN factors")
     active = _active_ranks(layers, config.get("active_rank"))
     granularity = int(config.get("rank_granularity") or 64)
-    top = max(v["max_rank"] for v in layers.values())
-    dense = sum(dense_flops(v["out"], v["in"]) for v in layers.values())
-    dense_params = sum(v["out"] * v["in"] for v in layers.values())
-    factor_params = sum(v["max_rank"] * (v["out"] + v["in"]) for v in layers.values())
-    at_active = sum(factored_flops(v["out"], v["in"], active[n]) for n, v in layers.items())
-
-    flops_rows = []
-    for r in _table_ranks(args.ranks, top, granularity):
-        flops = sum(factored_flops(v["out"], v["in"], min(r, v["max_rank"])) for v in layers.values())
-        flops_rows.append({"rank": r, "flops_per_token": flops, "flops_fraction": flops / dense})
-    layer_rows = [
-        {
-            "name": n, "out_features": v["out"], "in_features": v["in"], "max_rank": v["max_rank"],
-            "active_rank": active[n], "params": v["max_rank"] * (v["out"] + v["in"]), "dense_params": v["out"] * v["in"],
-            "flops_fraction": factored_flops(v["out"], v["in"], active[n]) / dense_flops(v["out"], v["in"]),
-        }
-        for n, v in layers.items()
-    ]
+    report = _layer_report(layers, active, args.ranks, granularity)
     data = {
         "adapter": str(folder),
+        "kind": "adapter",
         "base_model": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
         "init": config.get("init"),
@@ -167,15 +234,7 @@ def run(args: argparse.Namespace) -> CommandResult:
         "rank_granularity": granularity,
         "active_rank": config.get("active_rank"),
         "kept_dense": config.get("kept_dense") or [],
-        "num_layers": len(layers),
-        "factor_params": factor_params,
-        "dense_params": dense_params,
-        "dense_flops_per_token": dense,
-        "active_flops_per_token": at_active,
-        "active_flops_fraction": at_active / dense,
-        "max_rank_counts": {str(k): c for k, c in sorted(Counter(v["max_rank"] for v in layers.values()).items())},
-        "flops_table": flops_rows,
-        "layers": layer_rows,
+        **report,
     }
     lines = [
         f"NSN adapter {folder}",
@@ -183,26 +242,11 @@ def run(args: argparse.Namespace) -> CommandResult:
         f"  task: {data['task_type']}; init: {data['init']}; max rank (config): {data['max_rank'] or 'full'}; "
         f"granularity: {granularity}",
         f"  active rank: {data['active_rank'] if data['active_rank'] is not None else 'max'}",
-        f"  factored layers: {len(layers)}; factor params: {factor_params:,} vs dense {dense_params:,} "
-        f"({factor_params / dense_params:.3f})",
-        f"  FLOPs/token of factored layers at the active rank: {at_active:,} ({at_active / dense:.3f} of dense)",
+        f"  factored layers: {report['num_layers']}; factor params: {report['factor_params']:,} vs dense "
+        f"{report['dense_params']:,} ({report['factor_params'] / report['dense_params']:.3f})",
+        f"  FLOPs/token of factored layers at the active rank: {report['active_flops_per_token']:,} "
+        f"({report['active_flops_fraction']:.3f} of dense)",
     ]
     if data["kept_dense"]:
         lines.append(f"  kept dense: {len(data['kept_dense'])} layer(s)")
-    lines += ["", "Max ranks:", format_table(list(data["max_rank_counts"].items()), ["max rank", "layers"], align="rr")]
-    lines += [
-        "",
-        "FLOPs of the factored layers (2r(m+d) per token vs 2md dense):",
-        format_table([(r["rank"], r["flops_per_token"], round(r["flops_fraction"], 4)) for r in flops_rows],
-                     ["rank", "FLOPs/token", "vs dense"]),
-    ]
-    if args.layers:
-        lines += [
-            "",
-            format_table(
-                [(r["name"], r["out_features"], r["in_features"], r["max_rank"], r["active_rank"], round(r["flops_fraction"], 4))
-                 for r in layer_rows],
-                ["layer", "out", "in", "max rank", "active", "FLOPs vs dense"],
-            ),
-        ]
-    return CommandResult(data, "\n".join(lines))
+    return CommandResult(data, "\n".join(lines + _report_lines(data, args.layers)))

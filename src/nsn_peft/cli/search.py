@@ -14,12 +14,17 @@ from ._common import (
     add_overwrite_option,
     check_output_file,
     check_stats_dir,
+    check_target_modules,
     format_table,
     lazy_import,
     load_base,
     model_ref_for_saving,
+    module_list,
     new_command,
+    open_unit_fraction,
     positive_float,
+    positive_int,
+    required,
     resolve_device,
     unit_fraction,
 )
@@ -31,10 +36,11 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         "search-ranks",
         summary="Choose per-layer ranks: within a perplexity tolerance (--epsilon) or a FLOPs budget.",
         description=(
-            "Search per-layer ranks for the utilized-rank pipeline. ε mode (--epsilon) keeps the perplexity on "
-            "--data within (1+ε) of the dense model's; budget mode (--target-fraction) spreads a FLOPs budget "
-            "over the layers from the activation statistics alone (no --data needed). Writes a rank plan JSON "
-            "for `adapt --rank-plan` and `compress`."
+            "Choose per-layer ranks from activation statistics. Budget mode (--target-fraction) spreads a FLOPs "
+            "(= parameter) budget of the targeted layers over them where the whitened spectra say it costs least "
+            "(no --data needed; plan init: whitened). Epsilon mode (--epsilon) searches, group by group (attention, "
+            "MLP), the smallest utilized-rank energy that keeps the perplexity on --data within (1+ε) of the dense "
+            "model's (plan init: projected). Writes a rank plan JSON for `adapt --rank-plan` and `compress`."
         ),
         examples=[
             "--stats ./stats --target-fraction 0.5 --output plan.json",
@@ -43,9 +49,17 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     )
     add_model_options(parser, task=False)
     parser.add_argument("--stats", default=None, metavar="DIR", help="Activation statistics folder (required).")
+    parser.add_argument(
+        "--target-modules", type=module_list, default=None, metavar="NAMES",
+        help="Layers to plan (comma-separated names, 'all-linear' or 're:<regex>'; default: all linear layers).",
+    )
     mode = parser.add_argument_group("mode (exactly one)")
-    mode.add_argument("--epsilon", type=positive_float, default=None, help="Allowed relative perplexity increase (ε mode).")
-    mode.add_argument("--target-fraction", type=unit_fraction, default=None, help="FLOPs budget vs dense, in (0, 1].")
+    mode.add_argument("--target-fraction", type=unit_fraction, default=None, help="FLOPs budget of the targeted layers vs dense.")
+    mode.add_argument("--epsilon", type=positive_float, default=None, help="Allowed relative perplexity increase, e.g. 0.02.")
+    tune = parser.add_argument_group("search")
+    tune.add_argument("--granularity", type=positive_int, default=None, help="Budget mode: rank step per layer (default: 1).")
+    tune.add_argument("--max-steps", type=positive_int, default=8, help="Epsilon mode: bisection steps per layer group.")
+    tune.add_argument("--min-energy", type=open_unit_fraction, default=0.5, help="Epsilon mode: lowest energy tried, in (0, 1).")
     add_data_options(parser, required=False, seq_len=512, max_tokens=32768)
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="FILE", help="Rank plan JSON to write (required).")
@@ -61,8 +75,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     output = check_output_file(args.output, args.overwrite)
     if (args.epsilon is None) == (args.target_fraction is None):
         raise UsageError("pass exactly one of --epsilon (perplexity tolerance) or --target-fraction (FLOPs budget)")
-    if args.stats is None:
-        raise UsageError("the following arguments are required: --stats")
+    required(args, "stats")
     check_stats_dir(args.stats)
     texts = None
     if args.epsilon is not None:
@@ -71,28 +84,72 @@ def run(args: argparse.Namespace) -> CommandResult:
         from .evaluate import load_texts
 
         texts = load_texts(args)
+    elif args.data:
+        raise UsageError("--data is only used with --epsilon (budget mode needs only --stats)")
     rank_search = lazy_import("rank_search", "search-ranks")
     model, tokenizer = load_base(args, task="causal-lm")
+    check_target_modules(model, args.target_modules)
     stats = ActivationStats.load(args.stats)
+    device = resolve_device(args.device)
     if args.epsilon is not None:
         evaluation = lazy_import("evaluation", "search-ranks --epsilon")
-        device = resolve_device(args.device)
 
         def eval_fn(m: Any) -> float:
             return float(evaluation.perplexity(m, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                                batch_size=args.batch_size, device=device))
 
-        plan = rank_search.search_ranks(model, stats, eval_fn, args.epsilon)
+        plan = rank_search.search_ranks(
+            model, stats, eval_fn, args.epsilon, target_modules=args.target_modules, max_steps=args.max_steps,
+            min_energy=args.min_energy,
+        )
     else:
-        plan = rank_search.allocate_ranks_for_budget(model, stats, args.target_fraction)
+        kwargs = {"granularity": args.granularity} if args.granularity else {}
+        plan = rank_search.allocate_ranks_for_budget(
+            model, stats, args.target_fraction, target_modules=args.target_modules, **kwargs
+        )
     plan.save(output)
-    ranks = dict(getattr(plan, "ranks", {}) or {})
-    data = {"output": str(output), "model": model_ref_for_saving(args.model, args.gguf_file), "mode": "epsilon" if args.epsilon else "budget",
-            "layers": len(ranks), "ranks": ranks}
-    for key in ("flops_fraction", "perplexity", "baseline_perplexity"):
-        if getattr(plan, key, None) is not None:
-            data[key] = getattr(plan, key)
-    text = f"Saved rank plan for {len(ranks)} layers to {output}"
-    if ranks:
-        text += "\n\n" + format_table(sorted(ranks.items()), ["layer", "rank"])
-    return CommandResult(data, text)
+    shapes = _planned_shapes(model, plan)
+    data = {
+        "output": str(output),
+        "model": model_ref_for_saving(args.model, args.gguf_file),
+        "mode": "epsilon" if args.epsilon is not None else "budget",
+        "init": plan.init,
+        "factored_layers": len(plan.ranks),
+        "dense_layers": len(plan.kept_dense),
+        "parameter_fraction": plan.parameter_fraction(shapes) if shapes else None,
+        "target": plan.target,
+        "ranks": dict(plan.ranks),
+        "kept_dense": list(plan.kept_dense),
+    }
+    lines = [
+        f"Saved rank plan to {output}: {len(plan.ranks)} layer(s) factored, {len(plan.kept_dense)} kept dense "
+        f"(init {plan.init})",
+    ]
+    if data["parameter_fraction"] is not None:
+        lines.append(f"  parameters (= FLOPs) of the planned layers: {data['parameter_fraction']:.3f} of dense")
+    if data["mode"] == "epsilon":
+        lines.append(f"  perplexity: dense {plan.target.get('baseline', float('nan')):.4f}, "
+                     f"planned {plan.target.get('metric', float('nan')):.4f} (epsilon {args.epsilon:g})")
+    if plan.ranks:
+        lines += ["", format_table(sorted(plan.ranks.items(), key=lambda kv: _natural_key(kv[0])), ["layer", "rank"])]
+    return CommandResult(data, "\n".join(lines))
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _planned_shapes(model: Any, plan: Any) -> dict[str, tuple[int, int]]:
+    """``{layer: (out_features, in_features)}`` of the layers a plan covers (factored or dense)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..stats import canonical_module_name
+
+    wanted = set(plan.ranks) | set(plan.kept_dense)
+    shapes = {}
+    for name, module in model.named_modules():
+        key = canonical_module_name(name)
+        if key in wanted and hasattr(module, "weight"):
+            w = module.weight
+            shapes[key] = (int(w.shape[1]), int(w.shape[0])) if isinstance(module, Conv1D) else (int(w.shape[0]), int(w.shape[1]))
+    return shapes

@@ -13,6 +13,7 @@ largest is the teacher of self-distillation).
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
@@ -89,12 +90,12 @@ class RankSampler:
     def sample(self, step: int) -> list[int]:
         """Distinct grid ranks to train at in optimizer step ``step``, largest first."""
         _check_int("step", step, 0)
-        ranks = list(self._draw(step, self.rng(step)))
+        ranks = [int(r) if isinstance(r, numbers.Integral) and not isinstance(r, bool) else r for r in self._draw(step, self.rng(step))]
         if not ranks:
             raise ValueError(f"{type(self).__name__} returned no rank for step {step}")
         grid = set(self.grid)
         for r in ranks:
-            if isinstance(r, bool) or not isinstance(r, int) or r not in grid:
+            if not isinstance(r, int) or isinstance(r, bool) or r not in grid:
                 raise ValueError(
                     f"{type(self).__name__} returned rank {r!r} at step {step}, which is not a selectable rank "
                     f"(the granularity grid is {self.grid})"

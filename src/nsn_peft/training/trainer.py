@@ -237,6 +237,11 @@ class NSNTrainer(Trainer):
                 self._rank_log_counts[self._rank_index[r]] += 1
         return self._ranks_cache[1]
 
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train`` (same arguments); the ranks are drawn afresh from the (restored) global step."""
+        self._ranks_cache = None
+        return super().train(*args, **kwargs)
+
     def rank_weights(self) -> dict[str, float]:
         """Current effective weight of each rank bucket, ``{bucket label: weight}``."""
         return dict(zip(self.rank_buckets.labels, self.rank_loss.weights().tolist()))
