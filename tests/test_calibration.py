@@ -166,3 +166,26 @@ def test_perplexity_sliding_window_and_texts():
     assert math.isclose(perplexity(model, ids[:20], seq_len=20), manual, rel_tol=1e-5)
     with pytest.raises(ValueError, match="stride"):
         perplexity(model, ids, seq_len=20, stride=30)
+
+
+class _ReusesMemory(torch.nn.Module):
+    """Feeds two layers different inputs that the allocator may place at the same address."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(8, 8)
+        self.second = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        a = torch.ones(4, 8)
+        self.first(a)
+        del a
+        b = torch.arange(32, dtype=torch.float32).view(4, 8)
+        self.second(b)
+
+
+def test_distinct_inputs_never_share_a_gram_even_at_the_same_address():
+    stats = collect_activation_stats(_ReusesMemory(), torch.zeros(1, 4, dtype=torch.long), max_tokens=None, show_progress=False)
+    b = torch.arange(32, dtype=torch.float64).view(4, 8)
+    torch.testing.assert_close(stats.grams["second"], b.T @ b)
+    torch.testing.assert_close(stats.grams["first"], torch.full((8, 8), 4.0, dtype=torch.float64))

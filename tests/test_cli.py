@@ -250,7 +250,7 @@ def test_adapt_writes_a_loadable_adapter(adapter):
     assert not [p for p in adapter.parent.iterdir() if p.name.startswith(".adapter")]  # no temporaries left
 
 
-def test_info_reads_the_folder_only(adapter, ws):
+def test_info_reads_the_folder_only(adapter, ws, in_process, capsys, monkeypatch):
     proc = run_cli("info", "--adapter", "adapter", "--ranks", "16,full", "--json", cwd=ws)
     data = json.loads(proc.stdout)
     assert data["num_layers"] == 14 and data["rank_granularity"] == 16
@@ -258,8 +258,10 @@ def test_info_reads_the_folder_only(adapter, ws):
     rank16, full = data["flops_table"]
     assert rank16["rank"] == 16 and full["rank"] == 32
     assert full["flops_fraction"] == pytest.approx(2 * rank16["flops_fraction"])
-    text = run_cli("info", "--adapter", "adapter", cwd=ws).stdout
-    assert "FLOPs of the factored layers" in text and "max rank" in text
+    monkeypatch.chdir(ws)
+    assert in_process(["info", "--adapter", "adapter", "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert "FLOPs of the factored layers" in text and "model.layers.1.mlp.down_proj" in text
 
 
 def test_infer_from_adapter_at_rank(adapter, ws):
@@ -310,7 +312,7 @@ def test_sweep_writes_csv_plot_and_json(adapter, ws):
     assert sorted(entries(ws / "sweep")) == ["sweep.csv", "sweep.json", "sweep.png"]
 
 
-def test_calibrate_search_adapt_projected_and_compress(stats, ws):
+def test_calibrate_search_adapt_projected_and_compress(stats, ws, in_process, capsys, monkeypatch):
     meta = json.loads((stats / "stats.json").read_text())
     assert len(meta["layers"]) == 14
     proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats", "--target-fraction", "0.5", "--output", "plan.json",
@@ -325,8 +327,9 @@ def test_calibrate_search_adapt_projected_and_compress(stats, ws):
     compressed = json.loads(proc.stdout)
     assert compressed["factored_params"] < compressed["dense_params"]
     assert (ws / "compressed" / "nsn_compression.json").is_file() and (ws / "compressed" / "tokenizer.json").is_file()
-    proc = run_cli("info", "--adapter", "compressed", "--json", cwd=ws)
-    assert json.loads(proc.stdout)["factor_params"] == compressed["factored_params"]
+    monkeypatch.chdir(ws)
+    assert in_process(["info", "--adapter", "compressed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["factor_params"] == compressed["factored_params"]
     proc = run_cli("eval", "--model", "compressed", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256", "--json",
                    cwd=ws)
     (row,) = json.loads(proc.stdout)["results"]
@@ -351,7 +354,7 @@ def test_train_a_few_steps(adapter, ws):
 
 
 # --- runtime failures: exit 1, one line, nothing written ------------------------------------------------------
-def test_stats_from_another_model_is_a_runtime_error(ws, adapter):
+def test_stats_from_another_model_is_a_runtime_error(ws, adapter, in_process, capsys, monkeypatch):
     from nsn_peft import ActivationStats
 
     other = ActivationStats({"model.layers.0.mlp.up_proj": torch.eye(48, dtype=torch.float64)},
@@ -362,17 +365,23 @@ def test_stats_from_another_model_is_a_runtime_error(ws, adapter):
                    cwd=ws, expect=1)
     assert_one_line_error(proc.stderr, "adapt", "do not match this model")
     assert entries(ws) == before
-    proc = run_cli("adapt", "--model", "tiny", "--init", "whitened", "--stats", "other_stats", "--output", "whitened",
-                   "--debug", cwd=ws, expect=1)
-    assert "Traceback" in proc.stderr  # --debug shows it
+    monkeypatch.chdir(ws)
+    capsys.readouterr()
+    argv = ["adapt", "--model", "tiny", "--init", "whitened", "--stats", "other_stats", "--output", "whitened", "--debug"]
+    assert in_process(argv) == 1
+    assert "Traceback" in capsys.readouterr().err  # --debug shows it
+    assert entries(ws) == before
 
 
-def test_unknown_module_and_too_large_rank_after_loading(ws, adapter):
+def test_unknown_module_and_too_large_rank_after_loading(ws, adapter, in_process, capsys, monkeypatch):
     before = entries(ws)
     proc = run_cli("adapt", "--model", "tiny", "--target-modules", "q_proj,qkv_proj", "--output", "bad", cwd=ws, expect=2)
     assert_one_line_error(proc.stderr, "adapt", "qkv_proj match(es) no linear layer")
-    proc = run_cli("infer", "--adapter", "adapter", "--rank", "64", "--prompt", "the", cwd=ws, expect=2)
-    assert_one_line_error(proc.stderr, "infer", "rank 64 exceeds the adapter's largest max rank (32)")
+    monkeypatch.chdir(ws)
+    assert in_process(["eval", "--adapter", "adapter", "--data", "valid.txt", "--ranks", "64", "--output", "e.json"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "eval", "rank 64 exceeds the adapter's largest max rank (32)")
+    assert in_process(["adapt", "--model", "tiny", "--exclude-modules", "nope_proj", "--output", "bad"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "adapt", "--exclude-modules: nope_proj")
     assert entries(ws) == before
 
 

@@ -89,6 +89,7 @@ def collect_activation_stats(
     target_modules: Union[None, str, Sequence[str]] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float64,
+    stats_device: Optional[Union[str, torch.device]] = "cpu",
     show_progress: bool = True,
 ) -> ActivationStats:
     """Run ``model`` over calibration data and return the input Gram matrix of every targeted layer.
@@ -101,6 +102,8 @@ def collect_activation_stats(
         target_modules: layer names (suffix match) or a regex; default every linear layer but the head.
         device: where to run; default the model's device.
         dtype: accumulator dtype (float64 recommended, see the module docstring).
+        stats_device: where the returned matrices live (``"cpu"``; ``None`` keeps them on the run device,
+            which avoids a device-to-host copy when they are used right away).
 
     Under ``torch.distributed`` the sums are all-reduced, so every process returns the global statistics.
     """
@@ -113,24 +116,25 @@ def collect_activation_stats(
                                m.in_features if isinstance(m, (nn.Linear, NSNLayer)) else m.weight.shape[0],
                                dtype=dtype, device=run_device) for name, m in targets.items()}
     counts = dict.fromkeys(targets, 0)
-    state: dict[str, Any] = {"mask": None, "cache": {}}
+    # Layers reading the same input (q/k/v, gate/up) are called one after another with the *same tensor
+    # object*: remember the last input (holding a reference, so its memory cannot be reused by another
+    # tensor meanwhile) and compute its Gram once.
+    state: dict[str, Any] = {"mask": None, "last": None}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            cached = state["cache"].get(key)
-            if cached is None:
+            last = state["last"]
+            if last is None or last[0] is not x:
                 flat = x.reshape(-1, x.shape[-1])
                 mask = state["mask"]
                 if mask is not None and mask.numel() == flat.shape[0]:
                     flat = flat[mask]
                 flat = flat.float()
-                cached = (flat.T @ flat, flat.shape[0])
-                state["cache"][key] = cached
-            gram, n = cached
-            grams[name] += gram.to(dtype)
-            counts[name] += n
+                last = (x, (flat.T @ flat).to(dtype), flat.shape[0])
+                state["last"] = last
+            grams[name] += last[1]
+            counts[name] += last[2]
 
         return hook
 
@@ -145,8 +149,8 @@ def collect_activation_stats(
             mask = batch.get("attention_mask")
             mask = mask.to(run_device) if mask is not None else None
             state["mask"] = mask.reshape(-1).bool() if mask is not None else None
-            state["cache"] = {}
             model(input_ids=ids, attention_mask=mask)
+            state["last"] = None
             n = int(mask.sum()) if mask is not None else ids.numel()
             seen += n
             progress.update(n)
@@ -155,7 +159,7 @@ def collect_activation_stats(
     finally:
         for handle in handles:
             handle.remove()
-        state["cache"] = {}
+        state["last"] = None
         progress.close()
         model.train(was_training)
     if seen == 0:
@@ -169,4 +173,5 @@ def collect_activation_stats(
     config = getattr(model, "config", None)
     model_id = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
     logger.info("Collected activation statistics of %d layers over %d tokens", len(grams), seen)
-    return ActivationStats({n: g.cpu() for n, g in grams.items()}, counts, model_id or None, {"seq_len": seq_len})
+    out_device = torch.device(stats_device) if stats_device is not None else run_device
+    return ActivationStats({n: g.to(out_device) for n, g in grams.items()}, counts, model_id or None, {"seq_len": seq_len})

@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import traceback
@@ -59,7 +60,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def _run(args: argparse.Namespace) -> CommandResult:
-    return args.func(args)
+    # Libraries print (e.g. Trainer's log dicts): keep stdout for the result, so --json output stays parseable.
+    with contextlib.redirect_stdout(sys.stderr):
+        return args.func(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
