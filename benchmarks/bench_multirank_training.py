@@ -23,6 +23,7 @@ Writes ``--out`` (JSON), a markdown table next to it (``.md``) and a plot (``.pn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import logging
@@ -36,10 +37,13 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import nsn_peft
+from nsn_peft.calibration import collect_activation_stats
+from nsn_peft.data import token_blocks
+from nsn_peft.evaluation import perplexity as _perplexity
 from nsn_peft.io import atomic_path, write_json, write_text
 from nsn_peft.models import load_model_and_tokenizer
 from nsn_peft.training import FixedRankSampler, NSNTrainer, clear_dequantized_gguf_marker, make_rank_sampler
-from nsn_peft.training._lm_data import TokenBlocks, collect_input_grams, perplexity, read_texts, token_blocks
+from nsn_peft.training._lm_data import TokenBlocks, read_texts
 
 logger = logging.getLogger("bench_multirank")
 
@@ -110,6 +114,14 @@ class Throughput(TrainerCallback):
         return (self.end - self.start) / self.steps
 
 
+
+def _checkpointing_kwarg(enabled: bool) -> dict:
+    """``TrainingArguments`` renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
 def training_args(args, run_dir: Path, device: torch.device) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(run_dir),
@@ -122,7 +134,7 @@ def training_args(args, run_dir: Path, device: torch.device) -> TrainingArgument
         logging_steps=max(1, args.steps // 30),
         save_strategy="no",
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=args.activation_checkpointing,
+        **_checkpointing_kwarg(args.activation_checkpointing),
         use_cpu=device.type == "cpu",
         report_to=[],
         seed=args.seed,
@@ -135,6 +147,14 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int, autocast: Optional[torch.dtype]) -> float:
+    """Held-out perplexity over the token blocks (:func:`nsn_peft.evaluation.perplexity`), bf16 autocast on GPUs."""
+    device = next(model.parameters()).device
+    context = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with context:
+        return _perplexity(model, blocks, seq_len=blocks.shape[1], batch_size=batch_size)
 
 
 def main() -> None:
@@ -173,8 +193,10 @@ def main() -> None:
     stats = None
     if args.init == "whitened":
         calib = train_blocks[: max(1, args.calib_tokens // args.block_size)]
-        grams, counts = collect_input_grams(dense, calib, TARGETS, args.eval_batch_size)
-        stats = nsn_peft.ActivationStats(grams, counts, model_id=args.model or "smollm2-135m")
+        stats = collect_activation_stats(
+            dense, calib, max_tokens=None, seq_len=args.block_size, batch_size=args.eval_batch_size, target_modules=TARGETS,
+            show_progress=False,
+        )
     t = mark("dense eval + calibration", t)
 
     def make_nsn():

@@ -6,11 +6,19 @@ and compresses the MLP-only or all-linear layers to 80/60/50/40% of their parame
 * ``svd``       – truncated SVD of each weight, every layer at the same parameter fraction
 * ``projected`` – utilized-rank projection ``P_T W P_S``; one shared energy, bisected to hit the budget
 * ``whitened``  – activation-whitened SVD, every layer at the same parameter fraction
-* ``mixed``     – whitened factors with per-layer ranks from ``allocate_ranks_for_budget``
+* ``mixed``     – whitened factors with per-layer ranks from ``allocate_ranks_for_budget`` (same total)
 
-Also times calibration against a plain forward pass over the same tokens.
+The allocation has a few settings (error normalisation, a rank floor, measured layer sensitivity); the one
+reported as ``mixed`` is chosen on separate validation text (the Python FAQ), never on the test text, and
+every variant is kept in the JSON. Prints a markdown table with the ratios against uniform whitened and the
+reference figures, writes JSON and a PNG plot next to it. Run on an H100::
 
     python benchmarks/bench_smollm2_compression.py --device cuda --out benchmarks/results/smollm2_compression.json
+
+A quick end-to-end check on a CPU::
+
+    python benchmarks/bench_smollm2_compression.py --device cpu --max-eval-tokens 2048 --calib-tokens 4096 \\
+        --fractions 0.5 --targets mlp --out /tmp/smollm2_compression.json
 """
 
 from __future__ import annotations
@@ -26,160 +34,168 @@ import torch
 from peft import get_peft_model
 
 import nsn_peft
-from nsn_peft import NSNConfig, allocate_ranks_for_budget, collect_activation_stats, evaluate_perplexity
+from nsn_peft import NSNConfig, collect_activation_stats, evaluate_perplexity
 from nsn_peft.data import load_texts, python_docs_dir, token_blocks, token_stream
-from nsn_peft.flops import factoring_saves
+from nsn_peft.io import write_json
 from nsn_peft.models import load_model_and_tokenizer
-from nsn_peft.rank_search import _layer_shapes
+from nsn_peft.rank_search import (
+    RankPlan,
+    allocate_ranks_for_budget,
+    projected_plan_for_budget,
+    uniform_plan,
+    whitened_spectra,
+)
 
 TARGETS = {"mlp": ["gate_proj", "up_proj", "down_proj"], "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-ANCHORS = {("mlp", 0.8): {"svd": 323666, "projected": 162.6, "whitened": 32.3}, ("mlp", 0.5): {"svd": 11.7e6, "projected": 2737, "whitened": 325}}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def uniform_ranks(shapes: dict, fraction: float) -> dict[str, int]:
-    return {n: max(1, int(fraction * m * d / (m + d))) for n, (_, m, d) in shapes.items()}
-
-
-def param_fraction(shapes: dict, ranks: dict[str, int]) -> float:
-    dense = sum(m * d for _, m, d in shapes.values())
-    return sum(min(ranks[n] * (m + d), m * d) if n in ranks else m * d for n, (_, m, d) in shapes.items()) / dense
-
-
-def projected_energy_for_budget(base, stats, shapes, fraction: float, steps: int = 14) -> float:
-    """Shared energy whose utilized ranks (≈ min(k_S, k_T)) meet the parameter budget (bisection)."""
-    spectra = {}
-    for name, (module, m, d) in shapes.items():
-        c = stats.gram(name).double().to(module.weight.device)
-        w = module.weight.detach().double()
-        in_values = torch.linalg.eigvalsh(c).flip(0).clamp_min(0)
-        chol = nsn_peft.decompose._damped_cholesky(c, 1e-9)
-        wl = w @ chol  # eigenvalues of W C Wᵀ are those of the smaller Gram of W L
-        small = wl @ wl.T if m <= d else wl.T @ wl
-        out_values = torch.linalg.eigvalsh(small).flip(0).clamp_min(0)
-        spectra[name] = (in_values.cpu(), out_values.cpu())
-
-    def fraction_at(energy: float) -> float:
-        ranks = {}
-        for name, (in_values, out_values) in spectra.items():
-            k = min(nsn_peft.decompose.energy_rank(in_values, energy), nsn_peft.decompose.energy_rank(out_values, energy))
-            _, m, d = shapes[name]
-            if factoring_saves(m, d, k):
-                ranks[name] = max(k, 1)
-        return param_fraction(shapes, ranks)
-
-    lo, hi = 0.05, 0.999999
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if fraction_at(mid) <= fraction:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+METHODS = ("svd", "projected", "whitened", "mixed")
+# Reference figures (MLP only, 32×512 calibration tokens): whitened should be at or below them.
+ANCHORS = {("mlp", 0.8): {"dense": 12.26, "svd": 323666, "projected": 162.6, "whitened": 32.3},
+           ("mlp", 0.5): {"dense": 12.26, "svd": 11.7e6, "projected": 2737, "whitened": 325}}
+# Allocation variants tried for "mixed" (chosen on validation text).
+VARIANTS = {
+    "energy": {"normalize": "energy"},
+    "energy,floor=0.5": {"normalize": "energy", "min_rank_fraction": 0.5},
+    "absolute": {"normalize": "none"},
+    "measured": {"normalize": "energy", "measured": True},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="Hub id / folder / .gguf (default: the embedded SmolLM2-135M)")
     parser.add_argument("--calib-tokens", type=int, default=32 * 512)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--max-eval-tokens", type=int, default=65536)
+    parser.add_argument("--max-eval-tokens", type=int, default=65536, help="held-out test tokens (HOWTOs)")
+    parser.add_argument("--valid-tokens", type=int, default=16384, help="validation tokens (FAQ) to pick the mixed setting")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--fractions", default="0.8,0.6,0.5,0.4")
     parser.add_argument("--targets", default="mlp,all-linear")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"mixed allocation variants ({', '.join(VARIANTS)})")
+    parser.add_argument("--docs-root", default=None, help="Python docs _sources folder (default: the system's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/smollm2_compression.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    device = args.device
-    base, tok = load_model_and_tokenizer(device=device)
-    calib = token_blocks(load_texts(python_docs_dir("tutorial")), tok, args.seq_len, args.calib_tokens)
-    eval_ids = token_stream(load_texts(python_docs_dir("howto")), tok, args.max_eval_tokens)
-    # Allocation settings are chosen on a separate validation text (the FAQ), never on the test text.
-    valid_ids = token_stream(load_texts(python_docs_dir("faq")), tok, args.max_eval_tokens // 4)
+    methods = [m for m in args.methods.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = (set(methods) - set(METHODS)) | (set(variants) - set(VARIANTS)) | (set(args.targets.split(",")) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown methods/variants/targets: {sorted(unknown)}")
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    base, tok = load_model_and_tokenizer(args.model, device=device)
 
-    def ppl(model) -> float:
-        return evaluate_perplexity(model, eval_ids, seq_len=args.seq_len, batch_size=8)["perplexity"]
+    def docs(part: str):
+        return load_texts(Path(args.docs_root) / part if args.docs_root else python_docs_dir(part))
 
-    # Calibration overhead: plain forward vs forward with statistics hooks, same tokens and batches.
-    with torch.no_grad():
-        for _ in range(2):  # warm-up
-            base(input_ids=calib[:8].to(device))
-        sync(device)
-        start = time.perf_counter()
-        for i in range(0, calib.shape[0], 8):
-            base(input_ids=calib[i : i + 8].to(device))
-        sync(device)
-        forward_s = time.perf_counter() - start
-    collect_activation_stats(base, calib[:8], max_tokens=None, batch_size=8, show_progress=False)  # warm-up
-    sync(device)
+    calib = token_blocks(docs("tutorial"), tok, args.seq_len, args.calib_tokens)
+    eval_ids = token_stream(docs("howto"), tok, args.max_eval_tokens)
+    valid_ids = token_stream(docs("faq"), tok, args.valid_tokens)
+    loss_blocks = calib[: max(1, calib.shape[0] // 4)]  # a slice of the calibration text, for measured sensitivity
+
+    def ppl(model, ids=eval_ids) -> float:
+        return evaluate_perplexity(model, ids, seq_len=args.seq_len, batch_size=args.eval_batch_size)["perplexity"]
+
+    def calib_loss(model) -> float:
+        return evaluate_perplexity(model, loss_blocks, seq_len=args.seq_len, batch_size=args.eval_batch_size)["nll"]
+
     start = time.perf_counter()
-    stats = collect_activation_stats(base, calib, max_tokens=None, batch_size=8, show_progress=False, stats_device=None)
-    sync(device)
+    stats = collect_activation_stats(base, calib, max_tokens=None, batch_size=8, show_progress=False)
     calib_s = time.perf_counter() - start
-    start = time.perf_counter()
-    stats = stats.to("cpu")
-    copy_s = time.perf_counter() - start
-    overhead = calib_s / forward_s
-    print(f"calibration {calib_s:.3f}s (+{copy_s:.3f}s copying the matrices to the CPU) vs plain forward {forward_s:.3f}s "
-          f"-> {overhead:.2f}x (target <= 1.2x)", flush=True)
-
     dense_ppl = ppl(base)
-    print(f"dense perplexity {dense_ppl:.2f} on {eval_ids.numel()} held-out tokens", flush=True)
-    fractions = [float(f) for f in args.fractions.split(",")]
+    print(f"calibrated on {calib.numel()} tokens in {calib_s:.1f}s; dense perplexity {dense_ppl:.3f} on {eval_ids.numel()} "
+          f"held-out tokens", flush=True)
+
     rows = []
     for target in args.targets.split(","):
-        shapes = _layer_shapes(base, TARGETS[target])
-        models = {init: get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=TARGETS[target], init=init, stats=stats))
-                  for init in ("svd", "whitened")}
-        for fraction in fractions:
-            row = {"target": target, "fraction": fraction}
-            uniform = uniform_ranks(shapes, fraction)
-            for init, model in models.items():
-                model.set_rank(uniform)
-                row[init] = ppl(model)
-            row["uniform_fraction"] = param_fraction(shapes, uniform)
-            whitened = models["whitened"]
-            full = nsn_peft.get_max_rank(whitened)
-            variants = {}
-            for normalize in ("energy", "none"):
-                for floor in (0.0, 0.5):
-                    plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=TARGETS[target], normalize=normalize, min_rank_fraction=floor)
-                    whitened.set_rank({n: plan.ranks.get(n, full[n]) for n in full})  # dense-kept layers: full rank = exact
-                    valid = evaluate_perplexity(whitened, valid_ids, seq_len=args.seq_len, batch_size=8)["perplexity"]
-                    variants[f"{normalize},floor={floor}"] = {"valid_ppl": valid, "test_ppl": ppl(whitened), "achieved": plan.target["achieved"],
-                                                              "dense_layers": len(plan.kept_dense)}
-            best = min(variants, key=lambda k: variants[k]["valid_ppl"])
-            row["mixed"] = variants[best]["test_ppl"]
-            row["mixed_setting"] = best
-            row["mixed_fraction"] = variants[best]["achieved"]
-            row["mixed_variants"] = variants
-            energy = projected_energy_for_budget(base, stats, shapes, fraction)
-            projected = get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=TARGETS[target], init="projected", stats=stats,
-                                                                      energy_input=energy, energy_output=energy))
-            ranks = nsn_peft.get_max_rank(projected)
-            row["projected"] = ppl(projected)
-            row["projected_energy"] = energy
-            row["projected_fraction"] = param_fraction(shapes, ranks)
-            del projected
-            row["mixed_vs_whitened"] = 1 - row["mixed"] / row["whitened"]
+        names = TARGETS[target]
+        # One full-rank adapter per init serves every fraction: set_rank only slices the nested factors.
+        adapters = {init: get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=names, init=init, stats=stats)).eval()
+                    for init in ("svd", "whitened") if init in methods or (init == "whitened" and "mixed" in methods)}
+        spectra = whitened_spectra(base, stats, target_modules=names, show_progress=False) if "mixed" in methods else None
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            row: dict = {"target": target, "fraction": fraction}
+            uniform = uniform_plan(base, fraction, target_modules=names)
+            row["uniform_fraction"] = uniform.target["achieved"]
+            for init, model in adapters.items():
+                if init in methods:
+                    model.set_rank(_ranks_for(model, uniform))
+                    row[init] = ppl(model)
+            if "mixed" in methods:
+                model = adapters["whitened"]
+                results = {}
+                for variant in variants:
+                    options = dict(VARIANTS[variant])
+                    loss_fn = calib_loss if options.pop("measured", False) else None
+                    plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=names, loss_fn=loss_fn,
+                                                     spectra=spectra, show_progress=False, **options)
+                    model.set_rank(_ranks_for(model, plan))
+                    results[variant] = {"valid_ppl": ppl(model, valid_ids), "test_ppl": ppl(model),
+                                        "achieved": plan.target["achieved"], "dense_layers": len(plan.kept_dense),
+                                        "ranks": plan.ranks}
+                best = min(results, key=lambda v: results[v]["valid_ppl"])
+                row.update(mixed=results[best]["test_ppl"], mixed_setting=best, mixed_fraction=results[best]["achieved"],
+                           mixed_variants={v: {k: x for k, x in r.items() if k != "ranks"} for v, r in results.items()},
+                           mixed_ranks=results[best]["ranks"])
+            if "projected" in methods:
+                plan = projected_plan_for_budget(base, stats, fraction, target_modules=names, show_progress=False)
+                model = get_peft_model(copy.deepcopy(base), NSNConfig(**plan.to_config_kwargs(stats=stats))).eval()
+                row.update(projected=ppl(model), projected_energy=plan.target["energy"], projected_fraction=plan.target["achieved"])
+                del model
+            if "mixed" in row and "whitened" in row:
+                row["mixed_vs_whitened"] = 1 - row["mixed"] / row["whitened"]
             rows.append(row)
-            print(json.dumps(row), flush=True)
-        del models
-    result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)", "device": device,
-              "calibration_tokens": int(calib.numel()), "eval_tokens": int(eval_ids.numel()), "dense_ppl": dense_ppl,
-              "calibration_s": calib_s, "stats_copy_to_cpu_s": copy_s, "forward_s": forward_s, "calibration_overhead": overhead, "rows": rows,
+            print(json.dumps({k: v for k, v in row.items() if k not in ("mixed_ranks", "mixed_variants")}), flush=True)
+        del adapters
+    result = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)", "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "calibration_tokens": int(calib.numel()), "eval_tokens": int(eval_ids.numel()),
+              "valid_tokens": int(valid_ids.numel()), "seq_len": args.seq_len, "dense_ppl": dense_ppl,
+              "calibration_s": calib_s, "total_s": time.perf_counter() - started, "rows": rows,
               "anchors": {f"{t}@{f}": v for (t, f), v in ANCHORS.items()}}
-    print("\n| target | params | plain SVD | projected | whitened | mixed (ours) | mixed vs whitened |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['target']} | {r['fraction']:.0%} | {r['svd']:,.1f} | {r['projected']:,.1f} (e={r['projected_energy']:.4f}) | "
-              f"{r['whitened']:,.1f} | {r['mixed']:,.1f} | {r['mixed_vs_whitened']:+.0%} |")
-    print(f"\ndense: {dense_ppl:.2f}; calibration overhead {overhead:.2f}x a plain forward")
-    nsn_peft.io.write_json(args.out, result)
+    print()
+    print(markdown(result))
+    write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def _ranks_for(model, plan: RankPlan) -> dict[str, int]:
+    """Per-layer active ranks of a full-rank adapter realising ``plan`` (dense-kept layers: full rank = exact)."""
+    full = nsn_peft.get_max_rank(model)
+    return {n: plan.ranks.get(n, full[n]) for n in full}
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:,.1f}"
+
+
+def markdown(result: dict) -> str:
+    methods = [m for m in METHODS if any(m in r for r in result["rows"])]
+    lines = [f"Dense perplexity: {result['dense_ppl']:.2f} ({result['eval_tokens']:,} held-out tokens, "
+             f"{result['calibration_tokens']:,} calibration tokens)", "",
+             "| target | params | " + " | ".join(methods) + " | mixed vs whitened | mixed setting |",
+             "|---|---:|" + "---:|" * len(methods) + "---:|---|"]
+    for r in result["rows"]:
+        cells = [_fmt(r.get(m)) for m in methods]
+        ratio = f"{r['mixed_vs_whitened']:+.0%} lower" if "mixed_vs_whitened" in r else "–"
+        lines.append(f"| {r['target']} | {r['fraction']:.0%} | " + " | ".join(cells) + f" | {ratio} | {r.get('mixed_setting', '–')} |")
+    checks = []
+    for r in result["rows"]:
+        anchor = result["anchors"].get(f"{r['target']}@{r['fraction']}")
+        if anchor and "whitened" in r:
+            ok = r["whitened"] <= anchor["whitened"]
+            checks.append(f"- {r['target']} {r['fraction']:.0%}: whitened {r['whitened']:,.1f} vs reference {anchor['whitened']:,} "
+                          f"({'met' if ok else 'NOT met'}); svd {_fmt(r.get('svd'))} vs {anchor['svd']:,}; "
+                          f"projected {_fmt(r.get('projected'))} vs {anchor['projected']:,}")
+        if r["fraction"] in (0.6, 0.5) and "mixed_vs_whitened" in r:
+            ok = r["mixed_vs_whitened"] >= 0.25
+            checks.append(f"- {r['target']} {r['fraction']:.0%}: mixed {r['mixed_vs_whitened']:+.1%} lower than uniform whitened "
+                          f"(target >= 25%: {'met' if ok else 'NOT met'})")
+    if checks:
+        lines += ["", "Targets:", *checks]
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -192,17 +208,20 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.2), squeeze=False)
     for ax, target in zip(axes[0], targets):
         rows = sorted((r for r in result["rows"] if r["target"] == target), key=lambda r: r["fraction"])
-        for method in ("svd", "projected", "whitened", "mixed"):
-            ax.plot([r["fraction"] for r in rows], [r[method] for r in rows], marker="o", label=method)
+        for method in METHODS:
+            points = [(r["fraction"], r[method]) for r in rows if method in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
         ax.axhline(result["dense_ppl"], color="k", ls="--", lw=1, label="dense")
         ax.set_yscale("log")
         ax.set_xlabel("fraction of targeted parameters kept")
-        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_ylabel("held-out perplexity (log scale)")
         ax.set_title(f"SmolLM2-135M, {target}")
         ax.invert_xaxis()
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,25 @@ The same script runs under DDP: ``torchrun --nproc_per_node 2 examples/train_mul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from peft import get_peft_model
 from transformers import TrainingArguments
 
 import nsn_peft
+from nsn_peft.calibration import collect_activation_stats
+from nsn_peft.data import token_blocks
+from nsn_peft.evaluation import perplexity as _perplexity
 from nsn_peft.models import load_model_and_tokenizer
 from nsn_peft.training import NSNTrainer, make_rank_sampler
-from nsn_peft.training._lm_data import TokenBlocks, collect_input_grams, perplexity, read_texts, token_blocks
+from nsn_peft.training._lm_data import TokenBlocks, read_texts
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 TARGETS = ["up_proj", "gate_proj", "down_proj"]
@@ -38,6 +43,14 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 logger = logging.getLogger("train_multirank")
 
+
+
+def _checkpointing_kwarg(enabled: bool) -> dict:
+    """``TrainingArguments`` renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +76,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def perplexity(model, blocks: torch.Tensor, batch_size: int, autocast: Optional[torch.dtype]) -> float:
+    """Held-out perplexity over the token blocks (:func:`nsn_peft.evaluation.perplexity`), bf16 autocast on GPUs."""
+    device = next(model.parameters()).device
+    context = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with context:
+        return _perplexity(model, blocks, seq_len=blocks.shape[1], batch_size=batch_size)
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -86,8 +107,10 @@ def main() -> None:
     stats = None
     if args.init == "whitened":
         calib = train_blocks[: max(1, args.calib_tokens // args.block_size)]
-        grams, counts = collect_input_grams(model, calib, TARGETS, args.batch_size)
-        stats = nsn_peft.ActivationStats(grams, counts, model_id=args.model or "smollm2-135m")
+        stats = collect_activation_stats(
+            model, calib, max_tokens=None, seq_len=args.block_size, batch_size=args.batch_size, target_modules=TARGETS,
+            show_progress=False,
+        )
     config = nsn_peft.NSNConfig(target_modules=TARGETS, init=args.init, stats=stats)
     peft_model = get_peft_model(model, config)
     grid = nsn_peft.selectable_ranks(peft_model)
@@ -117,7 +140,7 @@ def main() -> None:
         save_steps=max(1, args.max_steps // 2),
         save_total_limit=1,
         bf16=bf16,
-        activation_checkpointing=args.activation_checkpointing,
+        **_checkpointing_kwarg(args.activation_checkpointing),
         use_cpu=device.type == "cpu",
         report_to=[],
         seed=args.seed,

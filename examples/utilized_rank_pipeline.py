@@ -3,7 +3,9 @@
 1. collect activation statistics XᵀX of every linear layer on calibration text;
 2. choose per-layer ranks — within a FLOPs budget (``--target-fraction``) from the statistics alone, or within a
    perplexity tolerance (``--epsilon``) by measuring held-out perplexity;
-3. build the NSN adapter with ``init="projected"`` (``W' = P_T W P_S``) at those ranks;
+3. build the NSN adapter with the plan's initialisation: the utilized-rank projection ``W' = P_T W P_S`` at the
+   searched energies (ε mode, ``init="projected"``) or activation-whitened factors at the allocated ranks
+   (budget mode, ``init="whitened"``);
 4. save it as a compressed model, load it back and check that it computes the same perplexity.
 
 Writes ``stats/``, ``rank_plan.json``, ``compressed/`` and ``summary.json`` to ``--output-dir``. Runs offline: the
@@ -16,7 +18,7 @@ Python HOWTOs (both installed with Python).
     python examples/utilized_rank_pipeline.py --model ./tiny-model --calib-data train.txt --eval-data valid.txt \\
         --target-fraction 0.6 --granularity 16 --seq-len 16 --calib-tokens 512 --eval-tokens 256
 
-The CLI equivalent: ``nsn-peft calibrate``, ``search-ranks``, ``adapt --init projected --rank-plan``, ``compress``.
+The CLI equivalent: ``nsn-peft calibrate``, ``search-ranks``, ``adapt --rank-plan --stats``, ``compress``.
 """
 
 from __future__ import annotations
@@ -95,31 +97,29 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         plan = allocate_ranks_for_budget(base, stats, args.target_fraction)
     plan.save(out / "rank_plan.json")
 
-    # 3. projected (utilized-rank) factors at those ranks
-    config = nsn_peft.NSNConfig(init="projected", stats_path=str(out / "stats"), rank_granularity=args.granularity,
-                                **plan.to_config_kwargs())
+    # 3. factors at those ranks (the plan carries its init, target modules, ranks and energies)
+    config = nsn_peft.NSNConfig(stats_path=str(out / "stats"), rank_granularity=args.granularity, **plan.to_config_kwargs())
     model = get_peft_model(base, config).eval()
     report = model.estimate_flops()
     compressed_ppl = ppl(model)
 
     # 4. compress, reload, check
     save_compressed(model, out / "compressed")
-    reloaded = load_compressed(out / "compressed")
-    if isinstance(reloaded, tuple):
-        reloaded = reloaded[0]
-    reloaded.to(device).eval()
+    reloaded = load_compressed(out / "compressed", device=device)
     reloaded_ppl = ppl(reloaded)
 
     summary = {
         "model": args.model or "embedded SmolLM2-135M-Instruct",
         "mode": "epsilon" if args.epsilon is not None else "budget",
         "target": args.epsilon if args.epsilon is not None else args.target_fraction,
+        "init": plan.init,
+        "factored_layers": len(plan.ranks),
+        "dense_layers": len(plan.kept_dense),
         "dense_perplexity": dense,
         "compressed_perplexity": compressed_ppl,
         "reloaded_perplexity": reloaded_ppl,
         "model_flops_fraction": report.model_fraction,
         "targeted_flops_fraction": report.targeted_fraction,
-        "layers": len(nsn_peft.get_rank(model)),
     }
     write_json(out / "summary.json", summary)
     print(f"dense perplexity       {dense:10.3f}")

@@ -1,13 +1,16 @@
-import math
+"""Calibration: Gram matrices of layer inputs, padding, names, persistence, mismatches, data sources."""
+
+import socket
 
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-import nsn_peft
 from nsn_peft import ActivationStats, NSNConfig, collect_activation_stats
-from nsn_peft.evaluation import evaluate_perplexity, perplexity
+from nsn_peft.calibration import calibration_targets
 
 
 def _blocks(n=6, length=16, seed=0):
@@ -98,76 +101,6 @@ def test_mismatched_stats_name_the_layer(tmp_path):
         ActivationStats.load(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("init", ["whitened", "projected"])
-def test_data_aware_inits_are_exact_at_full_rank(init):
-    base = tiny_llama()
-    ids = _blocks(8, 16)
-    with torch.no_grad():
-        ref = base(ids).logits
-    stats = collect_activation_stats(base, ids, show_progress=False)
-    model = get_peft_model(base, NSNConfig(init=init, stats=stats, keep_dense_if_no_savings=False, whitening_damp=0.0))
-    with torch.no_grad():
-        out = model(ids).logits
-    assert ((out - ref).abs().max() / ref.abs().max()) < 1e-4
-
-
-def test_whitened_beats_plain_svd_on_calibration_outputs():
-    base = tiny_llama()
-    ids = _blocks(8, 16)
-    stats = collect_activation_stats(base, ids, show_progress=False)
-    name = "model.layers.0.mlp.down_proj"
-    errors = {}
-    for init in ("svd", "whitened"):
-        model = get_peft_model(tiny_llama(), NSNConfig(init=init, stats=stats, target_modules=["down_proj"]))
-        layer = nsn_peft.ranks.nsn_layers(model)[name]
-        w = layer.dense_weight().double()
-        gram = stats.gram(name).double()
-        errors[init] = []
-        for r in (2, 8, 16):
-            delta = w - layer.effective_weight("default", r).double()
-            errors[init].append(torch.trace(delta @ gram @ delta.T).item())
-    assert all(wh <= sv * (1 + 1e-6) for wh, sv in zip(errors["whitened"], errors["svd"]))
-    assert errors["whitened"] == sorted(errors["whitened"], reverse=True)  # nested: more rank, less error
-
-
-def test_projected_mixed_ranks_round_trip_and_dense_fallback(tmp_path):
-    base = tiny_llama()
-    # Inputs of the MLP confined to few directions: low utilized rank, so factoring saves.
-    stats = collect_activation_stats(base, _blocks(8, 16), show_progress=False)
-    low = stats.grams["model.layers.0.mlp.down_proj"]
-    values, vectors = torch.linalg.eigh(low)
-    stats.grams["model.layers.0.mlp.down_proj"] = (vectors[:, -3:] * values[-3:]) @ vectors[:, -3:].T
-    model = get_peft_model(base, NSNConfig(init="projected", stats=stats, target_modules=["down_proj", "q_proj"]))
-    config = model.peft_config["default"]
-    assert config.rank_pattern["model.layers.0.mlp.down_proj"] == 3
-    # q_proj (32x32) at full utilized rank would not save: kept dense and excluded for reloading.
-    assert "model.layers.0.self_attn.q_proj" in config.kept_dense
-    assert "model.layers.0.self_attn.q_proj" not in nsn_peft.get_rank(model)
-    ids = _blocks(2, 12, seed=3)
-    with torch.no_grad():
-        expected = model(ids).logits
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert nsn_peft.get_max_rank(loaded) == nsn_peft.get_max_rank(model)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, expected)
-
-
-def test_perplexity_sliding_window_and_texts():
-    model = tiny_llama()
-    ids = torch.randint(0, 101, (100,), generator=torch.Generator().manual_seed(5))
-    disjoint = evaluate_perplexity(model, ids, seq_len=20)
-    assert disjoint["tokens"] == 5 * 19
-    overlapping = evaluate_perplexity(model, ids, seq_len=20, stride=10)
-    assert overlapping["tokens"] == 99  # every token after the first is scored exactly once
-    with torch.no_grad():
-        logits = model(input_ids=ids[None, :20]).logits[0, :-1]
-    manual = torch.nn.functional.cross_entropy(logits, ids[1:20]).exp().item()
-    assert math.isclose(perplexity(model, ids[:20], seq_len=20), manual, rel_tol=1e-5)
-    with pytest.raises(ValueError, match="stride"):
-        perplexity(model, ids, seq_len=20, stride=30)
-
-
 class _ReusesMemory(torch.nn.Module):
     """Feeds two layers different inputs that the allocator may place at the same address."""
 
@@ -189,3 +122,90 @@ def test_distinct_inputs_never_share_a_gram_even_at_the_same_address():
     b = torch.arange(32, dtype=torch.float64).view(4, 8)
     torch.testing.assert_close(stats.grams["second"], b.T @ b)
     torch.testing.assert_close(stats.grams["first"], torch.full((8, 8), 4.0, dtype=torch.float64))
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built offline (98 ids, fits the tiny models' vocabulary of 101)."""
+    alphabet = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<unk>"], vocab["</s>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Pack my box with five dozen liquor jugs! " * 3]
+
+
+def test_texts_paths_and_token_tensors_give_the_same_stats(tmp_path):
+    model, tok = tiny_llama(), char_tokenizer()
+    from_texts = collect_activation_stats(model, TEXTS, tokenizer=tok, seq_len=16, max_tokens=96, show_progress=False)
+    (tmp_path / "docs").mkdir()
+    for i, text in enumerate(TEXTS):
+        (tmp_path / "docs" / f"{i}.txt").write_text(text)
+    from_folder = collect_activation_stats(model, tmp_path / "docs", tokenizer=tok, seq_len=16, max_tokens=96, show_progress=False)
+    from nsn_peft.data import token_blocks
+
+    blocks = token_blocks(TEXTS, tok, 16, 96)
+    from_tensor = collect_activation_stats(model, blocks, max_tokens=None, show_progress=False)
+    assert from_texts.num_tokens == 96 and from_texts.extra["tokens"] == 96
+    for name in from_tensor.grams:
+        torch.testing.assert_close(from_texts.grams[name], from_tensor.grams[name])
+        torch.testing.assert_close(from_folder.grams[name], from_tensor.grams[name])
+    with pytest.raises(ValueError, match="tokenizer"):
+        collect_activation_stats(model, TEXTS, show_progress=False)
+
+
+def test_a_token_stream_is_cut_into_blocks_and_bad_inputs_are_named():
+    model = tiny_llama()
+    stream = torch.randint(0, 101, (70,), generator=torch.Generator().manual_seed(2))
+    stats = collect_activation_stats(model, stream, seq_len=16, max_tokens=None, show_progress=False)
+    assert stats.num_tokens == 64  # 4 full blocks; the 6 leftover tokens are dropped
+    with pytest.raises(TypeError, match="token ids"):
+        collect_activation_stats(model, torch.randn(2, 8), show_progress=False)
+    with pytest.raises(TypeError, match="input_ids"):
+        collect_activation_stats(model, [{"ids": stream[:8]}], show_progress=False)
+    with pytest.raises(ValueError, match="match"):
+        collect_activation_stats(model, stream, target_modules=["no_such_layer"], show_progress=False)
+
+
+def test_float32_accumulator_and_stats_on_the_run_device():
+    stats = collect_activation_stats(tiny_llama(), _blocks(), dtype=torch.float32, stats_device=None, show_progress=False)
+    assert all(g.dtype == torch.float32 for g in stats.grams.values())
+    assert stats.extra["accumulate_dtype"] == "float32"
+
+
+def test_default_targets_skip_the_head_but_a_regex_can_pick_it():
+    model = tiny_llama()
+    assert "lm_head" not in calibration_targets(model)
+    assert list(calibration_targets(model, r"lm_head")) == ["lm_head"]
+    stats = collect_activation_stats(model, _blocks(), target_modules=r"lm_head", show_progress=False)
+    expected = sum(h.T @ h for h in _final_hidden(model, _blocks()))
+    torch.testing.assert_close(stats.grams["lm_head"], expected, rtol=1e-4, atol=1e-3)
+
+
+def _final_hidden(model, ids):
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    return [hidden.reshape(-1, hidden.shape[-1]).double()]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sums_are_all_reduced_under_torch_distributed():
+    import torch.distributed as dist
+
+    model = tiny_llama()
+    local = collect_activation_stats(model, _blocks(), show_progress=False)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        reduced = collect_activation_stats(model, _blocks(), show_progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert reduced.token_counts == local.token_counts
+    for name in local.grams:
+        torch.testing.assert_close(reduced.grams[name], local.grams[name])

@@ -105,3 +105,97 @@ def test_budget_plan_whitened_model_save_load(calibrated, tmp_path):
     assert nsn_peft.get_max_rank(loaded) == plan.ranks
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_budget_allocation_with_measured_sensitivity(calibrated):
+    base, ids, stats = calibrated
+    calls = []
+
+    def loss_fn(model):
+        calls.append(1)
+        with torch.no_grad():
+            return model(input_ids=ids, labels=ids).loss.item()
+
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    plan = allocate_ranks_for_budget(base, stats, 0.5, target_modules=["up_proj", "down_proj"], loss_fn=loss_fn)
+    assert len(calls) == 1 + 4  # reference + one per layer
+    assert plan.target["measured_sensitivity"] and plan.target["achieved"] <= 0.5
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())  # weights restored
+
+
+def test_whitened_epsilon_search_with_a_fake_monotone_metric(calibrated):
+    base, _, stats = calibrated
+    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    calls = []
+
+    def metric(model):  # higher is better: 1 / (1 + output error)
+        calls.append(1)
+        return 1.0 / _output_error(model, stats, reference)
+
+    plan = search_ranks(base, stats, metric, 0.3, init="whitened", higher_is_better=True, max_steps=5, show_progress=False)
+    assert plan.init == "whitened" and not plan.energies
+    assert plan.target["metric"] >= plan.target["baseline"] * (1 - 0.3) - 1e-12
+    assert len(calls) == 1 + 2 * 5 + 1  # baseline, 5 steps for each of 2 groups, final check
+    # Progressive split: after the first of two groups at most half of ε is spent.
+    first = [h for h in plan.history if h.get("group") == "attention" and h["accepted"]]
+    assert all(h["metric"] >= plan.target["baseline"] * (1 - 0.15) - 1e-12 for h in first)
+    # The plan reproduces the searched configuration: its metric is what the model computes with it.
+    if plan.ranks:
+        model = get_peft_model(tiny_llama(), NSNConfig(**plan.to_config_kwargs(stats=stats)))
+        merged = model.merge_and_unload()
+        assert metric(merged) == pytest.approx(plan.target["metric"], rel=1e-4)
+
+
+def test_epsilon_zero_keeps_everything_dense(calibrated):
+    base, _, stats = calibrated
+    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    plan = search_ranks(base, stats, lambda m: _output_error(m, stats, reference), 0.0, max_steps=3, show_progress=False)
+    assert plan.ranks == {} and len(plan.kept_dense) == 14
+    with pytest.raises(ValueError, match="nothing to adapt"):
+        plan.to_config_kwargs()
+
+
+def test_search_rejects_bad_arguments(calibrated):
+    base, _, stats = calibrated
+    with pytest.raises(ValueError, match="epsilon"):
+        search_ranks(base, stats, lambda m: 1.0, -0.1)
+    with pytest.raises(ValueError, match="init"):
+        search_ranks(base, stats, lambda m: 1.0, 0.1, init="svd")
+    adapted = get_peft_model(tiny_llama(), NSNConfig(target_modules=["up_proj"]))
+    with pytest.raises(TypeError, match="dense model"):
+        allocate_ranks_for_budget(adapted, stats, 0.5, target_modules=["up_proj"])
+
+
+def test_uniform_and_projected_budget_plans(calibrated):
+    base, ids, stats = calibrated
+    from nsn_peft.rank_search import projected_plan_for_budget, uniform_plan
+
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    uniform = uniform_plan(base, 0.5, target_modules=targets)
+    assert set(uniform.ranks.values()) == {int(0.5 * 32 * 48 / 80)}
+    assert uniform.parameter_fraction() <= 0.5
+    projected = projected_plan_for_budget(base, stats, 0.5, target_modules=targets, show_progress=False)
+    assert projected.init == "projected" and projected.parameter_fraction() <= 0.5 + 1e-9
+    assert projected.target["achieved"] > 0.3  # the bisection uses most of the budget
+    model = get_peft_model(tiny_llama(), NSNConfig(**projected.to_config_kwargs(stats=stats)))
+    assert nsn_peft.get_max_rank(model) == projected.ranks
+
+
+def test_plan_kwargs_overrides_and_shape_validation(tmp_path):
+    plan = RankPlan({"a.b": 2}, ["a.c"], "whitened", shapes={"a.b": [8, 6], "a.c": [8, 6]})
+    kwargs = plan.to_config_kwargs(stats="S", init="svd")
+    assert kwargs["init"] == "svd" and kwargs["stats"] == "S" and kwargs["exclude_modules"] == ["a.c"]
+    assert kwargs["target_modules"] == ["a.b"]
+    assert plan.parameter_fraction() == pytest.approx((2 * 14 + 48) / 96)
+    with pytest.raises(ValueError, match=r"ranks\['a\.b'\] = 7 exceeds"):
+        RankPlan({"a.b": 7}, shapes={"a.b": [8, 6]})
+    with pytest.raises(ValueError, match="both factored and dense"):
+        RankPlan({"a.b": 2}, ["a.b"])
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": "nsn-peft-rank-plan", "version": 1, "ranks": {"x": 2}, "init": "projected",
+                                "energies": {"x": [0.5, 1.5]}}))
+    with pytest.raises(ValueError, match=r"plan\.json: RankPlan\.energies\['x'\]"):
+        RankPlan.load(path)
+    path.write_text(json.dumps({"format": "nsn-peft-rank-plan", "version": 2, "ranks": {}}))
+    with pytest.raises(ValueError, match="version 2"):
+        RankPlan.load(path)

@@ -9,9 +9,11 @@ activations with outlier features (~1e3) in float32 drops exactly the small dire
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .data import token_blocks
+from .data import load_texts, token_blocks
 from .layer import NSNLayer
 from .stats import ActivationStats, canonical_module_name
 
@@ -37,20 +39,21 @@ def _matches(name: str, target_modules: Union[None, str, Sequence[str]]) -> bool
 
 
 def calibration_targets(model: nn.Module, target_modules: Union[None, str, Sequence[str]] = None) -> dict[str, nn.Module]:
-    """``{canonical name: module}`` whose inputs are recorded: linear/Conv1D layers (NSN layers count as
-    their base layer), except the output head."""
+    """``{canonical name: module}`` whose inputs are recorded: linear/Conv1D layers (an NSN layer counts as
+    its base layer). The output head is left out unless ``target_modules`` names it explicitly."""
+    default = target_modules is None or target_modules == "all-linear"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets: dict[str, nn.Module] = {}
     inside_nsn: set[int] = set()
     for name, module in model.named_modules():
-        if id(module) in inside_nsn or module is head:
+        if id(module) in inside_nsn or (default and module is head):
             continue
         if isinstance(module, NSNLayer):
             inside_nsn.update(id(m) for m in module.modules() if m is not module)
         elif not isinstance(module, (nn.Linear, Conv1D)):
             continue
         canonical = canonical_module_name(name)
-        if canonical.endswith("lm_head") and target_modules in (None, "all-linear"):
+        if canonical.endswith("lm_head") and default:
             continue
         if _matches(canonical, target_modules):
             targets[canonical] = module
@@ -60,21 +63,58 @@ def calibration_targets(model: nn.Module, target_modules: Union[None, str, Seque
 
 
 def _batches(data: Any, tokenizer, max_tokens: Optional[int], seq_len: int, batch_size: int) -> Iterable[dict]:
+    if isinstance(data, (str, os.PathLike)) or hasattr(data, "column_names"):
+        data = load_texts(data)  # a folder, a file, a dataset name or a datasets.Dataset
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], str):
         if tokenizer is None:
             raise ValueError("Texts need a tokenizer: collect_activation_stats(model, texts, tokenizer=tok)")
         data = token_blocks(data, tokenizer, seq_len, max_tokens)
     if isinstance(data, torch.Tensor):
-        blocks = data if data.dim() == 2 else data[: data.numel() // seq_len * seq_len].view(-1, seq_len)
-        for start in range(0, blocks.shape[0], batch_size):
-            yield {"input_ids": blocks[start : start + batch_size]}
+        if data.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(f"A calibration tensor must hold token ids (integers), got dtype {data.dtype}")
+        if data.dim() == 1:
+            if data.numel() < seq_len:
+                raise ValueError(f"The token stream has {data.numel()} tokens, fewer than seq_len={seq_len}")
+            data = data[: data.numel() // seq_len * seq_len].view(-1, seq_len)
+        elif data.dim() != 2:
+            raise ValueError(f"A calibration tensor must be 1-D (a stream) or 2-D (blocks), got shape {tuple(data.shape)}")
+        for start in range(0, data.shape[0], batch_size):
+            yield {"input_ids": data[start : start + batch_size]}
         return
+    if isinstance(data, (list, tuple)) and not data:
+        raise ValueError("The calibration data is empty")
     for batch in data:
         if isinstance(batch, torch.Tensor):
-            batch = {"input_ids": batch}
-        if not isinstance(batch, dict) or "input_ids" not in batch:
+            batch = {"input_ids": batch if batch.dim() == 2 else batch[None]}
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(f"Calibration batches must be dicts with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}")
         yield batch
+
+
+def _forward_kwargs(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, Any]:
+    """Extra forward arguments that skip work calibration does not need.
+
+    ``logits_to_keep=1`` makes transformers' causal LMs project only the last position onto the vocabulary
+    (the head is not calibrated, and its full-vocabulary product is ~20% of a small model's forward).
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins / exotic wrappers
+        return {}
+    kwargs: dict[str, Any] = {}
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if "logits_to_keep" in params and (head is None or all(m is not head for m in targets.values())):
+        kwargs["logits_to_keep"] = 1
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _in_features(module: nn.Module) -> int:
+    if isinstance(module, (nn.Linear, NSNLayer)):
+        return module.in_features
+    return module.weight.shape[0]  # Conv1D stores (in_features, out_features)
 
 
 @torch.no_grad()
@@ -92,49 +132,92 @@ def collect_activation_stats(
     stats_device: Optional[Union[str, torch.device]] = "cpu",
     show_progress: bool = True,
 ) -> ActivationStats:
-    """Run ``model`` over calibration data and return the input Gram matrix of every targeted layer.
+    """Run ``model`` over calibration data and return the input Gram matrix ``Σ xxᵀ`` of every targeted layer.
 
     Args:
-        data: a list of texts (with ``tokenizer``), a tensor of token ids (``(n, seq_len)`` blocks or a 1-D
-            stream), or an iterable/DataLoader of dicts with ``input_ids`` and optional ``attention_mask``
-            (padded positions are excluded from the statistics).
+        model: a transformers model, or a ``PeftModel`` with NSN layers (their inputs are recorded under the
+            plain base-model names; the model runs as it is, i.e. at its current ranks).
+        data: a list of texts (with ``tokenizer``); a folder, text/JSONL file, ``datasets.Dataset`` or dataset
+            name (read with :func:`nsn_peft.data.load_texts`); a tensor of token ids (``(n, seq_len)``
+            blocks or a 1-D stream cut into ``seq_len`` blocks); or an iterable/``DataLoader`` of dicts with
+            ``input_ids`` and optional ``attention_mask`` (padded positions are excluded from the statistics).
+        tokenizer: needed for text data.
         max_tokens: stop after this many (non-padding) tokens; ``None`` = all.
-        target_modules: layer names (suffix match) or a regex; default every linear layer but the head.
-        device: where to run; default the model's device.
-        dtype: accumulator dtype (float64 recommended, see the module docstring).
+        seq_len: block length when cutting text or a token stream.
+        batch_size: blocks per forward pass (texts and tensors; a DataLoader brings its own batches).
+        target_modules: layer names (suffix match, as in PEFT) or a regex (full match); default every
+            linear / ``Conv1D`` layer except the output head.
+        device: where to run; default the model's device (the model is moved there if needed).
+        dtype: accumulator dtype; float64 recommended (see the module docstring).
         stats_device: where the returned matrices live (``"cpu"``; ``None`` keeps them on the run device,
             which avoids a device-to-host copy when they are used right away).
+        show_progress: tqdm progress bar over tokens.
 
-    Under ``torch.distributed`` the sums are all-reduced, so every process returns the global statistics.
+    Returns:
+        :class:`~nsn_peft.ActivationStats` with the model id (``config._name_or_path``) and, in ``extra``,
+        the token count, ``seq_len`` and accumulator dtype.
+
+    Raises:
+        ValueError: no layer matches ``target_modules``, texts without a tokenizer, or no tokens at all.
+        TypeError: batches that are not dicts with ``input_ids``.
+
+    Memory is one d×d accumulator per layer (plus one batch Gram), whatever the number of tokens. Under
+    ``torch.distributed`` each process runs on the data it is given (pass each rank its own shard) and the
+    sums and token counts are all-reduced, so every process returns the global statistics.
     """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive or None, got {max_tokens}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     targets = calibration_targets(model, target_modules)
     param = next(model.parameters())
     run_device = torch.device(device) if device is not None else param.device
     if device is not None and param.device != run_device:
+        logger.info("Moving the model to %s for calibration", run_device)
         model.to(run_device)
-    grams = {name: torch.zeros(m.in_features if isinstance(m, (nn.Linear, NSNLayer)) else m.weight.shape[0],
-                               m.in_features if isinstance(m, (nn.Linear, NSNLayer)) else m.weight.shape[0],
-                               dtype=dtype, device=run_device) for name, m in targets.items()}
+    if run_device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        logger.warning("float32 matmul precision is %r (TF32): the Gram matrices lose precision in their small "
+                       "directions; torch.set_float32_matmul_precision('highest') is recommended for calibration",
+                       torch.get_float32_matmul_precision())
+    grams = {name: torch.zeros(_in_features(m), _in_features(m), dtype=dtype, device=run_device) for name, m in targets.items()}
     counts = dict.fromkeys(targets, 0)
+    forward_kwargs = _forward_kwargs(model, targets)
     # Layers reading the same input (q/k/v, gate/up) are called one after another with the *same tensor
     # object*: remember the last input (holding a reference, so its memory cannot be reused by another
-    # tensor meanwhile) and compute its Gram once.
-    state: dict[str, Any] = {"mask": None, "last": None}
+    # tensor meanwhile) and compute its Gram once. Identity, not address, decides: two different tensors
+    # that happen to reuse one address never share a Gram.
+    state: dict[str, Any] = {"mask": None, "rows": 0, "last": None, "out_dtype": run_device.type == "cuda"}
+
+    def batch_gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        flat = x.reshape(-1, x.shape[-1])
+        mask = state["mask"]
+        rows = flat.shape[0]
+        if mask is not None and mask.numel() == rows:
+            flat, rows = flat[mask], state["rows"]
+        # (If a layer sees another token layout, e.g. routed experts, all of its rows count.)
+        if flat.dtype in (torch.float16, torch.bfloat16) and state["out_dtype"]:
+            # Products of 16-bit floats are exact in float32 and cuBLAS accumulates in float32, so a
+            # tensor-core GEMM with a float32 output loses nothing against upcasting first.
+            try:
+                return torch.mm(flat.T, flat, out_dtype=torch.float32), rows
+            except (RuntimeError, TypeError):
+                state["out_dtype"] = False
+        flat = flat.float()
+        return flat.T @ flat, rows
 
     def make_hook(name: str):
+        gram, count = grams[name], counts
+
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             last = state["last"]
             if last is None or last[0] is not x:
-                flat = x.reshape(-1, x.shape[-1])
-                mask = state["mask"]
-                if mask is not None and mask.numel() == flat.shape[0]:
-                    flat = flat[mask]
-                flat = flat.float()
-                last = (x, (flat.T @ flat).to(dtype), flat.shape[0])
+                last = (x, *batch_gram(x))
                 state["last"] = last
-            grams[name] += last[1]
-            counts[name] += last[2]
+            gram.add_(last[1])  # float32 batch product into the float64 sum, one fused kernel
+            count[name] += last[2]
 
         return hook
 
@@ -147,11 +230,16 @@ def collect_activation_stats(
         for batch in _batches(data, tokenizer, max_tokens, seq_len, batch_size):
             ids = batch["input_ids"].to(run_device)
             mask = batch.get("attention_mask")
-            mask = mask.to(run_device) if mask is not None else None
-            state["mask"] = mask.reshape(-1).bool() if mask is not None else None
-            model(input_ids=ids, attention_mask=mask)
+            if mask is not None:
+                mask = mask.to(run_device)
+                flat_mask = mask.reshape(-1).bool()
+                n = int(flat_mask.sum())
+                state["mask"] = None if n == flat_mask.numel() else flat_mask  # no padding: skip the gather
+                state["rows"] = n
+            else:
+                state["mask"], n = None, ids.numel()
+            model(input_ids=ids, attention_mask=mask, **forward_kwargs)
             state["last"] = None
-            n = int(mask.sum()) if mask is not None else ids.numel()
             seen += n
             progress.update(n)
             if max_tokens is not None and seen >= max_tokens:
@@ -170,8 +258,12 @@ def collect_activation_stats(
         count_tensor = torch.tensor([counts[n] for n in targets], dtype=torch.long, device=run_device)
         torch.distributed.all_reduce(count_tensor)
         counts = {n: int(c) for n, c in zip(targets, count_tensor.tolist())}
+        seen_tensor = torch.tensor([seen], dtype=torch.long, device=run_device)
+        torch.distributed.all_reduce(seen_tensor)
+        seen = int(seen_tensor.item())
     config = getattr(model, "config", None)
     model_id = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
     logger.info("Collected activation statistics of %d layers over %d tokens", len(grams), seen)
     out_device = torch.device(stats_device) if stats_device is not None else run_device
-    return ActivationStats({n: g.to(out_device) for n, g in grams.items()}, counts, model_id or None, {"seq_len": seq_len})
+    extra = {"seq_len": seq_len, "tokens": seen, "accumulate_dtype": str(dtype).removeprefix("torch.")}
+    return ActivationStats({n: g.to(out_device) for n, g in grams.items()}, counts, str(model_id) if model_id else None, extra)

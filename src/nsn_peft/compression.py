@@ -38,7 +38,7 @@ META_FILE = "nsn_compression.json"
 FACTORS_FILE = "nsn_factors.safetensors"
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["FactoredLinear", "load_compressed", "save_compressed"]
+__all__ = ["FactoredLinear", "compressed_size", "load_compressed", "save_compressed"]
 
 
 class FactoredLinear(nn.Module):
@@ -73,8 +73,31 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 
 
 @torch.no_grad()
-def save_compressed(model: nn.Module, path: Union[str, os.PathLike], *, tokenizer: Any = None, adapter_name: Optional[str] = None) -> Path:
-    """Write ``model`` (a PeftModel with NSN layers) at its *current* ranks as a compressed model folder."""
+def save_compressed(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    tokenizer: Any = None,
+    adapter_name: Optional[str] = None,
+    dtype: Optional[Union[str, torch.dtype]] = None,
+) -> Path:
+    """Write ``model`` (a ``PeftModel`` with NSN layers) at its *current* ranks as a compressed model folder.
+
+    Only ``B[:, :r]`` and ``A[:r]`` of every NSN layer are written (``r`` = its active rank, see
+    :func:`nsn_peft.set_rank`), so the replaced layers take ``r(m+d)`` values on disk; all other weights of
+    the base model are written as they are (tied weights once). The folder is built next to ``path`` and
+    moved into place when complete. Load it with :func:`load_compressed`.
+
+    Args:
+        model: the adapted model (its adapter layers are read, the model is not modified).
+        path: output folder (replaced if it exists).
+        tokenizer: saved alongside when given, so the folder is self-contained.
+        adapter_name: the NSN adapter to export (default: the active one).
+        dtype: cast floating-point weights (e.g. ``"bf16"``) before writing; default: as they are.
+
+    Raises:
+        ValueError: the model has no NSN layers.
+    """
     layers = nsn_layers(model)
     if not layers:
         raise ValueError("save_compressed needs a model with NSN layers (get_peft_model(model, NSNConfig(...)))")
@@ -97,22 +120,35 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike], *, tokenize
             continue  # the dense matrix of a replaced layer: exactly what compression removes
         state[canonical] = tensor
     state, tied = _unique_tensors(state)
+    cast = resolve_dtype(dtype)
+    if cast is not None:
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+        factors = {k: v.to(cast) for k, v in factors.items()}
     config = base.config
-    meta = {
-        "format": FORMAT, "version": VERSION, "architecture": (config.architectures or [type(base).__name__])[0],
-        "dtype": str(next(iter(factors.values())).dtype).removeprefix("torch."), "layers": meta_layers, "tied": tied,
-    }
-    target = Path(path)
-    with atomic_directory(target) as tmp:
-        config.architectures = [type(base).__name__]
-        config.save_pretrained(tmp)
-        write_safetensors(tmp / WEIGHTS_FILE, state, metadata={"format": "pt"})
-        write_safetensors(tmp / FACTORS_FILE, factors, metadata={"format": FORMAT})
-        write_json(tmp / META_FILE, meta)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
     dense = sum(m["in_features"] * m["out_features"] for m in meta_layers.values())
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in meta_layers.values())
+    meta = {
+        "format": FORMAT, "version": VERSION, "architecture": type(base).__name__,
+        "dtype": str(next(iter(factors.values())).dtype).removeprefix("torch."), "layers": meta_layers, "tied": tied,
+        "source_model": getattr(config, "_name_or_path", None) or None,
+        "parameters": {"replaced_dense": dense, "replaced_factored": kept, "other": sum(t.numel() for t in state.values())},
+    }
+    target = Path(path)
+    architectures = config.architectures
+    try:
+        with atomic_directory(target) as tmp:
+            config.architectures = [type(base).__name__]
+            config.save_pretrained(tmp)
+            generation = getattr(base, "generation_config", None)
+            if generation is not None and getattr(base, "can_generate", lambda: False)():
+                generation.save_pretrained(tmp)
+            write_safetensors(tmp / WEIGHTS_FILE, state, metadata={"format": "pt"})
+            write_safetensors(tmp / FACTORS_FILE, factors, metadata={"format": FORMAT})
+            write_json(tmp / META_FILE, meta)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    finally:
+        config.architectures = architectures  # the caller's model config is left untouched
     logger.info("Saved compressed model to %s: replaced layers hold %.1f%% of their dense parameters", target, 100 * kept / dense)
     return target
 
@@ -124,8 +160,28 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_compressed(path: Union[str, os.PathLike], *, device: Optional[Union[str, torch.device]] = None, dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
-    """Load a folder written by :func:`save_compressed` as a plain transformers model with factored layers."""
+def load_compressed(
+    path: Union[str, os.PathLike],
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[Union[str, torch.dtype]] = None,
+) -> nn.Module:
+    """Load a folder written by :func:`save_compressed` as a plain transformers model with factored layers.
+
+    The architecture is built with its parameters on the meta device (nothing dense is allocated), each
+    replaced layer becomes a :class:`FactoredLinear` of the saved rank, and the weights are assigned from
+    the safetensors files, so memory is the factored size. Outputs equal those of the NSN model at the
+    exported ranks. The tokenizer, if saved, loads with ``AutoTokenizer.from_pretrained(path)``.
+
+    Args:
+        path: the folder.
+        device: where to put the model (default: CPU).
+        dtype: cast floating-point weights (default: the saved dtype).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a compressed model folder.
+        ValueError: unsupported format version, unknown architecture, or weights that do not match it.
+    """
     import transformers
     from accelerate import init_empty_weights
 
@@ -133,8 +189,14 @@ def load_compressed(path: Union[str, os.PathLike], *, device: Optional[Union[str
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder} is not a compressed NSN model (no {META_FILE}); write one with save_compressed()")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
+    for file in (WEIGHTS_FILE, FACTORS_FILE):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"{folder / file} is missing: the compressed model folder is incomplete")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
     config = transformers.AutoConfig.from_pretrained(folder)
     architecture = getattr(transformers, meta["architecture"], None)

@@ -54,6 +54,22 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
     return texts
 
 
+def _is_dataset_dict(source: Any) -> bool:
+    return type(source).__name__ in ("DatasetDict", "IterableDatasetDict") and type(source).__module__.startswith("datasets")
+
+
+def _looks_like_dataset_name(text: str) -> bool:
+    """``"name"``, ``"org/name"`` or ``"name:config"``; not a path (``./x``, ``/x``, ``a/b/c``, ``x.txt``)."""
+    name = text.partition(":")[0]
+    return (
+        bool(name)
+        and not text.startswith((".", "/", "~"))
+        and "\\" not in text
+        and name.count("/") <= 1
+        and Path(name).suffix.lower() not in (*TEXT_SUFFIXES, ".jsonl", ".json")
+    )
+
+
 def load_texts(
     source: Any, *, split: Optional[str] = None, text_field: str = "text", max_docs: Optional[int] = None
 ) -> list[str]:
@@ -61,17 +77,35 @@ def load_texts(
 
     Args:
         source: a folder (every ``*.txt``/``*.rst``/``*.md`` below it, sorted), a text file, a ``.jsonl``
-            file (one JSON object per line, text in ``text_field``), a ``datasets.Dataset``, a list of
-            strings, or a ``datasets`` Hub name ``"name"`` / ``"name:config"`` (e.g.
-            ``"wikitext:wikitext-2-raw-v1"``, split ``split`` or ``"train"``).
+            file (one JSON object per line, text in ``text_field``), a ``datasets.Dataset`` or ``DatasetDict``,
+            a list of strings, or a ``datasets`` Hub name ``"name"`` / ``"org/name"`` / ``"name:config"`` (e.g.
+            ``"wikitext:wikitext-2-raw-v1"``, split ``split`` or ``"train"``; needs network access).
+        split: dataset split for Hub names and ``DatasetDict`` objects (default ``"train"``).
+        text_field: the column / JSON field holding the text.
         max_docs: keep only the first documents.
+
+    Returns:
+        The non-empty documents, in order.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path that does not exist.
+        ValueError: no text, a missing column/field, or an invalid JSONL line (file and line named).
+        TypeError: an unsupported source type.
     """
     if isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
         texts = list(source)
+    elif _is_dataset_dict(source):  # datasets.DatasetDict: pick the split
+        split = split or ("train" if "train" in source else next(iter(source)))
+        if split not in source:
+            raise ValueError(f"Dataset has no split '{split}' (splits: {list(source)})")
+        return load_texts(source[split], text_field=text_field, max_docs=max_docs)
     elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
         if text_field not in source.column_names:
             raise ValueError(f"Dataset has no column '{text_field}' (columns: {source.column_names})")
         texts = list(source[text_field])
+    elif not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"Unsupported text source of type {type(source).__name__}: pass a path, a list of strings, "
+                        "a datasets.Dataset or a dataset name")
     else:
         path = Path(os.fspath(source))
         if path.is_dir():
@@ -81,7 +115,7 @@ def load_texts(
             texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
         elif path.is_file():
             texts = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8", errors="replace")]
-        elif path.suffix in (".txt", ".jsonl", ".rst", ".md", ".json") or os.sep in str(source) or str(source).startswith("."):
+        elif not _looks_like_dataset_name(str(source)):
             raise FileNotFoundError(f"Data file or folder not found: {path}")
         else:
             import datasets  # only needed for Hub datasets

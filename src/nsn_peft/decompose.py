@@ -146,7 +146,9 @@ def energy_rank(eigenvalues: torch.Tensor, energy: float) -> int:
         tol = eigenvalues[0] * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
         return int((eigenvalues > tol).sum().item())
     cumulative = torch.cumsum(eigenvalues, 0) / total
-    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype, device=cumulative.device)).item()) + 1
+    k = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype, device=cumulative.device)).item()) + 1
+    # Rounding can leave the last cumulative share a hair below an energy just under 1: never exceed n.
+    return min(k, eigenvalues.numel())
 
 
 @dataclass

@@ -1,8 +1,17 @@
-"""Perplexity of causal language models over text, with a sliding window."""
+"""Perplexity of causal language models over text, with a sliding window.
+
+Documents are tokenised and concatenated into one stream (EOS between documents,
+:func:`nsn_peft.data.token_stream`); windows of ``seq_len`` tokens advance by ``stride``. With
+``stride < seq_len`` a window scores only the tokens no earlier window scored, so every token after the
+first is predicted exactly once, with at least ``seq_len - stride`` tokens of context (except at the start).
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
+import time
 from typing import Any, Optional, Union
 
 import torch
@@ -11,17 +20,53 @@ from tqdm.auto import tqdm
 
 from .data import load_texts, token_stream
 
-__all__ = ["evaluate_perplexity", "perplexity"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate_perplexity", "perplexity", "sliding_windows"]
 
 
-def _stream(data: Any, tokenizer, max_tokens: Optional[int]) -> torch.Tensor:
+def _stream(data: Any, tokenizer: Any, max_tokens: Optional[int]) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
-        ids = data.reshape(-1)
+        if data.is_floating_point() or data.is_complex():
+            raise TypeError(f"A token tensor must hold integer ids, got dtype {data.dtype}")
+        ids = data.reshape(-1).long()
     else:
         if tokenizer is None:
             raise ValueError("Text data needs a tokenizer: perplexity(model, texts, tokenizer=tok)")
         ids = token_stream(load_texts(data), tokenizer, max_tokens)
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def sliding_windows(num_tokens: int, seq_len: int, stride: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """``(begin, end, scored)`` windows over a stream: ``scored`` is how many of the window's last tokens count.
+
+    The first token of a window has no context inside it, so at most ``end - begin - 1`` tokens are scored;
+    with ``stride < seq_len`` only the tokens past the previous window's end are scored.
+    """
+    stride = stride or seq_len
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
+    windows = []
+    prev_end = 0
+    for begin in range(0, max(num_tokens - 1, 0), stride):
+        end = min(begin + seq_len, num_tokens)
+        scored = min(end - prev_end, end - begin - 1)
+        if scored > 0:
+            windows.append((begin, end, scored))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+def _supports_logits_to_keep(model: nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
 
 
 @torch.no_grad()
@@ -37,48 +82,69 @@ def evaluate_perplexity(
     device: Optional[Union[str, torch.device]] = None,
     show_progress: bool = False,
 ) -> dict[str, float]:
-    """Sliding-window perplexity: ``{"perplexity", "nll", "tokens"}``.
+    """Sliding-window perplexity with details.
 
-    ``data`` is anything :func:`nsn_peft.data.load_texts` accepts (texts, folder, file, ``datasets``
-    Dataset or name) or a tensor of token ids. Windows of ``seq_len`` tokens advance by ``stride``
-    (default ``seq_len``: disjoint windows); with ``stride < seq_len`` each window scores only its last
-    ``stride`` tokens, so every token is predicted once with up to ``seq_len - stride`` tokens of context.
+    Args:
+        model: a causal LM (transformers model, ``PeftModel``, or a compressed model).
+        data: anything :func:`nsn_peft.data.load_texts` accepts (texts, folder, file, ``datasets``
+            Dataset or dataset name), or a tensor of token ids (flattened into one stream).
+        tokenizer: needed for text data.
+        seq_len: window length (the model's context per prediction).
+        stride: window step (default ``seq_len``: disjoint windows); smaller strides give every scored
+            token more context at a proportional cost.
+        max_tokens: use only the first tokens of the stream.
+        batch_size: windows per forward pass.
+        device: where the inputs go; default the model's device.
+
+    Returns:
+        ``{"perplexity", "nll" (mean negative log-likelihood, nats/token), "tokens" (scored), "windows",
+        "seq_len", "stride", "seconds"}``.
+
+    Raises:
+        ValueError: bad ``seq_len``/``stride``, texts without a tokenizer, or fewer than 2 tokens.
     """
+    start_time = time.perf_counter()
     stride = stride or seq_len
-    if not 0 < stride <= seq_len:
-        raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
+    windows = sliding_windows(0, seq_len, stride)  # validates the arguments before any tokenisation
     ids = _stream(data, tokenizer, max_tokens)
     if ids.numel() < 2:
-        raise ValueError("Need at least 2 tokens to compute perplexity")
+        raise ValueError(f"Need at least 2 tokens to compute perplexity, got {ids.numel()}")
+    windows = sliding_windows(ids.numel(), seq_len, stride)
     run_device = torch.device(device) if device is not None else next(model.parameters()).device
-    windows = []  # (begin, end, number of scored tokens at the end of the window)
-    prev_end = 0
-    for begin in range(0, ids.numel() - 1, stride):
-        end = min(begin + seq_len, ids.numel())
-        # The first token of a window has no context inside it, so at most end-begin-1 tokens are scored.
-        windows.append((begin, end, min(end - prev_end, end - begin - 1)))
-        prev_end = end
-        if end == ids.numel():
-            break
+    trim = _supports_logits_to_keep(model)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    total_nll = torch.zeros((), dtype=torch.float64, device=run_device)
+    total_tokens = 0
     try:
         groups = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
         for group in tqdm(groups, desc="Perplexity", unit="batch", disable=not show_progress):
             # Windows in a group share a length except possibly the last one of the text.
             for same in _by_length(group):
                 batch = torch.stack([ids[b:e] for b, e, _ in same]).to(run_device)
-                logits = model(input_ids=batch).logits[:, :-1].float()
-                targets = batch[:, 1:]
+                length = batch.shape[1]
+                keep = max(s for _, _, s in same) + 1
+                if trim and keep < length:
+                    # Only the last `keep` positions predict scored tokens: skip the rest of the vocabulary
+                    # projection (most of the cost when stride << seq_len).
+                    logits = model(input_ids=batch, logits_to_keep=keep).logits
+                else:
+                    logits = model(input_ids=batch).logits
+                positions = logits.shape[1]
+                logits = logits[:, :-1].float()
+                targets = batch[:, length - positions + 1 :]
                 nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
                 for row, (_, _, scored) in enumerate(same):
-                    total_nll += nll[row, -scored:].sum().item()
+                    total_nll += nll[row, -scored:].double().sum()
                     total_tokens += scored
     finally:
         model.train(was_training)
-    mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(total_tokens)}
+    mean = total_nll.item() / total_tokens
+    ppl = math.exp(mean) if mean < 700 else math.inf
+    seconds = time.perf_counter() - start_time
+    logger.info("Perplexity %.4f over %d tokens (%d windows of %d, stride %d) in %.1fs", ppl, total_tokens, len(windows), seq_len, stride, seconds)
+    return {"perplexity": ppl, "nll": mean, "tokens": float(total_tokens), "windows": float(len(windows)),
+            "seq_len": float(seq_len), "stride": float(stride), "seconds": seconds}
 
 
 def _by_length(windows):
@@ -88,6 +154,20 @@ def _by_length(windows):
     return lengths.values()
 
 
-def perplexity(model: nn.Module, data: Any, **kwargs: Any) -> float:
-    """Perplexity of ``model`` on ``data`` (see :func:`evaluate_perplexity` for the arguments)."""
-    return evaluate_perplexity(model, data, **kwargs)["perplexity"]
+def perplexity(
+    model: nn.Module,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    seq_len: int = 512,
+    stride: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    batch_size: int = 4,
+    device: Optional[Union[str, torch.device]] = None,
+    show_progress: bool = False,
+) -> float:
+    """Sliding-window perplexity of ``model`` on ``data`` (arguments as :func:`evaluate_perplexity`)."""
+    return evaluate_perplexity(
+        model, data, tokenizer=tokenizer, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+        batch_size=batch_size, device=device, show_progress=show_progress,
+    )["perplexity"]

@@ -245,7 +245,7 @@ def add_adapter_creation_options(parser: argparse.ArgumentParser, *, title: str 
         "Default: the rank plan's init with --rank-plan, else svd.",
     )
     group.add_argument("--stats", default=None, metavar="DIR", help="Activation statistics folder (from `nsn-peft calibrate`).")
-    group.add_argument("--rank-plan", default=None, metavar="JSON", help="Per-layer rank plan (from `nsn-peft search-ranks`).")
+    group.add_argument("--rank-plan", default=None, metavar="JSON", help="Rank plan JSON (from `nsn-peft search-ranks`): sets the layers, their ranks and the init.")
     group.add_argument("--granularity", type=positive_int, default=None, help="Rank grid step (default: 64).")
     group.add_argument("--energy-input", type=unit_fraction, default=None, help="Input-subspace energy kept (projected init).")
     group.add_argument("--energy-output", type=unit_fraction, default=None, help="Output-subspace energy kept (projected init).")
@@ -261,7 +261,7 @@ def add_data_options(parser: argparse.ArgumentParser, *, required: bool = True, 
         "(e.g. wikitext:wikitext-2-raw-v1)."
         + ("" if required else " Optional."),
     )
-    group.add_argument("--split", default=None, help="Dataset split (datasets sources; default: test or train).")
+    group.add_argument("--split", default=None, help="Split of a datasets source (default: train).")
     group.add_argument("--text-field", default="text", help="Text field of JSONL/datasets records (default: text).")
     group.add_argument("--max-docs", type=positive_int, default=None, help="Read at most this many documents.")
     group.add_argument("--max-tokens", type=positive_int, default=max_tokens, help=f"Token budget (default: {max_tokens}).")
@@ -389,16 +389,22 @@ _PROGRESS = {"enabled": True}
 
 def set_progress(enabled: bool) -> None:
     """Turn every tqdm progress bar (ours, transformers', datasets') on or off."""
-    from functools import partialmethod
+    import functools
 
-    _PROGRESS["enabled"] = enabled
     import tqdm.std
 
+    _PROGRESS["enabled"] = enabled
     original = getattr(tqdm.std.tqdm, "_nsn_original_init", None)
     if original is None:
         original = tqdm.std.tqdm.__init__
         tqdm.std.tqdm._nsn_original_init = original  # type: ignore[attr-defined]
-    tqdm.std.tqdm.__init__ = original if enabled else partialmethod(original, disable=True)  # type: ignore[method-assign]
+
+    @functools.wraps(original)
+    def silent_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True  # wins over callers that pass disable= themselves
+        original(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = original if enabled else silent_init  # type: ignore[method-assign]
     try:
         import transformers
 

@@ -41,7 +41,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         examples=[
             "--model HuggingFaceTB/SmolLM2-135M --max-rank 256 --output ./nsn-adapter",
             "--model ./model.gguf --init whitened --stats ./stats --output ./nsn-whitened",
-            "--rank-plan plan.json --init projected --stats ./stats --output ./nsn-utilized",
+            "--rank-plan plan.json --stats ./stats --output ./nsn-planned  # init from the plan",
         ],
     )
     add_model_options(parser)

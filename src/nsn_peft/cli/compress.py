@@ -36,7 +36,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         ),
         examples=[
             "--adapter ./nsn-adapter --rank 128 --output ./compressed",
-            "--model HuggingFaceTB/SmolLM2-135M --init projected --stats ./stats --rank-plan plan.json --output ./compressed",
+            "--model HuggingFaceTB/SmolLM2-135M --stats ./stats --rank-plan plan.json --output ./compressed",
         ],
     )
     add_model_options(parser, task=False)
