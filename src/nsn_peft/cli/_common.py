@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -570,6 +570,8 @@ def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Opt
     ref = args.model or config.get("base_model_name_or_path")
     if task is None:
         task = "sequence-classification" if config.get("task_type") == "SEQ_CLS" else getattr(args, "task", "causal-lm")
+    if not args.tokenizer and (Path(args.adapter) / "tokenizer_config.json").is_file():
+        args.tokenizer = str(args.adapter)  # saved with --save-tokenizer
     base, tokenizer = load_base(args, model=ref, task=task)
     model = PeftModel.from_pretrained(base, str(args.adapter), is_trainable=trainable)
     if not trainable:
@@ -852,5 +854,3 @@ def lazy_import(module: str, what: str) -> Any:
             raise RuntimeError(f"{what} needs nsn_peft.{module}, which this installation lacks") from None
         raise
 
-
-Runner = Callable[[argparse.Namespace], CommandResult]
