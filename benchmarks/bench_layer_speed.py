@@ -67,7 +67,7 @@ def main() -> None:
         for tokens in [int(t) for t in args.tokens.split(",")]:
             x = torch.randn(tokens, d, device=device, dtype=dtype)
             inner = 200 if tokens <= 16 else (50 if tokens <= 512 else 20)
-            dense_fn = lambda: torch.nn.functional.linear(x, base.weight)  # noqa: E731
+            dense_fn = lambda x=x, base=base: torch.nn.functional.linear(x, base.weight)  # noqa: E731
             for fraction in [float(f) for f in args.fractions.split(",")]:
                 rank = rank_for_flops_fraction(m, d, fraction, min(m, d), args.granularity)
                 layer.set_rank(rank)
@@ -76,7 +76,7 @@ def main() -> None:
                     dense_samples, nsn_samples = [], []
                     for _ in range(args.rounds):  # interleave so clocks/thermals hit both alike
                         dense_samples += graph_time(dense_fn, 5, inner)
-                        nsn_samples += graph_time(lambda: layer(x), 5, inner)
+                        nsn_samples += graph_time(lambda x=x, layer=layer: layer(x), 5, inner)
                 dense_ms, nsn_ms = statistics.median(dense_samples), statistics.median(nsn_samples)
                 ratio = nsn_ms / dense_ms
                 limit = 1.15 if tokens >= 512 else 1.25

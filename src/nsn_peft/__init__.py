@@ -13,6 +13,7 @@ from .config import NSNConfig
 from .evaluation import evaluate_perplexity, perplexity
 from .layer import NSNLayer, NSNLinear
 from .model import NSNModel
+from .rank_search import RankPlan, allocate_ranks_for_budget, search_ranks
 from .ranks import (
     FlopsReport,
     at_rank,
@@ -23,7 +24,6 @@ from .ranks import (
     selectable_ranks,
     set_rank,
 )
-from .rank_search import RankPlan, allocate_ranks_for_budget, search_ranks
 from .stats import ActivationStats
 from .training import (
     FixedRankSampler,

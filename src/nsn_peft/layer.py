@@ -136,7 +136,7 @@ class NSNLayer(BaseTunerLayer):
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         if self.merged:
-            warnings.warn(f"'{self.module_name}' is already merged ({self.merged_adapters}); nothing to do.")
+            warnings.warn(f"'{self.module_name}' is already merged ({self.merged_adapters}); nothing to do.", stacklevel=2)
             return
         names = adapter_names if adapter_names is not None else self.active_adapters
         names = [n for n in names if n in self.nsn_A]
@@ -155,7 +155,7 @@ class NSNLayer(BaseTunerLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn(f"'{self.module_name}' is not merged; nothing to unmerge.")
+            warnings.warn(f"'{self.module_name}' is not merged; nothing to unmerge.", stacklevel=2)
             return
         self.get_base_layer().weight.data.copy_(self._original_weight)
         self._original_weight = None

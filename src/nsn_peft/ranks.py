@@ -106,7 +106,7 @@ def set_rank(
         for layer in layers.values():
             limit = layer.nsn_max_rank[adapter]
             layer.nsn_rank[adapter] = F.round_rank_down(fraction * limit, limit, g)
-        _record(model, adapter, {n: l.nsn_rank[adapter] for n, l in layers.items()})
+        _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
         return
     if isinstance(rank, Mapping):
         assignments: dict[str, int] = {}
@@ -124,7 +124,7 @@ def set_rank(
                 assignments[name] = layer_rank
         for name, layer_rank in assignments.items():
             layers[name].nsn_rank[adapter] = layer_rank
-        _record(model, adapter, {n: l.nsn_rank[adapter] for n, l in layers.items()})
+        _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
         return
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive int (or a dict of them), got {rank!r}")
@@ -140,7 +140,7 @@ def _record(model: nn.Module, adapter: str, spec: RankSpec) -> None:
         return
     if isinstance(spec, Mapping):
         values = set(spec.values())
-        maxima = {n: l.nsn_max_rank[adapter] for n, l in nsn_layers(model).items()}
+        maxima = {n: layer.nsn_max_rank[adapter] for n, layer in nsn_layers(model).items()}
         if all(spec[n] == maxima[n] for n in spec):
             spec = None
         elif len(values) == 1:
@@ -223,7 +223,7 @@ class FlopsReport:
 def _other_dense_flops(model: nn.Module, tokens: int) -> int:
     total = 0
     inside = set()
-    for name, module in model.named_modules():
+    for _name, module in model.named_modules():
         if isinstance(module, NSNLayer):
             inside.update(id(m) for m in module.modules())
     for module in model.modules():
@@ -280,8 +280,8 @@ def select_rank_for_target_flops(
         if scope != "targeted":
             raise ValueError("per_layer=True budgets each layer itself; use scope='targeted'")
         return {
-            name: F.rank_for_flops_fraction(l.out_features, l.in_features, target_fraction, l.nsn_max_rank[adapter], g)
-            for name, l in layers.items()
+            name: F.rank_for_flops_fraction(layer.out_features, layer.in_features, target_fraction, layer.nsn_max_rank[adapter], g)
+            for name, layer in layers.items()
         }
     grid = selectable_ranks(model, adapter)
     chosen = None

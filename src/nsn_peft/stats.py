@@ -92,7 +92,7 @@ class ActivationStats:
             raise ValueError(f"Activation statistics from {source}{origin} do not match this model: " + "; ".join(problems))
 
     # -- merging across processes / runs -------------------------------------------------------------
-    def merge(self, other: "ActivationStats") -> "ActivationStats":
+    def merge(self, other: ActivationStats) -> ActivationStats:
         grams = dict(self.grams)
         counts = dict(self.token_counts)
         for name, gram in other.grams.items():
@@ -103,7 +103,7 @@ class ActivationStats:
                 grams[name], counts[name] = gram, other.token_counts[name]
         return ActivationStats(grams, counts, self.model_id or other.model_id, {**other.extra, **self.extra})
 
-    def to(self, device: str | torch.device) -> "ActivationStats":
+    def to(self, device: str | torch.device) -> ActivationStats:
         return ActivationStats({k: v.to(device) for k, v in self.grams.items()}, dict(self.token_counts), self.model_id, dict(self.extra))
 
     # -- persistence ------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class ActivationStats:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", layers: Optional[Iterable[str]] = None) -> "ActivationStats":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", layers: Optional[Iterable[str]] = None) -> ActivationStats:
         """Load statistics saved by :meth:`save`; ``layers`` restricts which matrices are read."""
         directory = Path(directory)
         meta_path, tensor_path = directory / META_FILE, directory / STATS_FILE
