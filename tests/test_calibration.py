@@ -209,3 +209,40 @@ def test_sums_are_all_reduced_under_torch_distributed():
     assert reduced.token_counts == local.token_counts
     for name in local.grams:
         torch.testing.assert_close(reduced.grams[name], local.grams[name])
+
+
+class _SometimesShared(torch.nn.Module):
+    """Two layers read the same tensor in the first batch and different tensors afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(4, 4)
+        self.second = torch.nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        x = input_ids.float()[..., :4]
+        self.first(x)
+        self.calls += 1
+        self.second(x if self.calls == 1 else x * 2)
+
+
+def test_shared_inputs_share_one_product_and_split_exactly_when_they_diverge():
+    ids = torch.arange(24).view(3, 2, 4)  # three batches of 2 tokens x 4 "features"
+    stats = collect_activation_stats(_SometimesShared(), list(ids), max_tokens=None, show_progress=False)
+    xs = [b.double() for b in ids]
+    first = sum(x.T @ x for x in xs)
+    second = xs[0].T @ xs[0] + sum((2 * x).T @ (2 * x) for x in xs[1:])
+    torch.testing.assert_close(stats.grams["first"], first)
+    torch.testing.assert_close(stats.grams["second"], second)
+    assert stats.token_counts == {"first": 6, "second": 6}
+
+
+def test_qkv_and_gate_up_share_accumulators_but_get_separate_matrices():
+    model = tiny_llama()
+    shared = collect_activation_stats(model, _blocks(), show_progress=False)
+    separate = collect_activation_stats(model, _blocks(), share_inputs=False, show_progress=False)
+    q, k = shared.grams["model.layers.0.self_attn.q_proj"], shared.grams["model.layers.0.self_attn.k_proj"]
+    assert torch.equal(q, k) and q.data_ptr() != k.data_ptr()
+    for name in shared.grams:
+        assert torch.equal(shared.grams[name], separate.grams[name])

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -117,6 +118,136 @@ def _in_features(module: nn.Module) -> int:
     return module.weight.shape[0]  # Conv1D stores (in_features, out_features)
 
 
+class _Accumulator:
+    """Running ``Σ xxᵀ`` of one distinct layer input, possibly shared by several layers reading it."""
+
+    __slots__ = ("added_by", "batch", "count", "gram", "last_gram", "last_rows", "members", "ref")
+
+    def __init__(self, gram: torch.Tensor) -> None:
+        self.gram, self.count = gram, 0
+        self.batch, self.ref, self.added_by = -1, None, None
+        self.last_gram: Optional[torch.Tensor] = None
+        self.last_rows = 0
+        self.members: set[str] = set()
+
+
+class _GramCollector:
+    """Forward pre-hooks accumulating input Grams: one product per distinct input tensor per batch.
+
+    Layers reading the *same tensor object* (q/k/v, gate/up; they run one after another) share the product
+    and, with ``share``, one accumulator: the first of them to run adds the batch Gram, the others only
+    check that their input is that same tensor. Identity is tested through weak references, so no
+    activation is kept alive, and two tensors that reuse one address are never confused. Should a layer
+    ever receive another input than the layers it shares with, it gets its own accumulator, rebuilt exactly
+    from the shared history (the batch Gram the shared one received is kept until the next batch).
+    """
+
+    def __init__(self, targets: Mapping[str, nn.Module], dtype: torch.dtype, device: torch.device, share: bool) -> None:
+        self.sizes = {name: _in_features(m) for name, m in targets.items()}
+        self.dtype, self.device, self.share = dtype, device, share
+        self.accs: dict[str, _Accumulator] = {}
+        self.batch = 0
+        self.mask: Optional[torch.Tensor] = None
+        self.rows = 0
+        self.last: Optional[tuple] = None  # (weakref to the input, batch Gram, rows, accumulator)
+        self.out_dtype = device.type == "cuda"
+
+    def start_batch(self, mask: Optional[torch.Tensor], rows: int) -> None:
+        self.batch += 1
+        self.mask, self.rows, self.last = mask, rows, None
+
+    def end_batch(self) -> None:
+        self.last, self.mask = None, None
+
+    def _batch_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        flat = x.reshape(-1, x.shape[-1])
+        rows = flat.shape[0]
+        if self.mask is not None and self.mask.numel() == rows:
+            flat, rows = flat[self.mask], self.rows
+        # (A layer that sees another token layout, e.g. a routed expert, counts all of its rows.)
+        if flat.dtype in (torch.float16, torch.bfloat16) and self.out_dtype:
+            # Products of 16-bit floats are exact in float32 and cuBLAS accumulates in float32, so a
+            # tensor-core GEMM with a float32 output loses nothing against upcasting first.
+            try:
+                return torch.mm(flat.T, flat, out_dtype=torch.float32), rows
+            except (RuntimeError, TypeError):
+                self.out_dtype = False
+        flat = flat.float()
+        return flat.T @ flat, rows
+
+    def _new(self, name: str) -> _Accumulator:
+        d = self.sizes[name]
+        acc = _Accumulator(torch.zeros(d, d, dtype=self.dtype, device=self.device))
+        acc.members.add(name)
+        self.accs[name] = acc
+        return acc
+
+    def _split(self, name: str, shared: _Accumulator) -> _Accumulator:
+        """Give ``name`` its own accumulator: the shared history before this batch."""
+        if shared.added_by is None or shared.last_gram is None:
+            raise RuntimeError(
+                f"Calibration could not separate the statistics of '{name}' from the layers sharing its input; "
+                "pass share_inputs=False"
+            )
+        shared.members.discard(name)
+        acc = _Accumulator(shared.gram - shared.last_gram.to(shared.gram.dtype))
+        acc.count = shared.count - shared.last_rows
+        acc.members.add(name)
+        self.accs[name] = acc
+        return acc
+
+    def hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            acc = self.accs.get(name)
+            if acc is not None and acc.batch == self.batch and acc.added_by != name and acc.ref() is x:
+                return  # a layer sharing this input already added it in this batch
+            last = self.last
+            if last is not None and last[0]() is x:
+                gram, rows, last_acc = last[1], last[2], last[3]
+                if self.share and acc is None and last_acc.batch == self.batch and last_acc.ref() is x:
+                    last_acc.members.add(name)  # first time seen, same input as the previous layer: share
+                    self.accs[name] = last_acc
+                    return
+            else:
+                gram, rows = self._batch_gram(x)
+            if acc is None:
+                acc = self._new(name)
+            elif acc.batch == self.batch and len(acc.members) > 1 and acc.added_by != name:
+                acc = self._split(name, acc)  # shares an accumulator but received a different input
+            acc.gram.add_(gram)  # float32 batch product into the float64 sum: one fused kernel
+            acc.count += rows
+            acc.batch, acc.ref, acc.added_by = self.batch, weakref.ref(x), name
+            acc.last_gram = gram if len(acc.members) > 1 else None  # kept only where a split may need it
+            acc.last_rows = rows
+            self.last = (weakref.ref(x), gram, rows, acc)
+
+        return pre_hook
+
+    def result(self, all_reduce: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        distinct = list({id(a): a for a in self.accs.values()}.values())
+        if all_reduce:
+            # Every process must reduce the same tensors in the same order: layers never reached here
+            # (e.g. an expert without tokens) get zero matrices first.
+            for name in self.sizes:
+                if name not in self.accs:
+                    self._new(name)
+            distinct = [self.accs[n] for n in self.sizes]
+            distinct = list({id(a): a for a in distinct}.values())
+            for acc in distinct:
+                torch.distributed.all_reduce(acc.gram)
+            counts = torch.tensor([a.count for a in distinct], dtype=torch.long, device=self.device)
+            torch.distributed.all_reduce(counts)
+            for acc, count in zip(distinct, counts.tolist()):
+                acc.count = int(count)
+        missing = [n for n in self.sizes if n not in self.accs]
+        if missing:
+            logger.warning("%d targeted layer(s) never ran during calibration and have no statistics: %s",
+                           len(missing), missing[:5])
+        names = [n for n in self.sizes if n in self.accs]
+        return {n: self.accs[n].gram for n in names}, {n: self.accs[n].count for n in names}
+
+
 @torch.no_grad()
 def collect_activation_stats(
     model: nn.Module,
@@ -130,6 +261,7 @@ def collect_activation_stats(
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float64,
     stats_device: Optional[Union[str, torch.device]] = "cpu",
+    share_inputs: bool = True,
     show_progress: bool = True,
 ) -> ActivationStats:
     """Run ``model`` over calibration data and return the input Gram matrix ``Σ xxᵀ`` of every targeted layer.
@@ -151,6 +283,9 @@ def collect_activation_stats(
         dtype: accumulator dtype; float64 recommended (see the module docstring).
         stats_device: where the returned matrices live (``"cpu"``; ``None`` keeps them on the run device,
             which avoids a device-to-host copy when they are used right away).
+        share_inputs: layers that read the same input tensor (q/k/v, gate/up) share one accumulator (less
+            memory, fewer kernels); ``False`` gives every layer its own (the Gram product is computed once per
+            distinct input either way).
         show_progress: tqdm progress bar over tokens.
 
     Returns:
@@ -161,7 +296,7 @@ def collect_activation_stats(
         ValueError: no layer matches ``target_modules``, texts without a tokenizer, or no tokens at all.
         TypeError: batches that are not dicts with ``input_ids``.
 
-    Memory is one d×d accumulator per layer (plus one batch Gram), whatever the number of tokens. Under
+    Memory is one d×d accumulator per distinct layer input (plus a batch Gram), whatever the number of tokens. Under
     ``torch.distributed`` each process runs on the data it is given (pass each rank its own shard) and the
     sums and token counts are all-reduced, so every process returns the global statistics.
     """
@@ -181,47 +316,9 @@ def collect_activation_stats(
         logger.warning("float32 matmul precision is %r (TF32): the Gram matrices lose precision in their small "
                        "directions; torch.set_float32_matmul_precision('highest') is recommended for calibration",
                        torch.get_float32_matmul_precision())
-    grams = {name: torch.zeros(_in_features(m), _in_features(m), dtype=dtype, device=run_device) for name, m in targets.items()}
-    counts = dict.fromkeys(targets, 0)
+    collector = _GramCollector(targets, dtype, run_device, share_inputs)
     forward_kwargs = _forward_kwargs(model, targets)
-    # Layers reading the same input (q/k/v, gate/up) are called one after another with the *same tensor
-    # object*: remember the last input (holding a reference, so its memory cannot be reused by another
-    # tensor meanwhile) and compute its Gram once. Identity, not address, decides: two different tensors
-    # that happen to reuse one address never share a Gram.
-    state: dict[str, Any] = {"mask": None, "rows": 0, "last": None, "out_dtype": run_device.type == "cuda"}
-
-    def batch_gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        flat = x.reshape(-1, x.shape[-1])
-        mask = state["mask"]
-        rows = flat.shape[0]
-        if mask is not None and mask.numel() == rows:
-            flat, rows = flat[mask], state["rows"]
-        # (If a layer sees another token layout, e.g. routed experts, all of its rows count.)
-        if flat.dtype in (torch.float16, torch.bfloat16) and state["out_dtype"]:
-            # Products of 16-bit floats are exact in float32 and cuBLAS accumulates in float32, so a
-            # tensor-core GEMM with a float32 output loses nothing against upcasting first.
-            try:
-                return torch.mm(flat.T, flat, out_dtype=torch.float32), rows
-            except (RuntimeError, TypeError):
-                state["out_dtype"] = False
-        flat = flat.float()
-        return flat.T @ flat, rows
-
-    def make_hook(name: str):
-        gram, count = grams[name], counts
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            last = state["last"]
-            if last is None or last[0] is not x:
-                last = (x, *batch_gram(x))
-                state["last"] = last
-            gram.add_(last[1])  # float32 batch product into the float64 sum, one fused kernel
-            count[name] += last[2]
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets.items()]
+    handles = [m.register_forward_pre_hook(collector.hook(n)) for n, m in targets.items()]
     was_training = model.training
     model.eval()
     seen = 0
@@ -234,12 +331,12 @@ def collect_activation_stats(
                 mask = mask.to(run_device)
                 flat_mask = mask.reshape(-1).bool()
                 n = int(flat_mask.sum())
-                state["mask"] = None if n == flat_mask.numel() else flat_mask  # no padding: skip the gather
-                state["rows"] = n
+                collector.start_batch(None if n == flat_mask.numel() else flat_mask, n)  # no padding: no gather
             else:
-                state["mask"], n = None, ids.numel()
+                n = ids.numel()
+                collector.start_batch(None, n)
             model(input_ids=ids, attention_mask=mask, **forward_kwargs)
-            state["last"] = None
+            collector.end_batch()
             seen += n
             progress.update(n)
             if max_tokens is not None and seen >= max_tokens:
@@ -247,17 +344,14 @@ def collect_activation_stats(
     finally:
         for handle in handles:
             handle.remove()
-        state["last"] = None
+        collector.end_batch()
         progress.close()
         model.train(was_training)
     if seen == 0:
         raise ValueError("Calibration data produced no tokens")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for gram in grams.values():
-            torch.distributed.all_reduce(gram)
-        count_tensor = torch.tensor([counts[n] for n in targets], dtype=torch.long, device=run_device)
-        torch.distributed.all_reduce(count_tensor)
-        counts = {n: int(c) for n, c in zip(targets, count_tensor.tolist())}
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    grams, counts = collector.result(distributed)
+    if distributed:
         seen_tensor = torch.tensor([seen], dtype=torch.long, device=run_device)
         torch.distributed.all_reduce(seen_tensor)
         seen = int(seen_tensor.item())
@@ -266,4 +360,11 @@ def collect_activation_stats(
     logger.info("Collected activation statistics of %d layers over %d tokens", len(grams), seen)
     out_device = torch.device(stats_device) if stats_device is not None else run_device
     extra = {"seq_len": seq_len, "tokens": seen, "accumulate_dtype": str(dtype).removeprefix("torch.")}
-    return ActivationStats({n: g.to(out_device) for n, g in grams.items()}, counts, str(model_id) if model_id else None, extra)
+    out, seen_storage = {}, set()
+    for name, gram in grams.items():
+        moved = gram.to(out_device)
+        if moved.data_ptr() in seen_storage:  # layers sharing an accumulator get their own copy
+            moved = moved.clone()
+        seen_storage.add(moved.data_ptr())
+        out[name] = moved
+    return ActivationStats(out, counts, str(model_id) if model_id else None, extra)

@@ -212,6 +212,11 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, damp: float = 1e
     return torch.linalg.eigvalsh(small).flip(0).clamp_min(0)
 
 
+def _uniform_rank(m: int, d: int, fraction: float) -> int:
+    """The rank of an m×d layer keeping ``fraction`` of its parameters (at least 1)."""
+    return max(1, min(int(fraction * m * d / (m + d)), min(m, d)))
+
+
 def whitened_spectra(
     model: nn.Module,
     stats: ActivationStats,
@@ -256,7 +261,7 @@ def _rescale_by_measured_loss(
         original = module.weight.detach().clone()
         weight = _dense_weight(module).detach()
         weight = weight.to(device) if device is not None else weight
-        r = max(1, min(int(target_fraction * m * d / (m + d)), min(m, d)))
+        r = _uniform_rank(m, d, target_fraction)
         b, a = decompose.whitened_factors(weight, stats.gram(name), r, damp=damp)
         product = b @ a
         try:
@@ -268,7 +273,7 @@ def _rescale_by_measured_loss(
     floor = 1e-3 * top if top > 0 else 1e-12
     for name, increase in increases.items():
         _, m, d = layers[name]
-        r = max(1, min(int(target_fraction * m * d / (m + d)), min(m, d)))
+        r = _uniform_rank(m, d, target_fraction)
         tail = float(spectra[name][r:].sum())
         increase = increase if math.isfinite(increase) else top
         if tail > 0:
@@ -309,8 +314,10 @@ def allocate_ranks_for_budget(
         measure: ``"params"`` or ``"flops"``. A rank-r factorisation costs ``r(m+d)`` parameters and
             ``2r(m+d)`` FLOPs per token against ``md`` and ``2md`` dense, so both budgets give the same
             plan; the choice is recorded in ``plan.target``.
-        normalize: ``"energy"`` compares layers by the *fraction* of their output energy lost;
-            ``"none"`` by the absolute output error per calibration token.
+        normalize: how errors of different layers are compared. ``"energy"``: the *fraction* of the layer's
+            output energy lost; ``"uniform"``: the error relative to the layer's own error at the uniform
+            allocation (every layer counts the same at the uniform plan, and ranks move to where spectra
+            decay differently); ``"none"``: the absolute output error per calibration token.
         min_rank_fraction: no layer goes below this fraction of the rank a uniform allocation would
             give it (a guard against starving a layer whose spectrum looks cheap to cut).
         loss_fn: optional ``model -> loss`` (lower is better, e.g. the mean NLL on a slice of calibration
@@ -325,8 +332,8 @@ def allocate_ranks_for_budget(
     Returns:
         A :class:`RankPlan` with ``init="whitened"``; ``plan.target["achieved"]`` is the fraction reached.
     """
-    if normalize not in ("energy", "none"):
-        raise ValueError(f"normalize must be 'energy' or 'none', got {normalize!r}")
+    if normalize not in ("energy", "uniform", "none"):
+        raise ValueError(f"normalize must be 'energy', 'uniform' or 'none', got {normalize!r}")
     if measure not in ("params", "flops"):
         raise ValueError(f"measure must be 'params' or 'flops', got {measure!r}")
     if not 0 <= min_rank_fraction <= 1:
@@ -346,7 +353,13 @@ def allocate_ranks_for_budget(
     for name in layers:
         spectrum = raw[name].detach().double().cpu()
         total = spectrum.sum()
-        spectra[name] = spectrum / total if (normalize == "energy" and total > 0) else spectrum
+        if normalize == "uniform":
+            _, m, d = layers[name]
+            anchor = float(spectrum[_uniform_rank(m, d, target_fraction):].sum())
+            scale = anchor if anchor > 0 else float(total)
+            spectra[name] = spectrum / scale if scale > 0 else spectrum
+        else:
+            spectra[name] = spectrum / total if (normalize == "energy" and total > 0) else spectrum
     if loss_fn is not None:
         _rescale_by_measured_loss(model, layers, spectra, stats, target_fraction, loss_fn, damp, device, show_progress)
     dense_total = sum(m * d for _, m, d in layers.values())
