@@ -246,3 +246,60 @@ def test_qkv_and_gate_up_share_accumulators_but_get_separate_matrices():
     assert torch.equal(q, k) and q.data_ptr() != k.data_ptr()
     for name in shared.grams:
         assert torch.equal(shared.grams[name], separate.grams[name])
+
+
+def _manual_output_gradients(model, ids, names, mask=None):
+    outputs = {}
+
+    def keep(name):
+        def fn(module, args, output):
+            output.retain_grad()
+            outputs[name] = output
+
+        return fn
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    labels = ids.clone() if mask is None else ids.masked_fill(mask == 0, -100)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum").backward()
+    for handle in handles:
+        handle.remove()
+    model.zero_grad(set_to_none=True)
+    grams = {}
+    for name, out in outputs.items():
+        g = out.grad.reshape(-1, out.shape[-1]).double()
+        if mask is not None:
+            g = g[mask.reshape(-1).bool()]
+        grams[name] = g.T @ g
+    return grams
+
+
+def test_gradient_stats_match_autograd_and_exclude_padding():
+    from nsn_peft import collect_gradient_stats
+
+    model = tiny_llama()
+    ids = _blocks(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    expected = _manual_output_gradients(model, ids, names, mask)
+    stats = collect_gradient_stats(model, [{"input_ids": ids, "attention_mask": mask}], max_tokens=None, show_progress=False)
+    assert stats.extra["kind"] == "output_gradient" and stats.token_counts[names[0]] == 20
+    for name in names:
+        assert stats.grams[name].shape == (expected[name].shape[0],) * 2
+        torch.testing.assert_close(stats.grams[name], expected[name], rtol=1e-4, atol=1e-6 * expected[name].abs().max().item())
+    assert all(p.requires_grad for p in model.parameters())  # parameters are unfrozen again
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batch_gram_is_the_float32_product():
+    from nsn_peft.calibration import batch_gram
+
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch_gram(x), x.T @ x, rtol=0, atol=0)
+    half = x.bfloat16()
+    assert batch_gram(half).dtype == torch.float32  # 16-bit activations are upcast, never summed in 16 bits
+    torch.testing.assert_close(batch_gram(half), half.float().T @ half.float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="matrix"):
+        batch_gram(x[None])

@@ -401,3 +401,22 @@ def test_infer_on_embedded_smollm2_at_half_flops(tmp_path):
                    "--max-new-tokens", "8", "--json", cwd=tmp_path)
     data = json.loads(proc.stdout)
     assert data["model_flops_fraction"] <= 0.5 and data["chat_template"] is True
+
+
+def test_calibrate_with_gradients_feeds_loss_weighted_budget_search(ws):
+    proc = run_cli("calibrate", "--model", "tiny", "--data", "train.txt", "--seq-len", "16", "--max-tokens", "256",
+                   "--gradients", "--gradient-tokens", "128", "--output", "stats_grad", "--json", cwd=ws)
+    data = json.loads(proc.stdout)
+    assert data["gradient_tokens"] == 128
+    assert sorted(entries(ws / "stats_grad")) == ["activation_stats.safetensors", "output_gradients", "stats.json"]
+    proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats_grad", "--target-fraction", "0.5",
+                   "--output", "plan_grad.json", "--json", cwd=ws)
+    plan = json.loads(proc.stdout)
+    assert plan["target"]["weighting"] == "output_gradient" and plan["parameter_fraction"] <= 0.5 + 1e-9
+    proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats_grad", "--target-fraction", "0.5", "--no-gradients",
+                   "--output", "plan_plain.json", "--json", cwd=ws)
+    assert json.loads(proc.stdout)["target"]["weighting"] == "output_error"
+    # Output-gradient statistics are not input Grams: using them as activation stats is refused.
+    proc = run_cli("adapt", "--model", "tiny", "--init", "whitened", "--stats", "stats_grad/output_gradients", "--output", "bad",
+                   cwd=ws, expect=1)
+    assert "output_gradient statistics, not activation statistics" in proc.stderr and not (ws / "bad").exists()

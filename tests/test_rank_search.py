@@ -74,7 +74,7 @@ def test_plan_validation_names_the_problem(tmp_path):
 def test_budget_allocation_meets_budget_and_beats_uniform(calibrated, fraction):
     base, _, stats = calibrated
     targets = ["gate_proj", "up_proj", "down_proj"]
-    plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=targets)
+    plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=targets, normalize="energy")
     shapes = {n: (m.weight.shape[0], m.weight.shape[1]) for n, m in base.named_modules() if n.split(".")[-1] in targets}
     assert plan.parameter_fraction(shapes) <= fraction + 1e-9
     assert len(set(plan.ranks.values())) > 1  # mixed, not uniform
@@ -199,3 +199,41 @@ def test_plan_kwargs_overrides_and_shape_validation(tmp_path):
     path.write_text(json.dumps({"format": "nsn-peft-rank-plan", "version": 2, "ranks": {}}))
     with pytest.raises(ValueError, match="version 2"):
         RankPlan.load(path)
+
+
+def test_loss_weighted_components_are_additive_and_exact(calibrated):
+    from nsn_peft import collect_gradient_stats
+    from nsn_peft.rank_search import loss_weighted_spectrum
+
+    base, ids, stats = calibrated
+    grads = collect_gradient_stats(base, ids, show_progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    weight = dict(base.named_modules())[name].weight.detach().double()
+    c, g = stats.gram(name).double(), grads.gram(name).double()
+    errors = loss_weighted_spectrum(weight, c, g, damp=0.0)
+    b, a = nsn_peft.decompose.whitened_factors(weight, c, None, damp=0.0)
+    for r in (1, 5, 20):
+        delta = b[:, r:] @ a[r:]  # dropping the components after the rank-r prefix
+        exact = torch.trace(g @ delta @ c @ delta.T).item()
+        assert errors[r:].sum().item() == pytest.approx(exact, rel=1e-6, abs=1e-12 * errors.sum().item())
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_gradient_weighted_allocation_meets_budget_and_beats_uniform(calibrated, fraction):
+    from nsn_peft import collect_gradient_stats
+    from nsn_peft.rank_search import uniform_plan, whitened_spectra
+
+    base, ids, stats = calibrated
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    grads = collect_gradient_stats(base, ids, target_modules=targets, show_progress=False)
+    plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=targets, gradient_stats=grads, show_progress=False)
+    assert plan.target["weighting"] == "output_gradient" and plan.target["normalize"] == "none"
+    assert plan.parameter_fraction() <= fraction + 1e-9
+    errors = whitened_spectra(base, stats, target_modules=targets, gradient_stats=grads, show_progress=False)
+
+    def loss_increase(p):
+        return sum(errors[n][p.ranks[n]:].sum().item() for n in p.ranks)
+
+    assert loss_increase(plan) <= loss_increase(uniform_plan(base, fraction, target_modules=targets)) + 1e-12
+    with pytest.raises(ValueError, match="Output-gradient statistics do not match"):
+        allocate_ranks_for_budget(base, stats, fraction, target_modules=["q_proj"], gradient_stats=grads)

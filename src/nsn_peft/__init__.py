@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from ._peft_compat import register as _register
-from .calibration import collect_activation_stats
+from .calibration import collect_activation_stats, collect_gradient_stats
 from .compression import load_compressed, save_compressed
 from .config import NSNConfig
 from .evaluation import evaluate_perplexity, perplexity
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationStats",
     "collect_activation_stats",
+    "collect_gradient_stats",
     "RankPlan",
     "allocate_ranks_for_budget",
     "evaluate_perplexity",

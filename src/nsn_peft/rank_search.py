@@ -45,6 +45,7 @@ __all__ = [
     "allocate_ranks_for_budget",
     "projected_plan_for_budget",
     "search_ranks",
+    "loss_weighted_spectrum",
     "uniform_plan",
     "whitened_spectra",
     "whitened_spectrum",
@@ -217,29 +218,68 @@ def _uniform_rank(m: int, d: int, fraction: float) -> int:
     return max(1, min(int(fraction * m * d / (m + d)), min(m, d)))
 
 
+@torch.no_grad()
+def loss_weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, grad_gram: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """Second-order loss increase of dropping each component of the whitened factorisation (in nesting order).
+
+    With the whitened factors ``W = Σ_i b_i a_i`` (:func:`nsn_peft.decompose.whitened_factors`), input Gram
+    ``C`` and output-gradient Gram ``G`` (:func:`nsn_peft.collect_gradient_stats`), both per token, the
+    components are orthogonal in the ``C`` metric, so dropping a set of them raises the loss by about
+    ``½ Σ_i (b_iᵀ G b_i)(a_i C a_iᵀ)``: the returned ``e_i = (b_iᵀ G b_i)(a_i C a_iᵀ)`` are additive. Unlike
+    :func:`whitened_spectrum` they weigh each output direction by how much the loss reacts to it, which
+    makes errors of different layers comparable.
+    """
+    m = weight.shape[0]
+    if grad_gram.shape != (m, m):
+        raise ValueError(f"Output-gradient Gram shape {tuple(grad_gram.shape)} does not match out_features {m}")
+    b, a = decompose.whitened_factors(weight, gram, None, damp=damp)
+    c = gram.to(device=a.device, dtype=a.dtype)
+    g = grad_gram.to(device=b.device, dtype=b.dtype)
+    return (((b.T @ g) * b.T).sum(1) * ((a @ c) * a).sum(1)).clamp_min(0)
+
+
 def whitened_spectra(
     model: nn.Module,
     stats: ActivationStats,
     *,
     target_modules: Union[None, str, Sequence[str]] = None,
+    gradient_stats: Optional[ActivationStats] = None,
     damp: float = 1e-6,
     device: Optional[Union[str, torch.device]] = None,
     show_progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """:func:`whitened_spectrum` of every targeted layer of a dense model, ``{name: σ² (descending, CPU)}``.
+    """Per-component truncation errors of every targeted layer of a dense model, ``{name: errors (CPU)}``.
 
-    Compute them once and pass them as ``spectra=`` to several :func:`allocate_ranks_for_budget` calls
-    (different budgets or options) to skip the eigendecompositions.
+    Without ``gradient_stats``: :func:`whitened_spectrum` (output error, descending). With it:
+    :func:`loss_weighted_spectrum` (approximate loss increase). Compute them once and pass them as
+    ``spectra=`` to several :func:`allocate_ranks_for_budget` calls to skip the decompositions.
     """
     layers = _layer_shapes(model, target_modules)
     stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
+    if gradient_stats is not None:
+        _check_gradient_stats(gradient_stats, {n: m for n, (_, m, _) in layers.items()})
     spectra = {}
-    for name, (module, _, _) in tqdm(layers.items(), desc="Whitened spectra", unit="layer", disable=not show_progress):
+    desc = "Loss-weighted spectra" if gradient_stats is not None else "Whitened spectra"
+    for name, (module, _, _) in tqdm(layers.items(), desc=desc, unit="layer", disable=not show_progress):
         weight = _dense_weight(module).detach()
         if device is not None:
             weight = weight.to(device)
-        spectra[name] = whitened_spectrum(weight, stats.gram(name), damp).cpu()
+        if gradient_stats is None:
+            spectra[name] = whitened_spectrum(weight, stats.gram(name), damp).cpu()
+        else:
+            spectra[name] = loss_weighted_spectrum(weight, stats.gram(name), gradient_stats.gram(name), damp).cpu()
     return spectra
+
+
+def _check_gradient_stats(gradient_stats: ActivationStats, out_features: Mapping[str, int]) -> None:
+    if gradient_stats.kind != "output_gradient":
+        raise ValueError(f"gradient_stats must come from collect_gradient_stats, got {gradient_stats.kind} statistics")
+    missing = [n for n in out_features if n not in gradient_stats]
+    wrong = [f"{n} (stats {tuple(gradient_stats.gram(n, normalized=False).shape)}, out_features {m})"
+             for n, m in out_features.items() if n in gradient_stats and gradient_stats.gram(n, normalized=False).shape[0] != m]
+    if missing or wrong:
+        raise ValueError(f"Output-gradient statistics do not match this model: missing {missing[:5]}, wrong shapes {wrong[:5]}; "
+                         "collect them with nsn_peft.collect_gradient_stats on this model")
 
 
 @torch.no_grad()
@@ -288,7 +328,8 @@ def allocate_ranks_for_budget(
     target_modules: Union[None, str, Sequence[str]] = None,
     granularity: int = 1,
     measure: str = "params",
-    normalize: str = "energy",
+    gradient_stats: Optional[ActivationStats] = None,
+    normalize: Optional[str] = None,
     min_rank_fraction: float = 0.0,
     loss_fn: Optional[Callable[[nn.Module], float]] = None,
     spectra: Optional[Mapping[str, torch.Tensor]] = None,
@@ -299,7 +340,8 @@ def allocate_ranks_for_budget(
     """Per-layer ranks for ``init="whitened"`` that fit a budget, placed where they cost least quality.
 
     The budget is ``target_fraction`` of the targeted layers' dense size. Each layer's whitened spectrum
-    (:func:`whitened_spectrum`) gives the exact output error of every rank; starting from the dense model,
+    (:func:`whitened_spectrum`) gives the exact output error of every rank, and with ``gradient_stats`` its
+    second-order loss increase (:func:`loss_weighted_spectrum`); starting from the dense model,
     the step that loses the least error per parameter saved is taken repeatedly (``granularity``
     components at a time, or, for a layer still dense, the jump to the rank with the best ratio below its
     break-even rank ``r(m+d) < md``) until the budget is met. Layers that never pay off stay dense.
@@ -314,10 +356,16 @@ def allocate_ranks_for_budget(
         measure: ``"params"`` or ``"flops"``. A rank-r factorisation costs ``r(m+d)`` parameters and
             ``2r(m+d)`` FLOPs per token against ``md`` and ``2md`` dense, so both budgets give the same
             plan; the choice is recorded in ``plan.target``.
-        normalize: how errors of different layers are compared. ``"energy"``: the *fraction* of the layer's
-            output energy lost; ``"uniform"``: the error relative to the layer's own error at the uniform
-            allocation (every layer counts the same at the uniform plan, and ranks move to where spectra
-            decay differently); ``"none"``: the absolute output error per calibration token.
+        gradient_stats: output-gradient statistics (:func:`nsn_peft.collect_gradient_stats`). With them each
+            component's error is its second-order *loss* increase (:func:`loss_weighted_spectrum`), which
+            makes layers directly comparable; this is the recommended mode (the whitened output error alone
+            says how much a layer's *outputs* change, not how much the model's loss cares).
+        normalize: how errors of different layers are compared; default ``"none"`` with ``gradient_stats``
+            (errors are already loss units), else ``"uniform"``. ``"uniform"``: the error relative to the
+            layer's own error at the uniform allocation (every layer counts the same at the uniform plan,
+            and ranks move to where spectra decay differently); ``"energy"``: the *fraction* of the layer's
+            output energy lost; ``"none"``: the errors as they are (absolute output error per token without
+            ``gradient_stats``).
         min_rank_fraction: no layer goes below this fraction of the rank a uniform allocation would
             give it (a guard against starving a layer whose spectrum looks cheap to cut).
         loss_fn: optional ``model -> loss`` (lower is better, e.g. the mean NLL on a slice of calibration
@@ -332,6 +380,8 @@ def allocate_ranks_for_budget(
     Returns:
         A :class:`RankPlan` with ``init="whitened"``; ``plan.target["achieved"]`` is the fraction reached.
     """
+    if normalize is None:
+        normalize = "none" if gradient_stats is not None else "uniform"
     if normalize not in ("energy", "uniform", "none"):
         raise ValueError(f"normalize must be 'energy', 'uniform' or 'none', got {normalize!r}")
     if measure not in ("params", "flops"):
@@ -344,8 +394,10 @@ def allocate_ranks_for_budget(
         raise ValueError(f"granularity must be a positive int, got {granularity!r}")
     layers = _layer_shapes(model, target_modules)
     stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
+    weighting = "output_gradient" if gradient_stats is not None else ("given" if spectra is not None else "output_error")
     if spectra is None:
-        spectra = whitened_spectra(model, stats, target_modules=target_modules, damp=damp, device=device, show_progress=show_progress)
+        spectra = whitened_spectra(model, stats, target_modules=target_modules, gradient_stats=gradient_stats, damp=damp,
+                                   device=device, show_progress=show_progress)
     missing = [n for n in layers if n not in spectra]
     if missing:
         raise ValueError(f"spectra= lacks the targeted layers {missing[:5]}; compute them with whitened_spectra(...)")
@@ -420,7 +472,8 @@ def allocate_ranks_for_budget(
         ranks, dense, "whitened",
         target={"mode": "budget", "fraction": target_fraction, "achieved": achieved, "measure": measure,
                 "granularity": granularity, "normalize": normalize, "min_rank_fraction": min_rank_fraction,
-                "measured_sensitivity": loss_fn is not None},
+                "measured_sensitivity": loss_fn is not None,
+                "weighting": weighting},
         shapes={n: [m, d] for n, (_, m, d) in layers.items()},
     )
 

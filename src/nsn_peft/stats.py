@@ -23,6 +23,8 @@ from .io import atomic_directory, write_json, write_safetensors
 STATS_FILE = "activation_stats.safetensors"
 META_FILE = "stats.json"
 FORMAT_VERSION = 1
+# Where `nsn-peft calibrate --gradients` puts output-gradient statistics inside an activation-stats folder.
+GRADIENT_STATS_SUBDIR = "output_gradients"
 
 __all__ = ["ActivationStats", "canonical_module_name"]
 
@@ -57,6 +59,11 @@ class ActivationStats:
         return list(self.grams)
 
     @property
+    def kind(self) -> str:
+        """``"activation"`` (input Grams ``Σ xxᵀ``) or ``"output_gradient"`` (``Σ ggᵀ`` of the loss gradients)."""
+        return self.extra.get("kind", "activation")
+
+    @property
     def num_tokens(self) -> int:
         return max(self.token_counts.values(), default=0)
 
@@ -75,7 +82,15 @@ class ActivationStats:
         return gram / max(self.token_counts[key], 1) if normalized else gram
 
     def check_compatible(self, shapes: Mapping[str, int], source: str = "stats") -> None:
-        """Raise ``ValueError`` naming layers that are missing or whose ``in_features`` differ."""
+        """Raise ``ValueError`` naming layers that are missing or whose ``in_features`` differ.
+
+        Also refuses output-gradient statistics, which look alike but are not input Grams.
+        """
+        if self.kind != "activation":
+            raise ValueError(
+                f"{source} holds {self.kind} statistics, not activation statistics (input Grams); collect those with "
+                "nsn_peft.collect_activation_stats (output-gradient statistics go to gradient_stats=)"
+            )
         missing = [n for n in shapes if canonical_module_name(n) not in self.grams]
         wrong = [
             f"{n} (stats {tuple(self.grams[canonical_module_name(n)].shape)}, model in_features {d})"

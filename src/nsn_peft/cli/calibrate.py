@@ -19,6 +19,7 @@ from ._common import (
     model_ref_for_saving,
     module_list,
     new_command,
+    positive_int,
     progress_enabled,
     resolve_device,
 )
@@ -31,10 +32,14 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         summary="Collect activation statistics (XᵀX per linear layer) for data-aware inits and rank search.",
         description=(
             "Run the model over calibration text and accumulate the input Gram matrix XᵀX of every targeted "
-            "linear layer (float64). The stats folder feeds `adapt --init whitened|projected` and `search-ranks`."
+            "linear layer (float64). The stats folder feeds `adapt --init whitened|projected` and `search-ranks`. "
+            "With --gradients it also holds output-gradient statistics (one forward and backward pass per batch "
+            "over --gradient-tokens tokens), which `search-ranks --target-fraction` uses to weigh each layer's "
+            "truncation error by its effect on the loss."
         ),
         examples=[
             "--model HuggingFaceTB/SmolLM2-135M --data ./calib.txt --max-tokens 131072 --output ./stats",
+            "--data ./calib.txt --max-tokens 16384 --gradients --output ./stats",
             "--data wikitext:wikitext-2-raw-v1 --split train --target-modules q_proj,k_proj,v_proj --output ./stats",
         ],
     )
@@ -43,6 +48,14 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     parser.add_argument(
         "--target-modules", type=module_list, default=None, metavar="NAMES",
         help="Layers to collect (comma-separated names, 'all-linear' or 're:<regex>'; default: all linear layers).",
+    )
+    parser.add_argument(
+        "--gradients", action="store_true",
+        help="Also collect output-gradient statistics into DIR/output_gradients (for search-ranks --target-fraction).",
+    )
+    parser.add_argument(
+        "--gradient-tokens", type=positive_int, default=None, metavar="N",
+        help="Tokens for the output-gradient statistics (default: --max-tokens).",
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="DIR", help="Stats folder to write (required).")
@@ -53,6 +66,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
+    from ..io import atomic_directory
+    from ..stats import GRADIENT_STATS_SUBDIR
     from .evaluate import load_texts
 
     output = check_output_dir(args.output, args.overwrite)
@@ -65,17 +80,32 @@ def run(args: argparse.Namespace) -> CommandResult:
         target_modules=args.target_modules, device=resolve_device(args.device), show_progress=progress_enabled(),
     )
     stats.model_id = model_ref_for_saving(args.model, args.gguf_file)
-    stats.save(output)
+    gradients = None
+    if args.gradients:
+        gradients = calibration.collect_gradient_stats(
+            model, texts, tokenizer=tokenizer, max_tokens=args.gradient_tokens or args.max_tokens, seq_len=args.seq_len,
+            batch_size=args.batch_size, target_modules=args.target_modules, device=resolve_device(args.device),
+            show_progress=progress_enabled(),
+        )
+        gradients.model_id = stats.model_id
+    # Both sets of statistics appear together or not at all.
+    with atomic_directory(output) as tmp:
+        stats.save(tmp)
+        if gradients is not None:
+            gradients.save(tmp / GRADIENT_STATS_SUBDIR)
     data = {
         "output": str(output), "model": stats.model_id, "layers": len(stats.layer_names), "tokens": stats.num_tokens,
         "in_features": {n: int(stats.grams[n].shape[0]) for n in stats.layer_names},
+        "gradient_tokens": gradients.num_tokens if gradients is not None else None,
     }
     sizes: dict[int, int] = {}
     for d in data["in_features"].values():
         sizes[d] = sizes.get(d, 0) + 1
     text = "\n".join(
         [
-            f"Saved activation statistics of {data['layers']} layers ({data['tokens']:,} tokens) to {output}",
+            f"Saved activation statistics of {data['layers']} layers ({data['tokens']:,} tokens) to {output}"
+            + (f", output-gradient statistics ({gradients.num_tokens:,} tokens) to {output / GRADIENT_STATS_SUBDIR}"
+               if gradients is not None else ""),
             "",
             format_table(sorted(sizes.items()), ["in_features", "layers"], align="rr"),
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ._common import (
@@ -37,8 +38,9 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         summary="Choose per-layer ranks: within a perplexity tolerance (--epsilon) or a FLOPs budget.",
         description=(
             "Choose per-layer ranks from activation statistics. Budget mode (--target-fraction) spreads a FLOPs "
-            "(= parameter) budget of the targeted layers over them where the whitened spectra say it costs least "
-            "(no --data needed; plan init: whitened). Epsilon mode (--epsilon) searches, group by group (attention, "
+            "(= parameter) budget of the targeted layers over them where it costs least: each layer's whitened "
+            "truncation errors, weighted by their effect on the loss when the stats folder holds output-gradient "
+            "statistics (`calibrate --gradients`, recommended) (no --data needed; plan init: whitened). Epsilon mode (--epsilon) searches, group by group (attention, "
             "MLP), the smallest utilized-rank energy that keeps the perplexity on --data within (1+ε) of the dense "
             "model's (plan init: projected). Writes a rank plan JSON for `adapt --rank-plan` and `compress`."
         ),
@@ -58,6 +60,10 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     mode.add_argument("--epsilon", type=positive_float, default=None, help="Allowed relative perplexity increase, e.g. 0.02.")
     tune = parser.add_argument_group("search")
     tune.add_argument("--granularity", type=positive_int, default=None, help="Budget mode: rank step per layer (default: 1).")
+    tune.add_argument(
+        "--no-gradients", action="store_true",
+        help="Budget mode: ignore the stats folder's output-gradient statistics (compare normalised output errors).",
+    )
     tune.add_argument("--max-steps", type=positive_int, default=8, help="Epsilon mode: bisection steps per layer group.")
     tune.add_argument("--min-energy", type=open_unit_fraction, default=0.5, help="Epsilon mode: lowest energy tried, in (0, 1).")
     add_data_options(parser, required=False, seq_len=512, max_tokens=32768)
@@ -70,7 +76,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from ..stats import ActivationStats
+    from ..stats import GRADIENT_STATS_SUBDIR, ActivationStats
 
     output = check_output_file(args.output, args.overwrite)
     if (args.epsilon is None) == (args.target_fraction is None):
@@ -104,6 +110,9 @@ def run(args: argparse.Namespace) -> CommandResult:
         )
     else:
         kwargs = {"granularity": args.granularity} if args.granularity else {}
+        gradient_dir = Path(args.stats) / GRADIENT_STATS_SUBDIR
+        if gradient_dir.is_dir() and not args.no_gradients:
+            kwargs["gradient_stats"] = ActivationStats.load(gradient_dir)
         plan = rank_search.allocate_ranks_for_budget(
             model, stats, args.target_fraction, target_modules=args.target_modules, **kwargs
         )
@@ -125,6 +134,8 @@ def run(args: argparse.Namespace) -> CommandResult:
         f"Saved rank plan to {output}: {len(plan.ranks)} layer(s) factored, {len(plan.kept_dense)} kept dense "
         f"(init {plan.init})",
     ]
+    if data["mode"] == "budget":
+        lines.append(f"  errors weighted by: {plan.target.get('weighting')}")
     if data["parameter_fraction"] is not None:
         lines.append(f"  parameters (= FLOPs) of the planned layers: {data['parameter_fraction']:.3f} of dense")
     if data["mode"] == "epsilon":

@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> CommandResult:
 
     device = resolve_device(args.device)
     checkpoint_dir = args.checkpoint_dir or f"{str(output).rstrip('/')}-checkpoints"
+    training = lazy_import("training", "train")
     training_args = TrainingArguments(
         output_dir=checkpoint_dir,
         num_train_epochs=args.epochs,
@@ -195,13 +196,12 @@ def run(args: argparse.Namespace) -> CommandResult:
         seed=args.seed,
         bf16=args.bf16,
         fp16=args.fp16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **training.activation_checkpointing_kwargs(args.gradient_checkpointing),
         use_cpu=device == "cpu",
         report_to="none",
         disable_tqdm=not _progress_enabled(args),
         remove_unused_columns=False,
     )
-    training = lazy_import("training", "train")
     trainer = training.NSNTrainer(
         model=model,
         args=training_args,

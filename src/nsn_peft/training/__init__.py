@@ -23,6 +23,7 @@ from .trainer import (
     MULTIRANK_STATE_JSON,
     MULTIRANK_STATE_TENSORS,
     NSNTrainer,
+    activation_checkpointing_kwargs,
     clear_dequantized_gguf_marker,
     default_eval_ranks,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "StagedRankSampler",
     "UncertaintyWeightedLoss",
     "UniformRankSampler",
+    "activation_checkpointing_kwargs",
     "as_rank_sampler",
     "clear_dequantized_gguf_marker",
     "default_eval_ranks",

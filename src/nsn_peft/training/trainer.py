@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MULTIRANK_STATE_JSON",
+    "activation_checkpointing_kwargs",
     "MULTIRANK_STATE_TENSORS",
     "NSNTrainer",
     "clear_dequantized_gguf_marker",
@@ -88,6 +89,20 @@ def default_eval_ranks(grid: Sequence[int], fractions: Sequence[float] = DEFAULT
         below = [r for r in grid if r <= fraction * top + 1e-9]
         chosen.add(below[-1] if below else grid[0])
     return sorted(chosen)
+
+
+def activation_checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """``TrainingArguments`` keyword for activation checkpointing under the name this transformers uses.
+
+    transformers renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use
+    ``TrainingArguments(..., **activation_checkpointing_kwargs(True))`` to run on either.
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": bool(enabled)}
 
 
 class _LogVarGradients(TrainerCallback):
