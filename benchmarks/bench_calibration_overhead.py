@@ -8,7 +8,10 @@ sums. This script times, on the same token batches:
 * ``trunk``: ``model(input_ids, logits_to_keep=1)`` — the forward without the vocabulary projection,
   which calibration also skips (the head is not calibrated);
 * ``calibration``: ``collect_activation_stats(...)`` with statistics kept on the device (the one-off
-  device-to-host copy of the matrices is reported separately).
+  device-to-host copy of the matrices is reported separately);
+* ``calibration_tensor_core``: the same with 16-bit activations multiplied on tensor cores with a float32
+  result (``torch.mm(..., out_dtype=torch.float32)``) instead of upcast to a float32 GEMM, and the largest
+  relative difference between the two sets of statistics: the alternative that :func:`batch_gram` rejects.
 
 The target is calibration ≤ 1.2× the plain forward. Run on an H100::
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+import nsn_peft.calibration as calibration
 from nsn_peft import collect_activation_stats
 from nsn_peft.data import load_texts, python_docs_dir, token_blocks
 from nsn_peft.io import write_json
@@ -83,6 +87,19 @@ def measure(model, blocks: torch.Tensor, device: torch.device, batch_size: int, 
                              stats_device=None, show_progress=False)
     result = {"forward_s": timed(forward, device, repeats), "trunk_s": timed(trunk, device, repeats),
               "calibration_s": timed(calibrate, device, repeats)}
+    if device.type == "cuda" and next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+        reference = collect_activation_stats(model, blocks, max_tokens=None, batch_size=batch_size, device=device,
+                                             stats_device=None, show_progress=False)
+        original = calibration.batch_gram
+        calibration.batch_gram = lambda x: torch.mm(x.T, x, out_dtype=torch.float32)
+        try:
+            result["calibration_tensor_core_s"] = timed(calibrate, device, repeats)
+            other = collect_activation_stats(model, blocks, max_tokens=None, batch_size=batch_size, device=device,
+                                             stats_device=None, show_progress=False)
+        finally:
+            calibration.batch_gram = original
+        result["tensor_core_max_relative_difference"] = max(
+            ((other.grams[n] - g).abs().max() / g.abs().max()).item() for n, g in reference.grams.items())
     stats = collect_activation_stats(model, blocks[:batch_size], max_tokens=None, batch_size=batch_size, device=device,
                                      stats_device=None, show_progress=False)
     sync(device)
@@ -123,6 +140,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['dtype']} | {r['tokens']:,} | {r['forward_s']:.3f} | {r['trunk_s']:.3f} | {r['calibration_s']:.3f} | "
               f"{r['overhead_vs_forward']:.2f}x | {r['overhead_vs_trunk']:.2f}x | {r['gram_megabytes']:.0f} | {r['copy_to_cpu_s']:.3f} |")
+    for r in rows:
+        if "calibration_tensor_core_s" in r:
+            print(f"{r['dtype']}: with tensor-core Gram products {r['calibration_tensor_core_s']:.3f} s "
+                  f"({r['calibration_tensor_core_s'] / r['forward_s']:.2f}x forward), statistics differ by up to "
+                  f"{r['tensor_core_max_relative_difference']:.1e} (relative)")
     worst = max(r["overhead_vs_forward"] for r in rows)
     print(f"\ncalibration overhead: worst {worst:.2f}x a plain forward (target <= 1.2x): {'met' if worst <= 1.2 else 'NOT met'}")
     if args.out is not None:

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import gc
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -42,12 +43,18 @@ from nsn_peft.data import token_blocks
 from nsn_peft.evaluation import perplexity as _perplexity
 from nsn_peft.io import atomic_path, write_json, write_text
 from nsn_peft.models import load_model_and_tokenizer
-from nsn_peft.training import FixedRankSampler, NSNTrainer, clear_dequantized_gguf_marker, make_rank_sampler
+from nsn_peft.training import (
+    FixedRankSampler,
+    NSNTrainer,
+    activation_checkpointing_kwargs,
+    clear_dequantized_gguf_marker,
+    make_rank_sampler,
+)
 from nsn_peft.training._lm_data import TokenBlocks, read_texts
 
 logger = logging.getLogger("bench_multirank")
 
-DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+DOCS = Path(os.environ.get("NSN_PEFT_PYTHON_DOCS", "/usr/share/doc/python3.11/html/_sources"))
 TARGETS = ["up_proj", "gate_proj", "down_proj"]
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
@@ -115,12 +122,6 @@ class Throughput(TrainerCallback):
 
 
 
-def _checkpointing_kwarg(enabled: bool) -> dict:
-    """``TrainingArguments`` renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 def training_args(args, run_dir: Path, device: torch.device) -> TrainingArguments:
     return TrainingArguments(
@@ -134,7 +135,7 @@ def training_args(args, run_dir: Path, device: torch.device) -> TrainingArgument
         logging_steps=max(1, args.steps // 30),
         save_strategy="no",
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        **_checkpointing_kwarg(args.activation_checkpointing),
+        **activation_checkpointing_kwargs(args.activation_checkpointing),
         use_cpu=device.type == "cpu",
         report_to=[],
         seed=args.seed,

@@ -8,7 +8,8 @@ and compresses the MLP-only or all-linear layers to 80/60/50/40% of their parame
 * ``whitened``  – activation-whitened SVD, every layer at the same parameter fraction
 * ``mixed``     – whitened factors with per-layer ranks from ``allocate_ranks_for_budget`` (same total)
 
-The allocation has a few settings (error normalisation, a rank floor, measured layer sensitivity); the one
+The allocation weighs truncation errors by output-gradient statistics (``collect_gradient_stats``, one
+forward+backward over calibration text) or, without them, normalises whitened output errors; the variant
 reported as ``mixed`` is chosen on separate validation text (the Python FAQ), never on the test text, and
 every variant is kept in the JSON. Prints a markdown table with the ratios against uniform whitened and the
 reference figures, writes JSON and a PNG plot next to it. Run on an H100::
@@ -34,7 +35,7 @@ import torch
 from peft import get_peft_model
 
 import nsn_peft
-from nsn_peft import NSNConfig, collect_activation_stats, evaluate_perplexity
+from nsn_peft import NSNConfig, collect_activation_stats, collect_gradient_stats, evaluate_perplexity
 from nsn_peft.data import load_texts, python_docs_dir, token_blocks, token_stream
 from nsn_peft.io import write_json
 from nsn_peft.models import load_model_and_tokenizer
@@ -51,12 +52,12 @@ METHODS = ("svd", "projected", "whitened", "mixed")
 # Reference figures (MLP only, 32×512 calibration tokens): whitened should be at or below them.
 ANCHORS = {("mlp", 0.8): {"dense": 12.26, "svd": 323666, "projected": 162.6, "whitened": 32.3},
            ("mlp", 0.5): {"dense": 12.26, "svd": 11.7e6, "projected": 2737, "whitened": 325}}
-# Allocation variants tried for "mixed" (chosen on validation text).
+# Allocation variants tried for "mixed" (chosen on validation text): loss-weighted errors from output-gradient
+# statistics ("fisher"), or whitened output errors normalised at the uniform plan / by output energy.
 VARIANTS = {
-    "energy": {"normalize": "energy"},
-    "energy,floor=0.5": {"normalize": "energy", "min_rank_fraction": 0.5},
-    "absolute": {"normalize": "none"},
-    "measured": {"normalize": "energy", "measured": True},
+    "fisher": {"gradient": True},
+    "uniform-normalised": {"normalize": "uniform"},
+    "energy-normalised": {"normalize": "energy"},
 }
 
 
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=65536, help="held-out test tokens (HOWTOs)")
     parser.add_argument("--valid-tokens", type=int, default=16384, help="validation tokens (FAQ) to pick the mixed setting")
+    parser.add_argument("--grad-tokens", type=int, default=None, help="calibration tokens for output-gradient statistics "
+                        "(default: all calibration tokens)")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--fractions", default="0.8,0.6,0.5,0.4")
     parser.add_argument("--targets", default="mlp,all-linear")
@@ -92,28 +95,44 @@ def main() -> None:
     calib = token_blocks(docs("tutorial"), tok, args.seq_len, args.calib_tokens)
     eval_ids = token_stream(docs("howto"), tok, args.max_eval_tokens)
     valid_ids = token_stream(docs("faq"), tok, args.valid_tokens)
-    loss_blocks = calib[: max(1, calib.shape[0] // 4)]  # a slice of the calibration text, for measured sensitivity
 
     def ppl(model, ids=eval_ids) -> float:
         return evaluate_perplexity(model, ids, seq_len=args.seq_len, batch_size=args.eval_batch_size)["perplexity"]
 
-    def calib_loss(model) -> float:
-        return evaluate_perplexity(model, loss_blocks, seq_len=args.seq_len, batch_size=args.eval_batch_size)["nll"]
-
     start = time.perf_counter()
     stats = collect_activation_stats(base, calib, max_tokens=None, batch_size=8, show_progress=False)
     calib_s = time.perf_counter() - start
+    grads, grad_tokens = None, 0
+    if "mixed" in methods and any(VARIANTS[v].get("gradient") for v in variants):
+        start = time.perf_counter()
+        grad_blocks = calib if args.grad_tokens is None else calib[: max(1, args.grad_tokens // args.seq_len)]
+        grads = collect_gradient_stats(base, grad_blocks, max_tokens=None, batch_size=4, show_progress=False)
+        grad_tokens = int(grad_blocks.numel())
+        print(f"output-gradient statistics on {grad_blocks.numel()} tokens in {time.perf_counter() - start:.1f}s", flush=True)
     dense_ppl = ppl(base)
     print(f"calibrated on {calib.numel()} tokens in {calib_s:.1f}s; dense perplexity {dense_ppl:.3f} on {eval_ids.numel()} "
           f"held-out tokens", flush=True)
 
     rows = []
+
+    def summary() -> dict:
+        return {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)", "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "calibration_tokens": int(calib.numel()), "eval_tokens": int(eval_ids.numel()),
+                "valid_tokens": int(valid_ids.numel()), "gradient_tokens": grad_tokens, "seq_len": args.seq_len,
+                "dense_ppl": dense_ppl, "calibration_s": calib_s, "total_s": time.perf_counter() - started, "rows": rows,
+                "anchors": {f"{t}@{f}": v for (t, f), v in ANCHORS.items()}}
+
     for target in args.targets.split(","):
         names = TARGETS[target]
         # One full-rank adapter per init serves every fraction: set_rank only slices the nested factors.
         adapters = {init: get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=names, init=init, stats=stats)).eval()
                     for init in ("svd", "whitened") if init in methods or (init == "whitened" and "mixed" in methods)}
-        spectra = whitened_spectra(base, stats, target_modules=names, show_progress=False) if "mixed" in methods else None
+        spectra = {}
+        if "mixed" in methods:
+            spectra["output_error"] = whitened_spectra(base, stats, target_modules=names, show_progress=False)
+            if grads is not None:
+                spectra["loss"] = whitened_spectra(base, stats, target_modules=names, gradient_stats=grads, show_progress=False)
         for fraction in [float(f) for f in args.fractions.split(",")]:
             row: dict = {"target": target, "fraction": fraction}
             uniform = uniform_plan(base, fraction, target_modules=names)
@@ -127,9 +146,12 @@ def main() -> None:
                 results = {}
                 for variant in variants:
                     options = dict(VARIANTS[variant])
-                    loss_fn = calib_loss if options.pop("measured", False) else None
-                    plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=names, loss_fn=loss_fn,
-                                                     spectra=spectra, show_progress=False, **options)
+                    if options.pop("gradient", False):
+                        plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=names, gradient_stats=grads,
+                                                         spectra=spectra["loss"], show_progress=False, **options)
+                    else:
+                        plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=names,
+                                                         spectra=spectra["output_error"], show_progress=False, **options)
                     model.set_rank(_ranks_for(model, plan))
                     results[variant] = {"valid_ppl": ppl(model, valid_ids), "test_ppl": ppl(model),
                                         "achieved": plan.target["achieved"], "dense_layers": len(plan.kept_dense),
@@ -147,13 +169,9 @@ def main() -> None:
                 row["mixed_vs_whitened"] = 1 - row["mixed"] / row["whitened"]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("mixed_ranks", "mixed_variants")}), flush=True)
+            write_json(args.out, summary())  # rows so far: a run cut short keeps what it measured
         del adapters
-    result = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)", "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "calibration_tokens": int(calib.numel()), "eval_tokens": int(eval_ids.numel()),
-              "valid_tokens": int(valid_ids.numel()), "seq_len": args.seq_len, "dense_ppl": dense_ppl,
-              "calibration_s": calib_s, "total_s": time.perf_counter() - started, "rows": rows,
-              "anchors": {f"{t}@{f}": v for (t, f), v in ANCHORS.items()}}
+    result = summary()
     print()
     print(markdown(result))
     write_json(args.out, result)

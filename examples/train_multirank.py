@@ -34,10 +34,10 @@ from nsn_peft.calibration import collect_activation_stats
 from nsn_peft.data import token_blocks
 from nsn_peft.evaluation import perplexity as _perplexity
 from nsn_peft.models import load_model_and_tokenizer
-from nsn_peft.training import NSNTrainer, make_rank_sampler
+from nsn_peft.training import FixedRankSampler, NSNTrainer, activation_checkpointing_kwargs, make_rank_sampler
 from nsn_peft.training._lm_data import TokenBlocks, read_texts
 
-DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+DOCS = Path(os.environ.get("NSN_PEFT_PYTHON_DOCS", "/usr/share/doc/python3.11/html/_sources"))
 TARGETS = ["up_proj", "gate_proj", "down_proj"]
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
@@ -45,12 +45,6 @@ logger = logging.getLogger("train_multirank")
 
 
 
-def _checkpointing_kwarg(enabled: bool) -> dict:
-    """``TrainingArguments`` renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,9 +61,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--logvar-lr", type=float, default=5e-2, help="learning rate of the log-variances")
     p.add_argument("--init", choices=["svd", "whitened"], default="whitened")
     p.add_argument("--calib-tokens", type=int, default=32768, help="training tokens for the whitened init's statistics")
-    p.add_argument("--sampler", choices=["sandwich", "uniform"], default="sandwich")
+    p.add_argument("--sampler", choices=["served", "sandwich", "uniform"], default="served",
+                   help="'served': exactly the ranks evaluated below (25/50/75/100%% of the max) at every step, the "
+                        "best measured recipe when you know the ranks you will serve; 'sandwich': max + min + random")
     p.add_argument("--num-random", type=int, default=2, help="random middle ranks of the sandwich sampler")
-    p.add_argument("--distill-alpha", type=float, default=0.0)
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="self-distillation from the top rank (0 = off)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens for perplexity")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -140,13 +136,16 @@ def main() -> None:
         save_steps=max(1, args.max_steps // 2),
         save_total_limit=1,
         bf16=bf16,
-        **_checkpointing_kwarg(args.activation_checkpointing),
+        **activation_checkpointing_kwargs(args.activation_checkpointing),
         use_cpu=device.type == "cpu",
         report_to=[],
         seed=args.seed,
         dataloader_drop_last=True,
     )
-    sampler = make_rank_sampler(args.sampler, seed=args.seed, num_random=args.num_random, num_ranks=2)
+    if args.sampler == "served":
+        sampler = FixedRankSampler(ranks, seed=args.seed)
+    else:
+        sampler = make_rank_sampler(args.sampler, seed=args.seed, num_random=args.num_random, num_ranks=2)
     trainer = NSNTrainer(
         peft_model, targs, train_dataset=TokenBlocks(train_blocks), eval_dataset=TokenBlocks(eval_blocks),
         rank_sampler=sampler, logvar_learning_rate=args.logvar_lr, distill_alpha=args.distill_alpha, eval_ranks=ranks,

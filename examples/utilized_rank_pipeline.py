@@ -1,7 +1,8 @@
 """The utilized-rank pipeline end to end: calibrate → choose per-layer ranks → projected factors → compress → reload.
 
 1. collect activation statistics XᵀX of every linear layer on calibration text;
-2. choose per-layer ranks — within a FLOPs budget (``--target-fraction``) from the statistics alone, or within a
+2. choose per-layer ranks — within a FLOPs budget (``--target-fraction``) from the statistics and the loss
+   gradients of the layers' outputs (one backward pass over part of the calibration text), or within a
    perplexity tolerance (``--epsilon``) by measuring held-out perplexity;
 3. build the NSN adapter with the plan's initialisation: the utilized-rank projection ``W' = P_T W P_S`` at the
    searched energies (ε mode, ``init="projected"``) or activation-whitened factors at the allocated ranks
@@ -63,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from peft import get_peft_model
 
     import nsn_peft
-    from nsn_peft.calibration import collect_activation_stats
+    from nsn_peft.calibration import collect_activation_stats, collect_gradient_stats
     from nsn_peft.compression import load_compressed, save_compressed
     from nsn_peft.data import load_texts, python_docs_dir
     from nsn_peft.evaluation import perplexity
@@ -94,7 +95,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.epsilon is not None:
         plan = search_ranks(base, stats, ppl, args.epsilon)
     else:
-        plan = allocate_ranks_for_budget(base, stats, args.target_fraction)
+        # Output-gradient statistics weigh each layer's truncation error by its effect on the loss.
+        grads = collect_gradient_stats(base, calib, tokenizer=tokenizer, max_tokens=min(args.calib_tokens, 16384),
+                                       seq_len=args.seq_len, batch_size=args.batch_size, device=device)
+        plan = allocate_ranks_for_budget(base, stats, args.target_fraction, gradient_stats=grads)
     plan.save(out / "rank_plan.json")
 
     # 3. factors at those ranks (the plan carries its init, target modules, ranks and energies)

@@ -80,3 +80,15 @@ def test_utilized_rank_pipeline_end_to_end(ws):
     assert summary["dense_perplexity"] > 1 and summary["compressed_perplexity"] > 1
     assert summary["reloaded_perplexity"] == pytest.approx(summary["compressed_perplexity"], rel=1e-4)
     assert "perplexity" in proc.stdout
+
+
+def test_train_multirank_example_trains_the_served_ranks(ws):
+    proc = run_example("train_multirank.py", "--model", "tiny", "--train-data", "train.txt", "--eval-data", "valid.txt",
+                       "--max-steps", "2", "--block-size", "16", "--batch-size", "2", "--eval-tokens", "256",
+                       "--calib-tokens", "128", "--device", "cpu", "--output-dir", "multirank", cwd=ws)
+    assert "| rank | % of max |" in proc.stdout and "adapter saved to" in proc.stdout
+    final = ws / "multirank" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and (final / "nsn_multirank_state.json").is_file()
+    state = json.loads((final / "nsn_multirank_state.json").read_text())
+    assert state["sampler"]["config"]["ranks"] == state["grid"]  # the default trains exactly the evaluated ranks
+    assert state["distill_alpha"] == 0.5
