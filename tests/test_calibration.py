@@ -211,6 +211,34 @@ def test_sums_are_all_reduced_under_torch_distributed():
         torch.testing.assert_close(reduced.grams[name], local.grams[name])
 
 
+def test_gradient_sums_are_all_reduced_under_torch_distributed():
+    import torch.distributed as dist
+
+    from nsn_peft import collect_gradient_stats
+
+    model = tiny_llama()
+    local = collect_gradient_stats(model, _blocks(), show_progress=False)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        reduced = collect_gradient_stats(model, _blocks(), show_progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert reduced.token_counts == local.token_counts and reduced.extra["tokens"] == local.extra["tokens"]
+    for name in local.grams:
+        torch.testing.assert_close(reduced.grams[name], local.grams[name])
+
+
+def test_calibration_restores_the_model_when_a_batch_fails():
+    from nsn_peft import collect_gradient_stats
+
+    model = tiny_llama().train()
+    for collect in (collect_activation_stats, collect_gradient_stats):
+        with pytest.raises(TypeError, match="dicts with 'input_ids'"):
+            collect(model, [{"input_ids": _blocks(1, 8)}, "not a batch"], max_tokens=None, show_progress=False)
+        assert model.training and all(p.requires_grad for p in model.parameters())
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 class _SometimesShared(torch.nn.Module):
     """Two layers read the same tensor in the first batch and different tensors afterwards."""
 

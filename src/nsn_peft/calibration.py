@@ -14,8 +14,8 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -125,6 +125,68 @@ def _forward_kwargs(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[
     if "use_cache" in params:
         kwargs["use_cache"] = False
     return kwargs
+
+
+class _TokenBatch(NamedTuple):
+    input_ids: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    keep: Optional[torch.Tensor]  # flat bool mask of the real tokens; None when nothing is padding
+    tokens: int  # real (non-padding) tokens
+
+
+def _run_device(model: nn.Module, device: Optional[Union[str, torch.device]]) -> torch.device:
+    """``device`` (the model is moved there if needed), or the model's own device."""
+    current = next(model.parameters()).device
+    if device is None:
+        return current
+    run_device = torch.device(device)
+    if current != run_device:
+        logger.info("Moving the model to %s for calibration", run_device)
+        model.to(run_device)
+    return run_device
+
+
+def _token_batches(
+    model: nn.Module, data: Any, tokenizer: Any, max_tokens: Optional[int], seq_len: int, batch_size: int,
+    device: torch.device, desc: str, show_progress: bool,
+) -> Iterator[_TokenBatch]:
+    """Calibration batches on ``device`` (model in eval mode meanwhile), a progress bar, and a stop at ``max_tokens``."""
+    was_training = model.training
+    model.eval()
+    seen = 0
+    progress = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not show_progress)
+    try:
+        for batch in _batches(data, tokenizer, max_tokens, seq_len, batch_size):
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            keep, n = None, ids.numel()
+            if mask is not None:
+                mask = mask.to(device)
+                flat = mask.reshape(-1).bool()
+                n = int(flat.sum())
+                keep = None if n == flat.numel() else flat  # no padding: no gather later
+            yield _TokenBatch(ids, mask, keep, n)
+            seen += n
+            progress.update(n)
+            if max_tokens is not None and seen >= max_tokens:
+                break
+    finally:
+        progress.close()
+        model.train(was_training)
+
+
+def _all_reduce_count(count: int, device: torch.device) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    tensor = torch.tensor([count], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(tensor)
+    return int(tensor.item())
+
+
+def _model_id(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    model_id = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
+    return str(model_id) if model_id else None
 
 
 def _in_features(module: nn.Module) -> int:
@@ -313,11 +375,7 @@ def collect_activation_stats(
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     targets = calibration_targets(model, target_modules)
-    param = next(model.parameters())
-    run_device = torch.device(device) if device is not None else param.device
-    if device is not None and param.device != run_device:
-        logger.info("Moving the model to %s for calibration", run_device)
-        model.to(run_device)
+    run_device = _run_device(model, device)
     if run_device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
         logger.warning("float32 matmul precision is %r (TF32): the Gram matrices lose precision in their small "
                        "directions; torch.set_float32_matmul_precision('highest') is recommended for calibration",
@@ -325,44 +383,24 @@ def collect_activation_stats(
     collector = _GramCollector(targets, dtype, run_device, share_inputs)
     forward_kwargs = _forward_kwargs(model, targets)
     handles = [m.register_forward_pre_hook(collector.hook(n)) for n, m in targets.items()]
-    was_training = model.training
-    model.eval()
     seen = 0
-    progress = tqdm(total=max_tokens, desc="Calibrating", unit="tok", disable=not show_progress)
+    batches = _token_batches(model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Calibrating", show_progress)
     try:
-        for batch in _batches(data, tokenizer, max_tokens, seq_len, batch_size):
-            ids = batch["input_ids"].to(run_device)
-            mask = batch.get("attention_mask")
-            if mask is not None:
-                mask = mask.to(run_device)
-                flat_mask = mask.reshape(-1).bool()
-                n = int(flat_mask.sum())
-                collector.start_batch(None if n == flat_mask.numel() else flat_mask, n)  # no padding: no gather
-            else:
-                n = ids.numel()
-                collector.start_batch(None, n)
-            model(input_ids=ids, attention_mask=mask, **forward_kwargs)
+        for batch in batches:
+            collector.start_batch(batch.keep, batch.tokens)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **forward_kwargs)
             collector.end_batch()
-            seen += n
-            progress.update(n)
-            if max_tokens is not None and seen >= max_tokens:
-                break
+            seen += batch.tokens
     finally:
+        batches.close()
         for handle in handles:
             handle.remove()
         collector.end_batch()
-        progress.close()
-        model.train(was_training)
     if seen == 0:
         raise ValueError("Calibration data produced no tokens")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     grams, counts = collector.result(distributed)
-    if distributed:
-        seen_tensor = torch.tensor([seen], dtype=torch.long, device=run_device)
-        torch.distributed.all_reduce(seen_tensor)
-        seen = int(seen_tensor.item())
-    config = getattr(model, "config", None)
-    model_id = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
+    seen = _all_reduce_count(seen, run_device)
     logger.info("Collected activation statistics of %d layers over %d tokens", len(grams), seen)
     out_device = torch.device(stats_device) if stats_device is not None else run_device
     extra = {"seq_len": seq_len, "tokens": seen, "accumulate_dtype": str(dtype).removeprefix("torch.")}
@@ -373,7 +411,7 @@ def collect_activation_stats(
             moved = moved.clone()
         seen_storage.add(moved.data_ptr())
         out[name] = moved
-    return ActivationStats(out, counts, str(model_id) if model_id else None, extra)
+    return ActivationStats(out, counts, _model_id(model), extra)
 
 
 def _out_features(module: nn.Module) -> int:
@@ -416,26 +454,23 @@ def collect_gradient_stats(
     if embeddings is None:
         raise TypeError(f"{type(model).__name__} has no input embeddings; gradient statistics need a language model")
     targets = calibration_targets(model, target_modules)
-    param = next(model.parameters())
-    run_device = torch.device(device) if device is not None else param.device
-    if device is not None and param.device != run_device:
-        model.to(run_device)
+    run_device = _run_device(model, device)
     grams = {name: torch.zeros(_out_features(m), _out_features(m), dtype=dtype, device=run_device) for name, m in targets.items()}
     counts = dict.fromkeys(targets, 0)
-    state: dict[str, Any] = {"mask": None, "rows": 0}
+    current: dict[str, Any] = {"keep": None, "tokens": 0}
 
     def make_hook(name: str):
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             out = output[0] if isinstance(output, tuple) else output
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
                 return
-            mask, rows = state["mask"], state["rows"]
+            keep, tokens = current["keep"], current["tokens"]
 
             def grad_hook(grad: torch.Tensor) -> None:
                 flat = grad.reshape(-1, grad.shape[-1])
                 n = flat.shape[0]
-                if mask is not None and mask.numel() == n:
-                    flat, n = flat[mask], rows
+                if keep is not None and keep.numel() == n:
+                    flat, n = flat[keep], tokens
                 grams[name].add_(batch_gram(flat))
                 counts[name] += n
 
@@ -447,42 +482,29 @@ def collect_gradient_stats(
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
     seen = 0
-    progress = tqdm(total=max_tokens, desc="Output gradients", unit="tok", disable=not show_progress)
+    batches = _token_batches(model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Output gradients",
+                             show_progress)
     try:
-        for batch in _batches(data, tokenizer, max_tokens, seq_len, batch_size):
-            ids = batch["input_ids"].to(run_device)
-            mask = batch.get("attention_mask")
-            labels = ids.clone()
-            if mask is not None:
-                mask = mask.to(run_device)
-                labels[mask == 0] = -100
-                flat_mask = mask.reshape(-1).bool()
-                n = int(flat_mask.sum())
-                state["mask"], state["rows"] = (None if n == flat_mask.numel() else flat_mask), n
-            else:
-                n = ids.numel()
-                state["mask"], state["rows"] = None, n
+        for batch in batches:
+            current["keep"], current["tokens"] = batch.keep, batch.tokens
+            labels = batch.input_ids.clone()
+            if batch.attention_mask is not None:
+                labels[batch.attention_mask == 0] = -100
             with torch.enable_grad():
-                inputs = embeddings(ids).detach().requires_grad_(True)
-                output = model(inputs_embeds=inputs, attention_mask=mask, use_cache=False)
+                inputs = embeddings(batch.input_ids).detach().requires_grad_(True)
+                output = model(inputs_embeds=inputs, attention_mask=batch.attention_mask, use_cache=False)
                 logits = output.logits[:, :-1].float()
                 # The *summed* loss, so that batches of any size add up consistently.
                 loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
                 loss.backward()
-            seen += n
-            progress.update(n)
-            if max_tokens is not None and seen >= max_tokens:
-                break
+            seen += batch.tokens
     finally:
+        batches.close()
         for handle in handles:
             handle.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
-        progress.close()
-        model.train(was_training)
     if seen == 0:
         raise ValueError("Gradient calibration data produced no tokens")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -491,9 +513,8 @@ def collect_gradient_stats(
         count_tensor = torch.tensor([counts[n] for n in targets], dtype=torch.long, device=run_device)
         torch.distributed.all_reduce(count_tensor)
         counts = {n: int(c) for n, c in zip(targets, count_tensor.tolist())}
-    config = getattr(model, "config", None)
-    model_id = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
+    seen = _all_reduce_count(seen, run_device)
     out_device = torch.device(stats_device) if stats_device is not None else run_device
     extra = {"kind": "output_gradient", "seq_len": seq_len, "tokens": seen, "accumulate_dtype": str(dtype).removeprefix("torch.")}
     logger.info("Collected output-gradient statistics of %d layers over %d tokens", len(grams), seen)
-    return ActivationStats({n: g.to(out_device) for n, g in grams.items()}, counts, str(model_id) if model_id else None, extra)
+    return ActivationStats({n: g.to(out_device) for n, g in grams.items()}, counts, _model_id(model), extra)

@@ -13,6 +13,7 @@ largest is the teacher of self-distillation).
 
 from __future__ import annotations
 
+import abc
 import numbers
 import random
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-class RankSampler:
+class RankSampler(abc.ABC):
     """Base class: subclasses implement :meth:`_draw` (and :meth:`_config` for their parameters).
 
     Args:
@@ -79,7 +80,7 @@ class RankSampler:
     def is_bound(self) -> bool:
         return self._grid is not None
 
-    def _validate_grid(self) -> None:
+    def _validate_grid(self) -> None:  # noqa: B027 - an optional hook; most samplers fit any grid
         """Hook: raise ``ValueError`` if the sampler's parameters do not fit ``self.grid``."""
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -104,8 +105,9 @@ class RankSampler:
 
     __call__ = sample
 
+    @abc.abstractmethod
     def _draw(self, step: int, rng: random.Random) -> Sequence[int]:
-        raise NotImplementedError
+        """The ranks of ``step`` (any order, duplicates allowed; ``sample`` validates and sorts them)."""
 
     # -- state ---------------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -293,11 +295,8 @@ class StagedRankSampler(RankSampler):
                 current = sampler
         return current
 
-    def sample(self, step: int) -> list[int]:
-        _check_int("step", step, 0)
-        return self.stage(step).sample(step)
-
-    __call__ = sample
+    def _draw(self, step: int, rng: random.Random) -> Sequence[int]:
+        return self.stage(step).sample(step)  # the stage's own seed, not this sampler's generator
 
     def _config(self) -> dict[str, Any]:
         return {"stages": [[start, sampler.state_dict()] for start, sampler in self.stages]}
