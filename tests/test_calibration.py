@@ -196,33 +196,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_sums_are_all_reduced_under_torch_distributed():
-    import torch.distributed as dist
-
-    model = tiny_llama()
-    local = collect_activation_stats(model, _blocks(), show_progress=False)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        reduced = collect_activation_stats(model, _blocks(), show_progress=False)
-    finally:
-        dist.destroy_process_group()
-    assert reduced.token_counts == local.token_counts
-    for name in local.grams:
-        torch.testing.assert_close(reduced.grams[name], local.grams[name])
-
-
-def test_gradient_sums_are_all_reduced_under_torch_distributed():
+@pytest.mark.parametrize("kind", ["activation", "output_gradient"])
+def test_sums_are_all_reduced_under_torch_distributed(kind):
     import torch.distributed as dist
 
     from nsn_peft import collect_gradient_stats
 
+    collect = collect_activation_stats if kind == "activation" else collect_gradient_stats
     model = tiny_llama()
-    local = collect_gradient_stats(model, _blocks(), show_progress=False)
+    local = collect(model, _blocks(), show_progress=False)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        reduced = collect_gradient_stats(model, _blocks(), show_progress=False)
+        reduced = collect(model, _blocks(), show_progress=False)
     finally:
         dist.destroy_process_group()
+    assert reduced.kind == kind
     assert reduced.token_counts == local.token_counts and reduced.extra["tokens"] == local.extra["tokens"]
     for name in local.grams:
         torch.testing.assert_close(reduced.grams[name], local.grams[name])
