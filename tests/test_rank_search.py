@@ -235,5 +235,7 @@ def test_gradient_weighted_allocation_meets_budget_and_beats_uniform(calibrated,
         return sum(errors[n][p.ranks[n]:].sum().item() for n in p.ranks)
 
     assert loss_increase(plan) <= loss_increase(uniform_plan(base, fraction, target_modules=targets)) + 1e-12
-    with pytest.raises(ValueError, match="Output-gradient statistics do not match"):
+    with pytest.raises(ValueError, match=r"Output-gradient statistics from gradient_stats \(model .llama.\) do not match this model: missing layers"):
         allocate_ranks_for_budget(base, stats, fraction, target_modules=["q_proj"], gradient_stats=grads)
+    with pytest.raises(ValueError, match="gradient_stats holds activation statistics, not output_gradient statistics"):
+        allocate_ranks_for_budget(base, stats, fraction, target_modules=targets, gradient_stats=stats)

@@ -189,10 +189,12 @@ def _model_id(model: nn.Module) -> Optional[str]:
     return str(model_id) if model_id else None
 
 
-def _in_features(module: nn.Module) -> int:
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a linear, ``Conv1D`` or NSN layer."""
     if isinstance(module, (nn.Linear, NSNLayer)):
-        return module.in_features
-    return module.weight.shape[0]  # Conv1D stores (in_features, out_features)
+        return module.out_features, module.in_features
+    d, m = module.weight.shape  # Conv1D stores (in_features, out_features)
+    return m, d
 
 
 class _Accumulator:
@@ -220,7 +222,7 @@ class _GramCollector:
     """
 
     def __init__(self, targets: Mapping[str, nn.Module], dtype: torch.dtype, device: torch.device, share: bool) -> None:
-        self.sizes = {name: _in_features(m) for name, m in targets.items()}
+        self.sizes = {name: _features(m)[1] for name, m in targets.items()}
         self.dtype, self.device, self.share = dtype, device, share
         self.accs: dict[str, _Accumulator] = {}
         self.batch = 0
@@ -414,12 +416,6 @@ def collect_activation_stats(
     return ActivationStats(out, counts, _model_id(model), extra)
 
 
-def _out_features(module: nn.Module) -> int:
-    if isinstance(module, (nn.Linear, NSNLayer)):
-        return module.out_features
-    return module.weight.shape[1]  # Conv1D stores (in_features, out_features)
-
-
 def collect_gradient_stats(
     model: nn.Module,
     data: Any,
@@ -455,7 +451,7 @@ def collect_gradient_stats(
         raise TypeError(f"{type(model).__name__} has no input embeddings; gradient statistics need a language model")
     targets = calibration_targets(model, target_modules)
     run_device = _run_device(model, device)
-    grams = {name: torch.zeros(_out_features(m), _out_features(m), dtype=dtype, device=run_device) for name, m in targets.items()}
+    grams = {name: torch.zeros(_features(m)[0], _features(m)[0], dtype=dtype, device=run_device) for name, m in targets.items()}
     counts = dict.fromkeys(targets, 0)
     current: dict[str, Any] = {"keep": None, "tokens": 0}
 

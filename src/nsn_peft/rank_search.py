@@ -44,8 +44,8 @@ __all__ = [
     "RankPlan",
     "allocate_ranks_for_budget",
     "projected_plan_for_budget",
-    "search_ranks",
     "loss_weighted_spectrum",
+    "search_ranks",
     "uniform_plan",
     "whitened_spectra",
     "whitened_spectrum",
@@ -257,7 +257,8 @@ def whitened_spectra(
     layers = _layer_shapes(model, target_modules)
     stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
     if gradient_stats is not None:
-        _check_gradient_stats(gradient_stats, {n: m for n, (_, m, _) in layers.items()})
+        gradient_stats.check_compatible({n: m for n, (_, m, _) in layers.items()}, source="gradient_stats",
+                                        kind="output_gradient")
     spectra = {}
     desc = "Loss-weighted spectra" if gradient_stats is not None else "Whitened spectra"
     for name, (module, _, _) in tqdm(layers.items(), desc=desc, unit="layer", disable=not show_progress):
@@ -269,17 +270,6 @@ def whitened_spectra(
         else:
             spectra[name] = loss_weighted_spectrum(weight, stats.gram(name), gradient_stats.gram(name), damp).cpu()
     return spectra
-
-
-def _check_gradient_stats(gradient_stats: ActivationStats, out_features: Mapping[str, int]) -> None:
-    if gradient_stats.kind != "output_gradient":
-        raise ValueError(f"gradient_stats must come from collect_gradient_stats, got {gradient_stats.kind} statistics")
-    missing = [n for n in out_features if n not in gradient_stats]
-    wrong = [f"{n} (stats {tuple(gradient_stats.gram(n, normalized=False).shape)}, out_features {m})"
-             for n, m in out_features.items() if n in gradient_stats and gradient_stats.gram(n, normalized=False).shape[0] != m]
-    if missing or wrong:
-        raise ValueError(f"Output-gradient statistics do not match this model: missing {missing[:5]}, wrong shapes {wrong[:5]}; "
-                         "collect them with nsn_peft.collect_gradient_stats on this model")
 
 
 @torch.no_grad()

@@ -81,19 +81,21 @@ class ActivationStats:
         gram = self.grams[key]
         return gram / max(self.token_counts[key], 1) if normalized else gram
 
-    def check_compatible(self, shapes: Mapping[str, int], source: str = "stats") -> None:
-        """Raise ``ValueError`` naming layers that are missing or whose ``in_features`` differ.
+    def check_compatible(self, shapes: Mapping[str, int], source: str = "stats", kind: str = "activation") -> None:
+        """Raise ``ValueError`` unless these are ``kind`` statistics covering every layer of ``shapes``.
 
-        Also refuses output-gradient statistics, which look alike but are not input Grams.
+        ``shapes`` maps layer names to the matrix size the statistics must have: ``in_features`` for activation
+        statistics, ``out_features`` for output-gradient statistics. The error names missing layers and wrong
+        shapes; statistics of the other kind (they look alike) are refused outright.
         """
-        if self.kind != "activation":
-            raise ValueError(
-                f"{source} holds {self.kind} statistics, not activation statistics (input Grams); collect those with "
-                "nsn_peft.collect_activation_stats (output-gradient statistics go to gradient_stats=)"
-            )
+        if self.kind != kind:
+            hint = ("collect them with nsn_peft.collect_activation_stats (output-gradient statistics go to gradient_stats=)"
+                    if kind == "activation" else "collect them with nsn_peft.collect_gradient_stats")
+            raise ValueError(f"{source} holds {self.kind} statistics, not {kind} statistics; {hint}")
+        feature = "in_features" if kind == "activation" else "out_features"
         missing = [n for n in shapes if canonical_module_name(n) not in self.grams]
         wrong = [
-            f"{n} (stats {tuple(self.grams[canonical_module_name(n)].shape)}, model in_features {d})"
+            f"{n} (stats {tuple(self.grams[canonical_module_name(n)].shape)}, model {feature} {d})"
             for n, d in shapes.items()
             if canonical_module_name(n) in self.grams and self.grams[canonical_module_name(n)].shape[0] != d
         ]
@@ -104,7 +106,8 @@ class ActivationStats:
             problems.append(f"wrong shapes {wrong[:5]}")
         if problems:
             origin = f" (model '{self.model_id}')" if self.model_id else ""
-            raise ValueError(f"Activation statistics from {source}{origin} do not match this model: " + "; ".join(problems))
+            label = "Activation" if kind == "activation" else "Output-gradient"
+            raise ValueError(f"{label} statistics from {source}{origin} do not match this model: " + "; ".join(problems))
 
     # -- merging across processes / runs -------------------------------------------------------------
     def merge(self, other: ActivationStats) -> ActivationStats:

@@ -40,8 +40,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             "Choose per-layer ranks from activation statistics. Budget mode (--target-fraction) spreads a FLOPs "
             "(= parameter) budget of the targeted layers over them where it costs least: each layer's whitened "
             "truncation errors, weighted by their effect on the loss when the stats folder holds output-gradient "
-            "statistics (`calibrate --gradients`, recommended) (no --data needed; plan init: whitened). Epsilon mode (--epsilon) searches, group by group (attention, "
-            "MLP), the smallest utilized-rank energy that keeps the perplexity on --data within (1+ε) of the dense "
+            "statistics (`calibrate --gradients`, recommended) (no --data needed; plan init: whitened). "
+            "Epsilon mode (--epsilon) searches, group by group (attention, MLP), the smallest utilized-rank energy that keeps the perplexity on --data within (1+ε) of the dense "
             "model's (plan init: projected). Writes a rank plan JSON for `adapt --rank-plan` and `compress`."
         ),
         examples=[
