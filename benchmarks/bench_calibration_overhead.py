@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-import nsn_peft.calibration as calibration
+import nsn_peft.calibrate.collect as calibration
 from nsn_peft import collect_activation_stats
 from nsn_peft.data import load_texts, python_docs_dir, token_blocks
+from nsn_peft.hub import load_model_and_tokenizer, resolve_dtype
 from nsn_peft.io import write_json
-from nsn_peft.models import load_model_and_tokenizer, resolve_dtype
 
 
 def sync(device: torch.device) -> None:

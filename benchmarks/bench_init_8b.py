@@ -21,7 +21,7 @@ import transformers
 from peft import get_peft_model
 
 import nsn_peft
-from nsn_peft.layer import NSNLinear
+from nsn_peft.tuner.layer import NSNLinear
 
 
 def build_model(layers: int, device: str) -> transformers.PreTrainedModel:
@@ -70,7 +70,7 @@ def main() -> None:
     naive_total = naive_s * n_linear / naive_n
 
     # Warm the eigensolver once so the timing is not dominated by library loading.
-    nsn_peft.decompose.svd_factors(torch.randn(256, 256, device=args.device))
+    nsn_peft.linalg.decompose.svd_factors(torch.randn(256, 256, device=args.device))
     sync()
     start = time.perf_counter()
     peft_model = get_peft_model(model, nsn_peft.NSNConfig(target_modules="all-linear"))

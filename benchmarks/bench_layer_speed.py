@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import nsn_peft
-from nsn_peft.flops import factored_params, rank_for_flops_fraction
-from nsn_peft.layer import NSNLinear
+from nsn_peft.linalg.flops import factored_params, rank_for_flops_fraction
+from nsn_peft.tuner.layer import NSNLinear
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
 

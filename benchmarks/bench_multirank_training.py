@@ -38,11 +38,11 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import nsn_peft
-from nsn_peft.calibration import collect_activation_stats
+from nsn_peft.calibrate.collect import collect_activation_stats
 from nsn_peft.data import token_blocks
 from nsn_peft.evaluation import perplexity as _perplexity
+from nsn_peft.hub import load_model_and_tokenizer
 from nsn_peft.io import atomic_path, write_json, write_text
-from nsn_peft.models import load_model_and_tokenizer
 from nsn_peft.training import (
     FixedRankSampler,
     NSNTrainer,

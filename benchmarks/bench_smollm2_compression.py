@@ -37,15 +37,15 @@ from peft import get_peft_model
 import nsn_peft
 from nsn_peft import NSNConfig, collect_activation_stats, collect_gradient_stats, evaluate_perplexity
 from nsn_peft.data import load_texts, python_docs_dir, token_blocks, token_stream
+from nsn_peft.hub import load_model_and_tokenizer
 from nsn_peft.io import write_json
-from nsn_peft.models import load_model_and_tokenizer
-from nsn_peft.rank_search import (
-    RankPlan,
+from nsn_peft.planning.allocate import (
     allocate_ranks_for_budget,
     projected_plan_for_budget,
     uniform_plan,
     whitened_spectra,
 )
+from nsn_peft.planning.plan import RankPlan
 
 TARGETS = {"mlp": ["gate_proj", "up_proj", "down_proj"], "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 METHODS = ("svd", "projected", "whitened", "mixed")

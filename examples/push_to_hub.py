@@ -60,7 +60,7 @@ def load_or_adapt(args: argparse.Namespace) -> tuple[Any, str]:
     from peft import PeftModel, get_peft_model
 
     import nsn_peft
-    from nsn_peft.models import DEFAULT_MODEL, load_model_and_tokenizer
+    from nsn_peft.hub import DEFAULT_MODEL, load_model_and_tokenizer
 
     if args.adapter:
         config = json.loads((Path(args.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
@@ -85,7 +85,7 @@ def model_card(model: Any, repo_id: str, base_ref: str, peft_readme: str) -> str
     """The README: PEFT's card metadata (front matter) + a short description + the NSN ranks/FLOPs section."""
     from huggingface_hub import ModelCard
 
-    from nsn_peft.model_card import nsn_summary_markdown
+    from nsn_peft.tuner.model_card import nsn_summary_markdown
 
     data = ModelCard(peft_readme).data
     tags = [t for t in (data.get("tags") or []) if not str(t).startswith("base_model:")]

@@ -90,8 +90,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     import nsn_peft
     from nsn_peft.data import load_texts, python_docs_dir
     from nsn_peft.evaluation import perplexity
+    from nsn_peft.hub import load_model_and_tokenizer
     from nsn_peft.io import atomic_path, write_json
-    from nsn_peft.models import load_model_and_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     texts = load_texts(args.data if args.data else python_docs_dir("tutorial"))
@@ -105,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     logger.info("dense perplexity %.3f", dense)
     config = nsn_peft.NSNConfig(max_rank=args.max_rank, rank_granularity=args.granularity, init=args.init)
     if args.init == "whitened":
-        from nsn_peft.calibration import collect_activation_stats
+        from nsn_peft.calibrate.collect import collect_activation_stats
 
         calib = load_texts(args.calib_data) if args.calib_data else texts
         config.stats = collect_activation_stats(base, calib, tokenizer=tokenizer, max_tokens=args.max_tokens,

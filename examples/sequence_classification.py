@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from transformers import TrainingArguments, default_data_collator
 
     import nsn_peft
-    from nsn_peft.models import load_model_and_tokenizer
+    from nsn_peft.hub import load_model_and_tokenizer
     from nsn_peft.training import NSNTrainer, make_rank_sampler
 
     rng = random.Random(args.seed)

@@ -64,13 +64,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from peft import get_peft_model
 
     import nsn_peft
-    from nsn_peft.calibration import collect_activation_stats, collect_gradient_stats
-    from nsn_peft.compression import load_compressed, save_compressed
+    from nsn_peft.calibrate.collect import collect_activation_stats, collect_gradient_stats
     from nsn_peft.data import load_texts, python_docs_dir
     from nsn_peft.evaluation import perplexity
+    from nsn_peft.export.compressed import load_compressed, save_compressed
+    from nsn_peft.hub import load_model_and_tokenizer
     from nsn_peft.io import write_json
-    from nsn_peft.models import load_model_and_tokenizer
-    from nsn_peft.rank_search import allocate_ranks_for_budget, search_ranks
+    from nsn_peft.planning.allocate import allocate_ranks_for_budget
+    from nsn_peft.planning.search import search_ranks
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.output_dir)

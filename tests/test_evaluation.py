@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
-from test_calibration import TEXTS, char_tokenizer
+from tiny_models import TEXTS, char_tokenizer, tiny_gpt2, tiny_llama
 
 from nsn_peft.data import load_texts, python_docs_dir, token_blocks, token_stream
 from nsn_peft.evaluation import evaluate_perplexity, perplexity, sliding_windows

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import WORDS, _sentences, build_tiny_model
+from tiny_models import WORDS, build_tiny_model
+from tiny_models import sentences as _sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 from peft import get_peft_model
+from tiny_models import tiny_llama
 
 import nsn_peft
 

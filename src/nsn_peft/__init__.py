@@ -6,25 +6,10 @@
 
 from __future__ import annotations
 
-from ._peft_compat import register as _register
-from .calibration import collect_activation_stats, collect_gradient_stats
-from .compression import load_compressed, save_compressed
-from .config import NSNConfig
+from .calibrate import ActivationStats, collect_activation_stats, collect_gradient_stats
 from .evaluation import evaluate_perplexity, perplexity
-from .layer import NSNLayer, NSNLinear
-from .model import NSNModel
-from .rank_search import RankPlan, allocate_ranks_for_budget, search_ranks
-from .ranks import (
-    FlopsReport,
-    at_rank,
-    estimate_flops,
-    get_max_rank,
-    get_rank,
-    select_rank_for_target_flops,
-    selectable_ranks,
-    set_rank,
-)
-from .stats import ActivationStats
+from .export import load_compressed, save_compressed
+from .planning import RankPlan, allocate_ranks_for_budget, search_ranks
 from .training import (
     FixedRankSampler,
     NSNTrainer,
@@ -36,6 +21,21 @@ from .training import (
     UncertaintyWeightedLoss,
     UniformRankSampler,
 )
+from .tuner import (
+    FlopsReport,
+    NSNConfig,
+    NSNLayer,
+    NSNLinear,
+    NSNModel,
+    at_rank,
+    estimate_flops,
+    get_max_rank,
+    get_rank,
+    select_rank_for_target_flops,
+    selectable_ranks,
+    set_rank,
+)
+from .tuner import register as _register
 
 _register()
 

@@ -18,7 +18,9 @@ import traceback
 from collections.abc import Sequence
 from typing import Optional
 
-from ._common import PROG, CommandResult, UsageError, config_to_argv, emit, load_config_file, one_line, setup_runtime
+from .options import PROG, UsageError, config_to_argv, load_config_file
+from .output import CommandResult, emit, one_line
+from .runtime import setup_runtime
 
 __all__ = ["build_parser", "main"]
 

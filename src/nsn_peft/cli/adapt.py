@@ -7,23 +7,19 @@ import logging
 from collections import Counter
 from typing import Any
 
-from ._common import (
+from ..hub import base_model_reference
+from .inputs import adapt_model, check_output_dir, load_base, nsn_config_from_args
+from .options import (
     FULL,
-    CommandResult,
     UsageError,
-    adapt_model,
     add_adapter_creation_options,
     add_common_options,
     add_model_options,
     add_overwrite_option,
-    check_output_dir,
-    format_table,
-    load_base,
-    model_ref_for_saving,
     new_command,
-    nsn_config_from_args,
     rank_value,
 )
+from .output import CommandResult, format_table
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +61,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 def layer_summary(model: Any) -> dict[str, Any]:
     """Counts, ranks and parameter/FLOPs totals of an in-memory NSN model."""
-    from ..flops import factored_params
-    from ..ranks import estimate_flops, get_max_rank, get_rank, nsn_layers
+    from ..linalg.flops import factored_params
+    from ..tuner.ranks import estimate_flops, get_max_rank, get_rank, nsn_layers
 
     layers = nsn_layers(model)
     maxima = get_max_rank(model)
@@ -87,12 +83,12 @@ def layer_summary(model: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> CommandResult:
     from ..io import atomic_directory
-    from ..ranks import get_max_rank, set_rank
+    from ..tuner.ranks import get_max_rank, set_rank
 
     output = check_output_dir(args.output, args.overwrite)
     config = nsn_config_from_args(args)
     base, tokenizer = load_base(args)
-    ref = args.base_model_id or model_ref_for_saving(args.model, args.gguf_file)
+    ref = args.base_model_id or base_model_reference(args.model, args.gguf_file)
     model = adapt_model(base, config, ref)
     if args.active_rank is not None:
         top = max(get_max_rank(model).values())

@@ -5,24 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import (
-    CommandResult,
+from ..devices import resolve_device
+from ..hub import base_model_reference
+from .inputs import check_output_dir, check_target_modules, load_base
+from .options import (
     add_common_options,
     add_data_options,
     add_model_options,
     add_overwrite_option,
-    check_output_dir,
-    check_target_modules,
-    format_table,
-    lazy_import,
-    load_base,
-    model_ref_for_saving,
     module_list,
     new_command,
     positive_int,
-    progress_enabled,
-    resolve_device,
 )
+from .output import CommandResult, format_table
+from .runtime import progress_enabled
 
 
 def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
@@ -66,20 +62,20 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
+    from ..calibrate.stats import GRADIENT_STATS_SUBDIR
     from ..io import atomic_directory
-    from ..stats import GRADIENT_STATS_SUBDIR
     from .evaluate import load_texts
 
     output = check_output_dir(args.output, args.overwrite)
     texts = load_texts(args)
     model, tokenizer = load_base(args, task="causal-lm")
     check_target_modules(model, args.target_modules)
-    calibration = lazy_import("calibration", "calibrate")
+    from .. import calibrate as calibration
     stats = calibration.collect_activation_stats(
         model, texts, tokenizer=tokenizer, max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
         target_modules=args.target_modules, device=resolve_device(args.device), show_progress=progress_enabled(),
     )
-    stats.model_id = model_ref_for_saving(args.model, args.gguf_file)
+    stats.model_id = base_model_reference(args.model, args.gguf_file)
     gradients = None
     if args.gradients:
         gradients = calibration.collect_gradient_stats(

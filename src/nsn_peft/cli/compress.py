@@ -5,22 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import (
+from .inputs import check_output_dir, model_for_inference, read_adapter_config
+from .options import (
     FULL,
-    CommandResult,
     UsageError,
     add_adapter_creation_options,
     add_common_options,
     add_model_options,
     add_overwrite_option,
-    check_output_dir,
-    lazy_import,
-    model_for_inference,
     new_command,
     rank_value,
-    read_adapter_config,
     unit_fraction,
 )
+from .output import CommandResult
 
 
 def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
@@ -32,7 +29,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             "Truncate the factors of an NSN model to its active ranks (or --rank / --target-flops) and save a "
             "compressed model folder that loads without the dense weights. The model is an adapter folder "
             "(--adapter) or --model adapted on the fly, typically with --rank-plan plan.json --stats DIR. The folder "
-            "loads with nsn_peft.compression.load_compressed and works as --model for `eval` and `infer`."
+            "loads with nsn_peft.load_compressed and works as --model for `eval` and `infer`."
         ),
         examples=[
             "--adapter ./nsn-adapter --rank 128 --output ./compressed",
@@ -58,14 +55,14 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from ..ranks import estimate_flops, get_max_rank, get_rank, nsn_layers, select_rank_for_target_flops, set_rank
+    from ..tuner.ranks import estimate_flops, get_max_rank, get_rank, nsn_layers, select_rank_for_target_flops, set_rank
 
     output = check_output_dir(args.output, args.overwrite)
     if args.rank is not None and args.target_flops is not None:
         raise UsageError("pass at most one of --rank and --target-flops")
     if args.adapter:
         read_adapter_config(args.adapter)
-    compression = lazy_import("compression", "compress")
+    from .. import export as compression
     model, tokenizer, ref = model_for_inference(args)
     top = max(get_max_rank(model).values())
     if args.rank is not None:

@@ -11,31 +11,23 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (
-    CommandResult,
-    RankPoint,
+from ..devices import resolve_device
+from ..tuner.rank_points import RankPoint, describe_point
+from .inputs import check_data_ref, check_output_file, model_for_inference, read_adapter_config, resolve_rank_points
+from .options import (
     UsageError,
     add_adapter_creation_options,
     add_common_options,
     add_data_options,
     add_model_options,
     add_overwrite_option,
-    check_data_ref,
-    check_output_file,
     csv_floats,
-    describe_point,
-    format_table,
-    lazy_import,
-    model_for_inference,
     positive_int,
-    progress,
-    progress_enabled,
     rank_list,
-    read_adapter_config,
     required,
-    resolve_device,
-    resolve_rank_points,
 )
+from .output import CommandResult, format_table
+from .runtime import progress, progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +75,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def _new_eval(subparsers: Any) -> argparse.ArgumentParser:
-    from ._common import new_command
+    from .options import new_command
 
     parser = new_command(
         subparsers,
@@ -111,7 +103,7 @@ def _new_eval(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _new_sweep(subparsers: Any) -> argparse.ArgumentParser:
-    from ._common import new_command
+    from .options import new_command
 
     parser = new_command(
         subparsers,
@@ -144,7 +136,7 @@ def _new_sweep(subparsers: Any) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------------
 def nsn_layers(model: Any) -> dict[str, Any]:
-    from ..ranks import nsn_layers as _nsn_layers
+    from ..tuner.ranks import nsn_layers as _nsn_layers
 
     return _nsn_layers(model)
 
@@ -153,7 +145,7 @@ def load_texts(args: argparse.Namespace) -> list[str]:
     """Texts of ``--data`` (through :func:`nsn_peft.data.load_texts`)."""
     required(args, "data")
     check_data_ref(args.data)
-    data = lazy_import("data", "reading --data")
+    from .. import data
     texts = data.load_texts(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
     if not texts:
         raise UsageError(f"--data {args.data} holds no text")
@@ -162,7 +154,7 @@ def load_texts(args: argparse.Namespace) -> list[str]:
 
 def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> dict[str, float]:
     """``{"perplexity", "nll", "tokens"}`` of ``model`` on ``texts`` (sliding window)."""
-    evaluation = lazy_import("evaluation", "perplexity")
+    from .. import evaluation
     result = evaluation.evaluate_perplexity(
         model, texts, tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
         batch_size=args.batch_size, device=resolve_device(args.device), show_progress=progress_enabled(),
@@ -232,12 +224,12 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
 
 # ---------------------------------------------------------------------------------------------------------
 def fixed_rank_flops(model: Any) -> dict[str, Any]:
-    """Ranks and FLOPs of a compressed model (its :class:`~nsn_peft.compression.FactoredLinear` layers)."""
+    """Ranks and FLOPs of a compressed model (its :class:`~nsn_peft.export.FactoredLinear` layers)."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from ..compression import FactoredLinear
-    from ..flops import dense_flops, factored_flops
+    from ..export.compressed import FactoredLinear
+    from ..linalg.flops import dense_flops, factored_flops
 
     ranks, factored, dense_of_factored, other = [], 0, 0, 0
     for module in model.modules():
@@ -260,7 +252,7 @@ def fixed_rank_flops(model: Any) -> dict[str, Any]:
 
 
 def _default_sweep_ranks(model: Any, points: int) -> list[int]:
-    from ..ranks import selectable_ranks
+    from ..tuner.ranks import selectable_ranks
 
     grid = selectable_ranks(model)
     if len(grid) <= points:

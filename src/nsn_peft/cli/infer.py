@@ -9,25 +9,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import (
-    CommandResult,
-    RankPoint,
+from ..tuner.rank_points import RankPoint, describe_point
+from .inputs import check_input_path, model_for_inference, read_adapter_config, resolve_rank_points
+from .options import (
     UsageError,
     add_adapter_creation_options,
     add_common_options,
     add_model_options,
-    check_input_path,
-    describe_point,
-    model_for_inference,
     new_command,
     nonnegative_float,
     nonnegative_int,
     positive_int,
     rank_value,
-    read_adapter_config,
-    resolve_rank_points,
     unit_fraction,
 )
+from .output import CommandResult
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +97,7 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: Any, system: Any) -> tuple[
 def run(args: argparse.Namespace) -> CommandResult:
     import torch
 
-    from ..ranks import nsn_layers
+    from ..tuner.ranks import nsn_layers
 
     prompt = _prompt(args)
     chosen = [n for n in ("rank", "fraction", "target_flops") if getattr(args, n) is not None]

@@ -16,17 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (
-    FULL,
-    CommandResult,
-    UsageError,
-    add_common_options,
-    format_table,
-    is_compressed_folder,
-    new_command,
-    rank_list,
-    read_adapter_config,
-)
+from ..hub import is_compressed_folder
+from .inputs import read_adapter_config
+from .options import FULL, UsageError, add_common_options, new_command, rank_list
+from .output import CommandResult, format_table
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HEADER_LIMIT = 100 * 1024 * 1024
@@ -74,7 +67,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 def _module_name(key: str) -> tuple[str, str]:
     """``base_model.model.model.layers.0.q_proj.nsn_A[.default]`` -> (``model.layers.0.q_proj``, ``A``)."""
-    from ..stats import canonical_module_name
+    from ..naming import canonical_module_name
 
     prefix, _, rest = key.rpartition(".nsn_")
     return canonical_module_name(prefix), rest.split(".")[0]
@@ -109,21 +102,21 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _active_ranks(layers: Mapping[str, Mapping[str, int]], active: Any) -> dict[str, int]:
-    from ..ranks import _lookup
-
     if active is None:
         return {n: v["max_rank"] for n, v in layers.items()}
     if isinstance(active, Mapping):
+        from ..naming import lookup_pattern
+
         out = {}
         for n, v in layers.items():
-            key = _lookup(active, n)
+            key = lookup_pattern(active, n)
             out[n] = min(int(active[key]), v["max_rank"]) if key is not None else v["max_rank"]
         return out
     return {n: min(int(active), v["max_rank"]) for n, v in layers.items()}
 
 
 def _table_ranks(requested: Optional[list], top: int, granularity: int) -> list[int]:
-    from ..flops import rank_grid
+    from ..linalg.flops import rank_grid
 
     if requested:
         return [top if r == FULL else int(r) for r in requested]
@@ -135,7 +128,7 @@ def _table_ranks(requested: Optional[list], top: int, granularity: int) -> list[
 def _layer_report(layers: Mapping[str, Mapping[str, int]], active: Mapping[str, int], requested: Optional[list],
                   granularity: int) -> dict[str, Any]:
     """Totals, FLOPs table and per-layer rows shared by adapters and compressed folders."""
-    from ..flops import dense_flops, factored_flops
+    from ..linalg.flops import dense_flops, factored_flops
 
     top = max(v["max_rank"] for v in layers.values())
     dense = sum(dense_flops(v["out"], v["in"]) for v in layers.values())
@@ -187,7 +180,7 @@ def _report_lines(data: Mapping[str, Any], show_layers: bool, flops_table: bool 
 
 def compressed_info(folder: Path, args: argparse.Namespace) -> CommandResult:
     """The same report for a folder written by ``nsn-peft compress`` (ranks are fixed there)."""
-    from ..compression import META_FILE
+    from ..export.compressed import META_FILE
 
     meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     layers = {

@@ -6,29 +6,24 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import (
-    CommandResult,
+from ..devices import resolve_device
+from ..hub import base_model_reference
+from .inputs import check_output_file, check_stats_dir, check_target_modules, load_base
+from .options import (
     UsageError,
     add_common_options,
     add_data_options,
     add_model_options,
     add_overwrite_option,
-    check_output_file,
-    check_stats_dir,
-    check_target_modules,
-    format_table,
-    lazy_import,
-    load_base,
-    model_ref_for_saving,
     module_list,
     new_command,
     open_unit_fraction,
     positive_float,
     positive_int,
     required,
-    resolve_device,
     unit_fraction,
 )
+from .output import CommandResult, format_table
 
 
 def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
@@ -76,7 +71,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from ..stats import GRADIENT_STATS_SUBDIR, ActivationStats
+    from ..calibrate.stats import GRADIENT_STATS_SUBDIR, ActivationStats
 
     output = check_output_file(args.output, args.overwrite)
     if (args.epsilon is None) == (args.target_fraction is None):
@@ -92,13 +87,13 @@ def run(args: argparse.Namespace) -> CommandResult:
         texts = load_texts(args)
     elif args.data:
         raise UsageError("--data is only used with --epsilon (budget mode needs only --stats)")
-    rank_search = lazy_import("rank_search", "search-ranks")
+    from .. import planning as rank_search
     model, tokenizer = load_base(args, task="causal-lm")
     check_target_modules(model, args.target_modules)
     stats = ActivationStats.load(args.stats)
     device = resolve_device(args.device)
     if args.epsilon is not None:
-        evaluation = lazy_import("evaluation", "search-ranks --epsilon")
+        from .. import evaluation
 
         def eval_fn(m: Any) -> float:
             return float(evaluation.perplexity(m, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -120,7 +115,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     shapes = _planned_shapes(model, plan)
     data = {
         "output": str(output),
-        "model": model_ref_for_saving(args.model, args.gguf_file),
+        "model": base_model_reference(args.model, args.gguf_file),
         "mode": "epsilon" if args.epsilon is not None else "budget",
         "init": plan.init,
         "factored_layers": len(plan.ranks),
@@ -154,7 +149,7 @@ def _planned_shapes(model: Any, plan: Any) -> dict[str, tuple[int, int]]:
     """``{layer: (out_features, in_features)}`` of the layers a plan covers (factored or dense)."""
     from transformers.pytorch_utils import Conv1D
 
-    from ..stats import canonical_module_name
+    from ..naming import canonical_module_name
 
     wanted = set(plan.ranks) | set(plan.kept_dense)
     shapes = {}

@@ -7,33 +7,33 @@ import logging
 import math
 from typing import Any, Optional
 
-from ._common import (
-    CommandResult,
-    UsageError,
+from ..devices import resolve_device
+from ..hub import base_model_reference
+from .inputs import (
     adapt_model,
+    check_data_ref,
+    check_output_dir,
+    load_adapter,
+    load_base,
+    nsn_config_from_args,
+    read_adapter_config,
+)
+from .options import (
+    UsageError,
     add_adapter_creation_options,
     add_common_options,
     add_data_options,
     add_model_options,
     add_overwrite_option,
-    check_data_ref,
-    check_output_dir,
-    format_table,
-    lazy_import,
-    load_adapter,
-    load_base,
-    model_ref_for_saving,
     new_command,
     nonnegative_float,
     nonnegative_int,
-    nsn_config_from_args,
     positive_float,
     positive_int,
     rank_list,
-    read_adapter_config,
     required,
-    resolve_device,
 )
+from .output import CommandResult, format_table
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _blocks(args: argparse.Namespace, source: str, tokenizer: Any, max_tokens: O
     import datasets
     import torch
 
-    data = lazy_import("data", "reading training data")
+    from .. import data
     check_data_ref(source)
     texts = data.load_texts(source, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
     if not texts:
@@ -124,9 +124,8 @@ def _blocks(args: argparse.Namespace, source: str, tokenizer: Any, max_tokens: O
 
 
 def _sampler(args: argparse.Namespace, model: Any) -> Any:
-    from ..ranks import get_max_rank
-
-    training = lazy_import("training", "train")
+    from .. import training
+    from ..tuner.ranks import get_max_rank
     top = max(get_max_rank(model).values())
     ranks = None
     if args.rank_sampler == "fixed":
@@ -145,7 +144,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     from transformers import TrainingArguments, default_data_collator
 
     from ..io import atomic_directory
-    from ..ranks import get_max_rank
+    from ..tuner.ranks import get_max_rank
 
     output = check_output_dir(args.output, args.overwrite)
     required(args, "data")
@@ -154,7 +153,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     if not 0 <= args.distill_alpha <= 1:
         raise UsageError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
     if args.resume:
-        from ._common import check_input_path
+        from .inputs import check_input_path
 
         check_input_path(args.resume, "checkpoint", kind="dir")
     if args.adapter:
@@ -163,7 +162,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     else:
         config = nsn_config_from_args(args, task="causal-lm")
         base, tokenizer = load_base(args, task="causal-lm")
-        ref = model_ref_for_saving(args.model, args.gguf_file)
+        ref = base_model_reference(args.model, args.gguf_file)
         model = adapt_model(base, config, ref)
     model.train()
     train_set = _blocks(args, args.data, tokenizer, args.max_tokens)
@@ -175,7 +174,7 @@ def run(args: argparse.Namespace) -> CommandResult:
 
     device = resolve_device(args.device)
     checkpoint_dir = args.checkpoint_dir or f"{str(output).rstrip('/')}-checkpoints"
-    training = lazy_import("training", "train")
+    from .. import training
     training_args = TrainingArguments(
         output_dir=checkpoint_dir,
         num_train_epochs=args.epochs,

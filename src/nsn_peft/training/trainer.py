@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
 from ..io import write_json, write_safetensors
-from ..ranks import at_rank, nsn_layers, selectable_ranks
+from ..tuner.ranks import at_rank, nsn_layers, selectable_ranks
 from .loss import WEIGHTINGS, RankBuckets, UncertaintyWeightedLoss, Weighting, distillation_loss
 from .samplers import RankSampler, RankSamplerLike, as_rank_sampler
 

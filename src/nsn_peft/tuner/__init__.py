@@ -1,0 +1,41 @@
+"""The NSN PEFT method, laid out like PEFT's own tuners.
+
+``config.py`` (what is configurable), ``layer.py`` (what an adapted layer does), ``model.py`` (how a model is
+rewritten), ``ranks.py`` (rank control and FLOPs accounting), ``model_card.py``, and ``registration.py`` (how
+PEFT learns about the method).
+"""
+
+from __future__ import annotations
+
+from .config import NSNConfig
+from .layer import NSNLayer, NSNLinear
+from .model import NSNModel
+from .ranks import (
+    FlopsReport,
+    at_rank,
+    estimate_flops,
+    get_max_rank,
+    get_rank,
+    nsn_layers,
+    select_rank_for_target_flops,
+    selectable_ranks,
+    set_rank,
+)
+from .registration import register
+
+__all__ = [
+    "FlopsReport",
+    "NSNConfig",
+    "NSNLayer",
+    "NSNLinear",
+    "NSNModel",
+    "at_rank",
+    "estimate_flops",
+    "get_max_rank",
+    "get_rank",
+    "nsn_layers",
+    "register",
+    "select_rank_for_target_flops",
+    "selectable_ranks",
+    "set_rank",
+]

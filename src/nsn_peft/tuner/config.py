@@ -1,0 +1,114 @@
+"""``NSNConfig``: the PEFT configuration of Nested Subspace Network adapters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from .peft_type import extend_peft_type
+
+extend_peft_type()
+
+InitMethod = Literal["svd", "projected", "whitened"]
+INIT_METHODS = ("svd", "projected", "whitened")
+
+
+@dataclass
+class NSNConfig(PeftConfig):
+    """Configuration of NSN adapters: each targeted dense layer ``W`` becomes a nested factorisation ``B @ A``.
+
+    Args:
+        max_rank: Largest rank R kept per layer (clamped to ``min(out, in)``); ``None`` keeps the full rank,
+            so the adapted model reproduces the dense one exactly.
+        target_modules: Module names or a regex, as in LoRA. ``None`` or ``"all-linear"`` targets every
+            linear / ``Conv1D`` layer except the output head.
+        exclude_modules: Names or a regex of modules never adapted.
+        layers_to_transform / layers_pattern: Restrict to some transformer blocks, as in LoRA.
+        rank_pattern: Per-module max ranks, ``{"name or regex": rank}``; mixed-rank plans land here.
+        rank_granularity: Ranks offered by selection helpers (FLOPs budgets, samplers, search) are
+            multiples of this (plus each layer's max rank): unaligned ranks run far slower on GPUs.
+        init: ``"svd"`` (weights only), ``"whitened"`` (activation-aware SVD, needs stats) or ``"projected"``
+            (utilized-rank projection ``P_T W P_S``, needs stats).
+        stats_path: Folder written by :meth:`ActivationStats.save` (needed by the data-aware inits).
+        stats: An in-memory :class:`~nsn_peft.ActivationStats` instead of ``stats_path`` (not serialised).
+        energy_input / energy_output: Energy kept by the input / output subspaces of ``init="projected"``.
+        energy_pattern: Per-module ``{"name or regex": [energy_input, energy_output]}`` overrides.
+        keep_dense_if_no_savings: With ``init="projected"``, leave a layer dense when its utilized-rank
+            factorisation would not be smaller than the dense matrix (``r(m+d) >= md``).
+        whitening_damp: Relative diagonal damping of the activation Gram before its Cholesky factor.
+        active_rank: Rank(s) the adapter runs at after creation or loading (``None`` = max); kept up to date
+            by ``set_rank`` so that a saved adapter comes back at the rank it was saved at.
+        init_device: Device to decompose on (e.g. ``"cuda"`` for a model still on CPU); default: the weight's.
+        modules_to_save: Extra modules to train and save in full (e.g. a classifier head).
+        bias: ``"none"``, ``"all"`` or ``"nsn_only"``: which biases are trained.
+    """
+
+    max_rank: Optional[int] = field(default=None, metadata={"help": "Max rank per layer; None = full rank."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to adapt; None = all linear layers."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+    rank_pattern: dict = field(default_factory=dict)
+    rank_granularity: int = field(default=64)
+    init: str = field(default="svd", metadata={"help": "One of 'svd', 'projected', 'whitened'."})
+    stats_path: Optional[str] = field(default=None)
+    stats: Optional[Any] = field(default=None, repr=False)
+    energy_input: float = field(default=1.0)
+    energy_output: float = field(default=1.0)
+    energy_pattern: dict = field(default_factory=dict)
+    keep_dense_if_no_savings: bool = field(default=True)
+    whitening_damp: float = field(default=1e-6)
+    active_rank: Optional[Union[int, dict]] = field(default=None)
+    init_device: Optional[str] = field(default=None)
+    modules_to_save: Optional[list[str]] = field(default=None)
+    bias: str = field(default="none")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.NSN
+        if self.max_rank is not None and (
+            not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 1
+        ):
+            raise ValueError(f"NSNConfig.max_rank must be a positive int or None, got {self.max_rank!r}")
+        if not isinstance(self.rank_granularity, int) or self.rank_granularity < 1:
+            raise ValueError(f"NSNConfig.rank_granularity must be a positive int, got {self.rank_granularity!r}")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"NSNConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ValueError(f"NSNConfig.rank_pattern[{pattern!r}] must be a positive int, got {rank!r}")
+        for name, value in (("energy_input", self.energy_input), ("energy_output", self.energy_output)):
+            if not 0 < value <= 1:
+                raise ValueError(f"NSNConfig.{name} must be in (0, 1], got {value!r}")
+        for pattern, pair in self.energy_pattern.items():
+            if len(pair) != 2 or not all(0 < e <= 1 for e in pair):
+                raise ValueError(f"NSNConfig.energy_pattern[{pattern!r}] must be [e_in, e_out] in (0, 1], got {pair!r}")
+        if self.bias not in ("none", "all", "nsn_only"):
+            raise ValueError(f"NSNConfig.bias must be 'none', 'all' or 'nsn_only', got {self.bias!r}")
+        if self.whitening_damp < 0:
+            raise ValueError(f"NSNConfig.whitening_damp must be >= 0, got {self.whitening_damp!r}")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("NSNConfig.layers_pattern requires layers_to_transform to be set as well.")
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.init in ("projected", "whitened")
+
+    def to_dict(self) -> dict:
+        # In-memory statistics are large tensors and never part of the serialised config.
+        stats, self.stats = self.stats, None
+        try:
+            data = asdict(self)
+        finally:
+            self.stats = stats
+        data.pop("stats", None)
+        return data

@@ -1,0 +1,251 @@
+"""``NSNModel``: the PEFT tuner that swaps targeted dense layers for nested factorisations."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ..calibrate.stats import ActivationStats
+from ..linalg import decompose
+from ..linalg.flops import factoring_saves
+from ..naming import canonical_module_name, lookup_pattern
+from . import ranks as _ranks
+from .config import NSNConfig
+from .layer import NSNLayer, NSNLinear, check_supported_module
+from .peft_type import loading_checkpoint
+
+logger = logging.getLogger(__name__)
+
+_COLLECT_HINT = (
+    "collect them first, e.g. `stats = nsn_peft.collect_activation_stats(model, texts, tokenizer=tok); "
+    "stats.save('stats/')` (or `nsn-peft calibrate`), then pass stats_path='stats/' or stats=stats"
+)
+
+
+class NSNModel(BaseTuner):
+    """Creates NSN layers from a base model; reached through ``get_peft_model(model, NSNConfig(...))``.
+
+    Besides the usual PEFT API it offers ``set_rank``, ``get_rank``, ``at_rank``, ``estimate_flops`` and
+    ``select_rank_for_target_flops`` (also reachable on the ``PeftModel``).
+    """
+
+    prefix: str = "nsn_"
+    tuner_layer_cls = NSNLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # -- injection -----------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: NSNConfig, model_config: dict) -> NSNConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
+        return peft_config
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # NSN factors *replace* the dense weight, so they keep its dtype: upcasting bf16 factors to fp32 (as
+        # PEFT does for small LoRA deltas) would double the memory of every adapted layer.
+        return
+
+    def _create_and_replace(
+        self,
+        peft_config: NSNConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        check_supported_module(target, current_key)
+        name = canonical_module_name(current_key)
+        key = lookup_pattern(peft_config.rank_pattern, name) if peft_config.rank_pattern else None
+        max_rank = peft_config.rank_pattern[key] if key is not None else peft_config.max_rank
+        if isinstance(target, NSNLayer):
+            full = min(target.in_features, target.out_features)
+            target.update_layer(adapter_name, max_rank or full)
+            new_module = target
+        else:
+            weight = target.weight
+            m, d = (weight.shape[1], weight.shape[0]) if isinstance(target, Conv1D) else tuple(weight.shape)
+            new_module = NSNLinear(target, adapter_name, max_rank or min(m, d), module_name=name)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        self._pending_init.append((name, new_module))
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        self._pending_init: list[tuple[str, NSNLayer]] = []
+        self._layer_index = None
+        try:
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+            )
+        except ValueError as err:
+            if "not found in the base model" in str(err):
+                available = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+                raise ValueError(
+                    f"NSN target_modules={self.peft_config[adapter_name].target_modules!r} match no module of "
+                    f"{type(model).__name__}. Linear/Conv1D modules available ({len(available)}): "
+                    f"{available[:12]}{' …' if len(available) > 12 else ''}"
+                ) from None
+            raise
+        pending, self._pending_init = self._pending_init, []
+        config = self.peft_config[adapter_name]
+        if not loading_checkpoint() and not low_cpu_mem_usage and state_dict is None:
+            self._initialize_factors(config, adapter_name, pending)
+        self._layer_index = None
+        if config.active_rank is not None:
+            _ranks.set_rank(self, config.active_rank, adapter_name=adapter_name)
+
+    @torch.no_grad()
+    def _initialize_factors(self, config: NSNConfig, adapter_name: str, pending: list[tuple[str, NSNLayer]]) -> None:
+        stats = None
+        if config.needs_stats:
+            stats = config.stats
+            if stats is None and config.stats_path is None:
+                raise ValueError(f"NSNConfig(init={config.init!r}) needs activation statistics: {_COLLECT_HINT}.")
+            if stats is None:
+                stats = ActivationStats.load(config.stats_path, layers=[n for n, _ in pending])
+            source = config.stats_path or "the ActivationStats object"
+            stats.check_compatible({n: layer.in_features for n, layer in pending}, source=str(source))
+        kept_dense: list[str] = []
+        for name, layer in tqdm(pending, desc=f"NSN init ({config.init})", unit="layer", disable=not pending):
+            weight = layer.dense_weight().detach()
+            device = torch.device(config.init_device) if config.init_device else weight.device
+            weight = weight.to(device)
+            decompose.check_finite(weight, name)
+            limit = layer.nsn_max_rank[adapter_name]
+            if config.init == "svd":
+                b, a = decompose.svd_factors(weight, limit)
+            elif config.init == "whitened":
+                b, a = decompose.whitened_factors(weight, stats.gram(name).to(device), limit, damp=config.whitening_damp)
+            else:
+                key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
+                e_in, e_out = config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
+                result = decompose.projected_factors(weight, stats.gram(name).to(device), e_in, e_out, rank=limit)
+                b, a = result.b, result.a
+                if config.keep_dense_if_no_savings and not factoring_saves(layer.out_features, layer.in_features, b.shape[1]):
+                    kept_dense.append(name)
+                    continue
+                if b.shape[1] != limit or name in config.rank_pattern:
+                    # Mixed ranks: record the layer's own rank so save/load recreate the same shapes.
+                    config.rank_pattern[name] = int(b.shape[1])
+            layer.set_factors(adapter_name, b, a)
+        if kept_dense:
+            self._keep_dense(config, adapter_name, kept_dense)
+
+    def _keep_dense(self, config: NSNConfig, adapter_name: str, names: list[str]) -> None:
+        logger.warning(
+            "Kept %d layer(s) dense because their utilized rank r gives r(m+d) >= m*d (no savings): %s",
+            len(names), names if len(names) <= 8 else names[:8] + ["…"],
+        )
+        for name in names:
+            parent, target, target_name = self._get_submodule_triplet(name)
+            if len(target.nsn_A) > 1:
+                target.delete_adapter(adapter_name)
+            else:
+                setattr(parent, target_name, target.get_base_layer())
+            config.rank_pattern.pop(name, None)
+        exclude = config.exclude_modules
+        anchored = "|".join(re.escape(n) for n in names)
+        if exclude is None:
+            config.exclude_modules = set(names)
+        elif isinstance(exclude, str):
+            config.exclude_modules = f"(?:{exclude})|(?:.*\\.)?(?:{anchored})"
+        else:
+            config.exclude_modules = set(exclude) | set(names)
+        self.targeted_module_names = [n for n in self.targeted_module_names if canonical_module_name(n) not in set(names)]
+        config.kept_dense = sorted(set(getattr(config, "kept_dense", [])) | set(names))
+
+    def _get_submodule_triplet(self, name: str):
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        return parent, getattr(parent, child), child
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    def _nsn_layer_index(self) -> dict[str, NSNLayer]:
+        index = getattr(self, "_layer_index", None)
+        if index is None:
+            index = {
+                canonical_module_name(n): m
+                for n, m in self.model.named_modules()
+                if isinstance(m, NSNLayer) and any(a in m.nsn_A for a in self.active_adapters)
+            }
+            self._layer_index = index
+        return index
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        if isinstance(adapter_name, (list, tuple)) and len(adapter_name) > 1:
+            raise ValueError(f"NSN supports one active adapter at a time (factors replace the weight), got {adapter_name}")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._layer_index = None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._layer_index = None
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        self._layer_index = None
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    # -- checkpoint loading ------------------------------------------------------------------------------
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {
+            k: tuple(v.shape)
+            for k, v in model.state_dict().items()
+            if (".nsn_A." in k or ".nsn_B." in k) and k.endswith(f".{adapter_name}")
+        }
+        for key, shape in expected.items():
+            module = canonical_module_name(key.rsplit(".nsn_", 1)[0])
+            factor = "nsn_A" if ".nsn_A." in key else "nsn_B"
+            if key not in remapped:
+                raise ValueError(f"NSN checkpoint has no {factor} for module '{module}' of this base model; was it saved from another model?")
+            found = tuple(remapped[key].shape)
+            if found != shape:
+                raise ValueError(
+                    f"NSN checkpoint does not match the base model: module '{module}' {factor} has shape {found} in the "
+                    f"checkpoint but {shape} in the model (first mismatch)."
+                )
+        unexpected = [k for k in remapped if (".nsn_A" in k or ".nsn_B" in k) and k not in expected]
+        if unexpected:
+            module = canonical_module_name(unexpected[0].rsplit(".nsn_", 1)[0])
+            raise ValueError(f"NSN checkpoint holds factors for module '{module}', which this base model lacks or does not target.")
+        return remapped
+
+    # -- rank API -------------------------------------------------------------------------------------
+    def set_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None) -> None:
+        _ranks.set_rank(self, rank, fraction=fraction)
+
+    def get_rank(self) -> dict[str, int]:
+        return _ranks.get_rank(self)
+
+    def get_max_rank(self) -> dict[str, int]:
+        return _ranks.get_max_rank(self)
+
+    def at_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None):
+        return _ranks.at_rank(self, rank, fraction=fraction)
+
+    def estimate_flops(self, rank: Optional[_ranks.RankSpec] = None, tokens: int = 1) -> _ranks.FlopsReport:
+        return _ranks.estimate_flops(self, rank, tokens)
+
+    def select_rank_for_target_flops(self, target_fraction: float, **kwargs: Any):
+        return _ranks.select_rank_for_target_flops(self, target_fraction, **kwargs)
+
+    def selectable_ranks(self) -> list[int]:
+        return _ranks.selectable_ranks(self)
