@@ -6,7 +6,15 @@ The bottom of the package: nothing here imports anything else of ``nsn_peft``.
 from __future__ import annotations
 
 from .decompose import ProjectedFactors, projected_factors, svd_factors, whitened_factors
-from .flops import break_even_rank, dense_flops, factored_flops, factored_params, factoring_saves, rank_grid
+from .flops import (
+    break_even_rank,
+    dense_flops,
+    factored_flops,
+    factored_params,
+    factoring_saves,
+    rank_for_params_fraction,
+    rank_grid,
+)
 from .gram import batch_gram
 from .spectra import loss_weighted_spectrum, whitened_spectrum
 
@@ -20,6 +28,7 @@ __all__ = [
     "factoring_saves",
     "loss_weighted_spectrum",
     "projected_factors",
+    "rank_for_params_fraction",
     "rank_grid",
     "svd_factors",
     "whitened_factors",

@@ -16,7 +16,7 @@ from peft.utils import PeftType, register_peft_method
 from .config import NSNConfig
 from .model import NSNModel
 from .model_card import append_nsn_section
-from .peft_type import checkpoint_load_scope, extend_peft_type
+from .peft_type import checkpoint_load_scope, extend_peft_type, keep_base_weights_scope
 
 
 def _patch_loading_entry_points() -> None:
@@ -26,14 +26,15 @@ def _patch_loading_entry_points() -> None:
     original_from_pretrained = PeftModel.from_pretrained.__func__
     original_load_adapter = PeftModel.load_adapter
 
+    # ``keep_base_weights=`` (NSN only) overrides the saved config: False loads for serving from factors only.
     @functools.wraps(original_from_pretrained)
-    def from_pretrained(cls, *args, **kwargs):
-        with checkpoint_load_scope():
+    def from_pretrained(cls, *args, keep_base_weights=None, **kwargs):
+        with checkpoint_load_scope(), keep_base_weights_scope(keep_base_weights):
             return original_from_pretrained(cls, *args, **kwargs)
 
     @functools.wraps(original_load_adapter)
-    def load_adapter(self, *args, **kwargs):
-        with checkpoint_load_scope():
+    def load_adapter(self, *args, keep_base_weights=None, **kwargs):
+        with checkpoint_load_scope(), keep_base_weights_scope(keep_base_weights):
             return original_load_adapter(self, *args, **kwargs)
 
     PeftModel.from_pretrained = classmethod(from_pretrained)
