@@ -6,9 +6,11 @@ dynamo and compiles once more; so does a first mix of different ranks across lay
 ``mode="reduce-overhead"`` each new rank records one CUDA graph on its first call (no compilation).
 :func:`compile_for_ranks` does those first calls up front and reports what each cost.
 
-Compiling with ``dynamic=False`` turns the rank back into a constant: every rank then compiles its own
-graph. :func:`compile_for_ranks` notices, raises dynamo's recompile limit to hold all warmed ranks, warns,
-and (by default) makes dynamo raise instead of silently falling back to eager when the limit is hit later.
+The rank stays symbolic under ``torch.compile(dynamic=False)`` too (an explicit dynamic mark is kept), so
+``generate``'s own compilation benefits as well. Should a graph specialise on the rank anyway (a torch
+version that drops the mark, a graph that branches on it), every rank compiles its own graph:
+:func:`compile_for_ranks` notices, raises dynamo's recompile limit to hold all warmed ranks, warns, and (by
+default) makes dynamo raise instead of silently falling back to eager when the limit is hit later.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def compile_for_ranks(
             compiles its decode step itself). Omit it to let this function compile ``model`` with
             ``torch.compile(model, **compile_kwargs)`` and call it on ``example_inputs``.
         example_inputs: Positional (tuple) or keyword (dict) inputs of ``model`` when ``warmup`` is omitted.
-        fail_on_recompile_limit: When each rank turns out to compile its own graph (``dynamic=False``), also
+        fail_on_recompile_limit: When each rank turns out to compile its own graph, also
             set ``torch._dynamo.config.fail_on_recompile_limit_hit`` so that a later rank past the limit
             raises instead of silently running eager.
 
@@ -115,6 +117,8 @@ def compile_for_ranks(
                 return compiled(*inputs)
     elif compile_kwargs:
         raise ValueError(f"compile_for_ranks: compile options {sorted(compile_kwargs)} apply only without warmup=")
+    for layer in _ranks.nsn_layers(model).values():
+        layer.make_rank_major()  # a row-major nsn_B would make the compiled graph specialise on the rank
     previous = _ranks.get_rank(model)
     tuner = _ranks._tuner(model)
     adapter = tuner.active_adapters[0] if tuner is not None else None
@@ -141,7 +145,7 @@ def compile_for_ranks(
 
 
 def _rank_is_static(n_ranks: int, fail_on_limit: bool) -> None:
-    """The second rank compiled again: the rank is a constant (``dynamic=False``); keep all ranks compiled."""
+    """The second rank compiled again: the graph specialises on the rank; keep all warmed ranks compiled."""
     config = torch._dynamo.config
     needed = n_ranks + 4  # the warmed ranks, plus room for batch sizes and rank 1
     if config.recompile_limit < needed:
@@ -150,7 +154,7 @@ def _rank_is_static(n_ranks: int, fail_on_limit: bool) -> None:
     if fail_on_limit:
         config.fail_on_recompile_limit_hit = True
     warnings.warn(
-        "compile_for_ranks: each rank compiles its own graph here (was the model compiled with dynamic=False?). "
+        "compile_for_ranks: each rank compiles its own graph here (the compiled code specialises on the rank). "
         f"Raised torch._dynamo.config.recompile_limit to {config.recompile_limit} to hold the warmed ranks"
         + ("; a rank past that limit now raises instead of silently running eager." if fail_on_limit else "."),
         stacklevel=3,

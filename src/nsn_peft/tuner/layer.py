@@ -222,10 +222,11 @@ class NSNLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def _materialise_meta_factors(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        """Load-state-dict pre-hook: factors created on the meta device take their tensors from the checkpoint.
+        """Load-state-dict pre-hook: factors created on the meta device take the checkpoint's tensors as they are.
 
-        Factors-only loading allocates each factor once, from the checkpoint, instead of a zero tensor that
-        the checkpoint is then copied into.
+        Factors-only loading thus allocates each factor once (no zero tensor to copy into). ``nsn_B`` arrives
+        row-major; :meth:`make_rank_major` re-lays it out after loading, once the checkpoint's tensors are
+        released, so that memory peaks at one layer above the final size.
         """
         for factor in ("nsn_A", "nsn_B"):
             params = getattr(self, factor)
@@ -233,16 +234,22 @@ class NSNLayer(BaseTunerLayer):
                 key = f"{prefix}{factor}.{adapter}"
                 if not param.is_meta or key not in state_dict:
                     continue
-                value = state_dict[key]
-                device = self.get_base_layer().weight.device
-                value = value.to(device=device, dtype=param.dtype)
-                params[adapter] = nn.Parameter(rank_major(value) if factor == "nsn_B" else value, requires_grad=param.requires_grad)
+                value = state_dict[key].to(device=self.get_base_layer().weight.device, dtype=param.dtype)
+                params[adapter] = nn.Parameter(value, requires_grad=param.requires_grad)
 
-    def _keep_rank_major(self, incompatible_keys: Any) -> None:
-        """Load-state-dict post-hook: ``assign=True`` loading replaces ``nsn_B`` by the checkpoint's row-major tensor."""
+    @torch.no_grad()
+    def make_rank_major(self) -> bool:
+        """Store every ``nsn_B`` column-major (see :func:`rank_major`); True if a factor was re-laid out.
+
+        Loading through PEFT leaves a checkpoint's row-major ``nsn_B`` when it assigns tensors; the loading
+        entry points call this afterwards. Outputs do not depend on the layout, only compiled rank switching does.
+        """
+        changed = False
         for adapter, param in list(self.nsn_B.items()):
-            if not param.is_meta and not param.t().is_contiguous():
+            if not param.is_meta and param.dim() == 2 and not param.t().is_contiguous():
                 self.nsn_B[adapter] = nn.Parameter(rank_major(param.data), requires_grad=param.requires_grad)
+                changed = True
+        return changed
 
     @torch.no_grad()
     def set_factors(self, adapter_name: str, b: torch.Tensor, a: torch.Tensor) -> None:
@@ -340,7 +347,6 @@ class NSNLinear(nn.Module, NSNLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, max_rank, device=device)
         self.register_load_state_dict_pre_hook(NSNLayer._materialise_meta_factors)
-        self.register_load_state_dict_post_hook(NSNLayer._keep_rank_major)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

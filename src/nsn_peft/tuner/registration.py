@@ -14,9 +14,17 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 from .config import NSNConfig
+from .layer import NSNLayer
 from .model import NSNModel
 from .model_card import append_nsn_section
 from .peft_type import checkpoint_load_scope, extend_peft_type, keep_base_weights_scope
+
+
+def _make_rank_major(model) -> None:
+    """After loading (the checkpoint's tensors are released by now), store ``nsn_B`` rank-major, layer by layer."""
+    for module in model.modules():
+        if isinstance(module, NSNLayer):
+            module.make_rank_major()
 
 
 def _patch_loading_entry_points() -> None:
@@ -30,12 +38,16 @@ def _patch_loading_entry_points() -> None:
     @functools.wraps(original_from_pretrained)
     def from_pretrained(cls, *args, keep_base_weights=None, **kwargs):
         with checkpoint_load_scope(), keep_base_weights_scope(keep_base_weights):
-            return original_from_pretrained(cls, *args, **kwargs)
+            model = original_from_pretrained(cls, *args, **kwargs)
+        _make_rank_major(model)
+        return model
 
     @functools.wraps(original_load_adapter)
     def load_adapter(self, *args, keep_base_weights=None, **kwargs):
         with checkpoint_load_scope(), keep_base_weights_scope(keep_base_weights):
-            return original_load_adapter(self, *args, **kwargs)
+            result = original_load_adapter(self, *args, **kwargs)
+        _make_rank_major(self)
+        return result
 
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
