@@ -65,6 +65,7 @@ def test_rank_stays_symbolic_with_dynamic_false(input_ids):
     assert warm.new_graphs == [1, 0, 0, 0]
 
 
+@pytest.mark.slow
 def test_rank_specialising_compilation_is_noticed_and_never_silently_falls_back(input_ids, monkeypatch):
     # Simulate code that specialises on the rank: without the dynamic mark every rank is a new constant.
     monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda *args: None)
