@@ -27,6 +27,7 @@ Ratios are NSN / dense speed (dense memory / NSN memory for ``memory_ratio``: NS
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -233,6 +234,45 @@ class Bench:
         return peft_model.eval(), peak
 
 
+TARGETS = {  # the issue's targets: FLOPs fraction -> minimum speed ratio vs dense
+    "prefill_b8_ratio": {0.75: 1.25, 0.5: 1.7, 0.25: 2.8},
+    "prefill_b1_ratio": {0.75: 1.2, 0.5: 1.6, 0.25: 2.4},
+    "decode_b1_ratio": {0.75: 1.2, 0.5: 1.5, 0.25: 2.4},
+    "decode_b16_ratio": {0.75: 1.2, 0.5: 1.45, 0.25: 2.2},
+}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Speed ratios vs dense per FLOPs fraction (targets as open markers), memory in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["fractions"]
+    xs = [float(name) for name in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels = {"prefill_b1_ratio": "prefill b1×2048", "prefill_b8_ratio": "prefill b8×2048",
+              "decode_b1_ratio": "decode b1 (compiled)", "decode_b16_ratio": "decode b16 (compiled)"}
+    for (key, label), color in zip(labels.items(), ["C0", "C1", "C2", "C3"]):
+        ax.plot(xs, [rows[n][key] for n in rows], "o-", color=color, label=label)
+        targets = TARGETS[key]
+        ax.plot(list(targets), list(targets.values()), "o", mfc="none", color=color, ms=9)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("FLOPs fraction of the dense model (break-even max rank × fraction)")
+    ax.set_ylabel("speed vs dense (×)")
+    ax.invert_xaxis()
+    memory = next(iter(rows.values()))["memory_ratio"]
+    full = result.get("full_rank_factors", {}).get("memory_ratio")
+    ax.set_title(f"Llama-3-8B-shaped, H100, factors only: memory {memory:.3f}× dense"
+                 + (f" (full-rank factors {full:.2f}×)" if full else ""), fontsize=10)
+    ax.legend(fontsize=8, title="filled: measured, open: target", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def ratio(nsn: dict, dense: dict, key: str) -> Optional[float]:
     if key not in nsn or key not in dense:
         return None
@@ -251,7 +291,12 @@ def main() -> None:
     parser.add_argument("--skip-full-rank", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tiny-cpu", action="store_true", help="tiny model on the CPU (checks the script runs)")
+    parser.add_argument("--plot", type=Path, default=None, help="also write the ratio plot (PNG) here")
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="only plot a results file")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text()), args.plot or args.plot_only.with_suffix(".png"))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch 1 and 16 each get their own static graph
     bench = Bench(args)
@@ -324,6 +369,8 @@ def main() -> None:
     print("\nfraction | " + " | ".join(keys))
     for name, row in per_fraction.items():
         print(f"{name:>8} | " + " | ".join("-" if row.get(k) is None else f"{row[k]:.3f}" for k in keys))
+    if args.plot:
+        plot(result, args.plot)
     if "full_rank_factors" in result:
         print(f"full-rank factors (factors only): memory {result['full_rank_factors']['memory_ratio']:.3f}x dense")
     print(f"dense: {dense_bytes / 2**30:.2f} GiB held; NSN break-even: {nsn_bytes / 2**30:.2f} GiB; "

@@ -49,7 +49,7 @@ def test_factors_only_holds_no_dense_weight(pair):
     adapted_dense = sum(layer.get_base_layer().weight.numel() * 4 for layer in _nsn_layers(keep))
     assert _held_bytes(drop) == _held_bytes(keep) - adapted_dense
     assert _held_bytes(drop) == _held_bytes(base) - adapted_dense + _factor_bytes(drop)
-    assert not drop.peft_config["default"].keep_base_weights is True
+    assert drop.peft_config["default"].keep_base_weights is False
 
 
 def test_factors_only_outputs_equal_default_mode_at_every_rank(pair, input_ids):
