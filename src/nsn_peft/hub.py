@@ -206,8 +206,6 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .naming import canonical_module_name
-
     torch_dtype = resolve_dtype(dtype)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     model_config = AutoConfig.from_pretrained(str(ref))
@@ -218,7 +216,8 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
     peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=False,
                                            torch_device=str(target))
     inner = peft_model.get_base_model()
-    missing = {canonical_module_name(n): n for n, p in inner.named_parameters(remove_duplicate=False) if p.is_meta}
+    # Checkpoint keys are the plain model's names; inside an adapted layer the base weights sit under "base_layer".
+    missing = {n.replace(".base_layer", ""): n for n, p in inner.named_parameters(remove_duplicate=False) if p.is_meta}
     for shard in shards:
         with safe_open(str(shard), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118  (safe_open handles have no __iter__)

@@ -11,6 +11,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .kernels import nested_linear
+
 __all__ = ["NSNLayer", "NSNLinear", "check_supported_module", "rank_major"]
 
 
@@ -338,6 +340,12 @@ class NSNLayer(BaseTunerLayer):
 class NSNLinear(nn.Module, NSNLayer):
     """Replaces ``nn.Linear``/``Conv1D``: ``y = (x @ A[:r]ᵀ) @ B[:, :r]ᵀ + bias``."""
 
+    #: Route the forward through :func:`nsn_peft.tuner.kernels.nested_linear`, which sends 1-token CUDA inference
+    #: calls to a Triton split-K kernel (2–27 % faster than two cuBLAS calls per layer on an H100 under CUDA
+    #: graphs) and everything else to the same two ``F.linear`` calls. Off by default until it is measured end
+    #: to end on a whole model; ``NSNLinear.use_kernels = True`` turns it on for every layer.
+    use_kernels: bool = False
+
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, max_rank: int, module_name: str = "",
         device: Optional[torch.device | str] = None,
@@ -363,11 +371,13 @@ class NSNLinear(nn.Module, NSNLayer):
         return self._factored(x, name, r)
 
     def _factored(self, x: torch.Tensor, name: str, r: int) -> torch.Tensor:
-        a = self.nsn_A[name][:r]  # views: switching rank copies nothing
-        b = self.nsn_B[name][:, :r]  # one contiguous block (column-major storage)
+        a, b = self.nsn_A[name], self.nsn_B[name]
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != a.dtype:
             x = x.to(a.dtype)
-        return F.linear(F.linear(x, a), b, self.get_base_layer().bias)
+        if self.use_kernels:
+            return nested_linear(x, a, b, r, self.get_base_layer().bias)
+        # Views: switching rank copies nothing; b[:, :r] is one contiguous block (column-major storage).
+        return F.linear(F.linear(x, a[:r]), b[:, :r], self.get_base_layer().bias)
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The dense layer; without its weight (factors only) the full-rank factors stand in for it, exactly."""
