@@ -290,3 +290,14 @@ def test_factors_only_loading_peak_memory_stays_near_the_final_size(tmp_path):
     # allocator's slack, so the bound is three dense layers rather than one (measured: 1.75 + 10 MB).
     assert run["peak_kib"] <= run["held_kib"] + 3 * largest_layer_kib, run
     assert run["peak_kib"] < 0.5 * dense_kib, run
+
+
+def test_kernel_dispatch_on_cpu_is_the_reference(input_ids, monkeypatch):
+    """``NSNLinear.use_kernels`` sends only CUDA 1-token calls to Triton; on the CPU outputs are unchanged."""
+    model = get_peft_model(tiny_llama(), NSNConfig(keep_base_weights=False, max_rank=16, rank_granularity=8))
+    model.set_rank(8)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        monkeypatch.setattr(NSNLinear, "use_kernels", True)
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
+        torch.testing.assert_close(model(input_ids[:, :1]).logits, model.get_base_model()(input_ids[:, :1]).logits)
