@@ -58,6 +58,12 @@ def test_warmup_callable_for_generate(input_ids):
     assert warm.new_graphs == [1, 0, 0] and warm.recompiles_after_first == 0 and warm.module is None
 
 
+def test_compile_for_ranks_makes_a_training_layout_rank_major(input_ids):
+    model = get_peft_model(tiny_llama(), NSNConfig(rank_granularity=8)).eval()  # dense kept, row-major factors
+    warm = nsn_peft.compile_for_ranks(model.get_base_model(), [32, 8, 16], example_inputs=(input_ids,), backend="eager")
+    assert warm.new_graphs == [1, 0, 0]
+
+
 def test_rank_stays_symbolic_with_dynamic_false(input_ids):
     model = _model()
     compiled = torch.compile(model.get_base_model(), backend="eager", dynamic=False)  # as generate's default config

@@ -200,8 +200,10 @@ def test_params_fraction_rank_is_the_largest_grid_rank_within_budget(m, d, fract
         assert rank == max(1, min(exact, min(m, d)))
 
 
-def test_rank_major_storage_survives_init_set_factors_and_state_dict(input_ids):
-    model = get_peft_model(tiny_llama(), NSNConfig(max_rank=16))
+def test_rank_major_storage_for_serving_row_major_for_training(input_ids):
+    training = get_peft_model(tiny_llama(), NSNConfig(max_rank=16))
+    assert all(layer.nsn_B["default"].is_contiguous() for layer in _nsn_layers(training))  # FSDP needs contiguous
+    model = get_peft_model(tiny_llama(), NSNConfig(max_rank=16, keep_base_weights=False))
     layer = _nsn_layers(model)[0]
     assert layer.nsn_B["default"].shape == (32, 16) and layer.nsn_B["default"].t().is_contiguous()
     layer.set_factors("default", torch.randn(32, 8), torch.randn(8, 32))
@@ -209,6 +211,11 @@ def test_rank_major_storage_survives_init_set_factors_and_state_dict(input_ids):
     state = model.state_dict()
     key = next(k for k in state if k.endswith("q_proj.nsn_B.default"))
     assert state[key].shape == (32, 8)
+    with torch.no_grad():
+        before = training(input_ids).logits
+        assert all(layer.make_rank_major() for layer in _nsn_layers(training))
+        torch.testing.assert_close(training(input_ids).logits, before, atol=0, rtol=0)
+    assert all(layer.nsn_B["default"].t().is_contiguous() for layer in _nsn_layers(training))
 
 
 def test_hub_load_adapter_factors_only_never_reads_dense_weights(tmp_path, input_ids):

@@ -135,6 +135,9 @@ class NSNLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._original_weight: Optional[torch.Tensor] = None
         self.base_weight_dropped = False
+        # nsn_B column-major (see rank_major): for serving (factors only) and compiled rank switching. Training
+        # keeps row-major, contiguous factors, which FSDP and DDP's gradient buckets require.
+        self.rank_major_storage = False
         base = self.get_base_layer()
         self.is_conv1d = isinstance(base, Conv1D)
         if self.is_conv1d:
@@ -171,7 +174,8 @@ class NSNLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         kwargs = {"device": weight.device if device is None else device, "dtype": weight.dtype}
         self.nsn_A[adapter_name] = nn.Parameter(torch.zeros(max_rank, self.in_features, **kwargs))
-        self.nsn_B[adapter_name] = nn.Parameter(torch.zeros(max_rank, self.out_features, **kwargs).t())
+        b = torch.zeros(self.out_features, max_rank, **kwargs)
+        self.nsn_B[adapter_name] = nn.Parameter(rank_major(b) if self.rank_major_storage else b)
         self.nsn_max_rank[adapter_name] = max_rank
         self.nsn_rank[adapter_name] = max_rank
         self.set_adapter(self.active_adapters)
@@ -241,11 +245,13 @@ class NSNLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def make_rank_major(self) -> bool:
-        """Store every ``nsn_B`` column-major (see :func:`rank_major`); True if a factor was re-laid out.
+        """Store every ``nsn_B`` column-major from now on (see :func:`rank_major`); True if a factor was re-laid out.
 
-        Loading through PEFT leaves a checkpoint's row-major ``nsn_B`` when it assigns tensors; the loading
-        entry points call this afterwards. Outputs do not depend on the layout, only compiled rank switching does.
+        Outputs do not depend on the layout; compiled rank switching does. Called by :func:`compile_for_ranks`, and
+        after loading a factors-only adapter (once the checkpoint's tensors are released). FSDP refuses
+        non-contiguous parameters: do not call it on a model about to be sharded.
         """
+        self.rank_major_storage = True
         changed = False
         for adapter, param in list(self.nsn_B.items()):
             if not param.is_meta and param.dim() == 2 and not param.t().is_contiguous():
@@ -267,11 +273,13 @@ class NSNLayer(BaseTunerLayer):
         kwargs = {"device": device, "dtype": old.dtype}
         if rank == old.shape[0] and not old.is_meta:
             self.nsn_A[adapter_name].copy_(a)
-            self.nsn_B[adapter_name].copy_(b)  # copy_ keeps the column-major storage
+            self.nsn_B[adapter_name].copy_(b)  # copy_ keeps the storage layout
         else:
             requires_grad = old.requires_grad
             self.nsn_A[adapter_name] = nn.Parameter(a.to(**kwargs).contiguous(), requires_grad=requires_grad)
-            self.nsn_B[adapter_name] = nn.Parameter(rank_major(b.to(**kwargs)), requires_grad=requires_grad)
+            b = b.to(**kwargs)
+            b = rank_major(b) if self.rank_major_storage else b.contiguous()
+            self.nsn_B[adapter_name] = nn.Parameter(b, requires_grad=requires_grad)
             self.nsn_max_rank[adapter_name] = rank
         self.nsn_rank[adapter_name] = min(self.nsn_rank.get(adapter_name, rank), rank)
 
@@ -348,10 +356,11 @@ class NSNLinear(nn.Module, NSNLayer):
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, max_rank: int, module_name: str = "",
-        device: Optional[torch.device | str] = None,
+        device: Optional[torch.device | str] = None, rank_major: bool = False,
     ) -> None:
         super().__init__()
         NSNLayer.__init__(self, base_layer, module_name=module_name)
+        self.rank_major_storage = rank_major
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, max_rank, device=device)
         self.register_load_state_dict_pre_hook(NSNLayer._materialise_meta_factors)

@@ -73,6 +73,8 @@ class NSNModel(BaseTuner):
         # Factors only: nothing is allocated here; each layer's factors appear when they are computed (init)
         # or read (checkpoint), and its dense weight is freed right then, so memory never holds both models.
         device = None if self._keep_base_weights(peft_config) else "meta"
+        if device == "meta" and isinstance(target, NSNLayer):
+            target.rank_major_storage = True
         if isinstance(target, NSNLayer):
             if target.base_weight_dropped and not self._loading:
                 raise RuntimeError(
@@ -82,7 +84,8 @@ class NSNModel(BaseTuner):
             target.update_layer(adapter_name, max_rank, device=device)
             new_module = target
         else:
-            new_module = NSNLinear(target, adapter_name, max_rank, module_name=name, device=device)
+            new_module = NSNLinear(target, adapter_name, max_rank, module_name=name, device=device,
+                                   rank_major=device == "meta")
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)

@@ -21,9 +21,10 @@ from .peft_type import checkpoint_load_scope, extend_peft_type, keep_base_weight
 
 
 def _make_rank_major(model) -> None:
-    """After loading (the checkpoint's tensors are released by now), store ``nsn_B`` rank-major, layer by layer."""
+    """After loading for serving (factors only; the checkpoint's tensors are released by now), store ``nsn_B``
+    rank-major, layer by layer."""
     for module in model.modules():
-        if isinstance(module, NSNLayer):
+        if isinstance(module, NSNLayer) and module.base_weight_dropped:
             module.make_rank_major()
 
 
