@@ -118,7 +118,10 @@ def base_model_reference(ref: Optional[Union[str, os.PathLike]], gguf_file: Opti
 
 def read_adapter_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     """``adapter_config.json`` of an NSN adapter folder; a clear error naming the folder if it is not one."""
+    from .tuner.registration import finish_interrupted_adapter_save
+
     folder = Path(folder).expanduser()
+    finish_interrupted_adapter_save(folder)
     if not folder.exists():
         raise FileNotFoundError(f"adapter folder not found: {folder}")
     if not folder.is_dir():

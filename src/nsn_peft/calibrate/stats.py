@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from ..io import atomic_directory, write_json, write_safetensors
+from ..io import atomic_directory, check_folder_destination, finish_interrupted_save, write_json, write_safetensors
 from ..naming import canonical_module_name
 
 STATS_FILE = "activation_stats.safetensors"
@@ -121,8 +121,12 @@ class ActivationStats:
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``activation_stats.safetensors`` + ``stats.json`` atomically into ``directory``."""
-        directory = Path(directory)
+        """Write ``activation_stats.safetensors`` + ``stats.json`` into ``directory`` as one transaction.
+
+        Other files of an existing ``directory`` (e.g. the output-gradient statistics that ``nsn-peft calibrate
+        --gradients`` keeps in a subfolder) are left as they are; a file at ``directory`` is an error.
+        """
+        directory = check_folder_destination(directory, "statistics folder")
         meta = {
             "format_version": FORMAT_VERSION,
             "model_id": self.model_id,
@@ -139,6 +143,7 @@ class ActivationStats:
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", layers: Optional[Iterable[str]] = None) -> ActivationStats:
         """Load statistics saved by :meth:`save`; ``layers`` restricts which matrices are read."""
         directory = Path(directory)
+        finish_interrupted_save(directory)
         meta_path, tensor_path = directory / META_FILE, directory / STATS_FILE
         if not meta_path.is_file() or not tensor_path.is_file():
             raise FileNotFoundError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import logging
@@ -310,7 +309,7 @@ def rows_to_csv(rows: list[dict[str, Any]], baseline: Optional[float]) -> str:
 def run_sweep(args: argparse.Namespace) -> CommandResult:
     import json
 
-    from ..io import atomic_path
+    from ..io import atomic_directory
 
     out_dir = Path(args.output_dir) if args.output_dir else None
     required(args, "output_dir")
@@ -338,11 +337,10 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
         "model": ref, "adapter": args.adapter, "data": args.data, "x": x, "results": rows, "baseline_perplexity": baseline,
         "files": {ext: str(out_dir / n) for ext, n in zip(("csv", "png", "json"), names)},
     }
-    # All three files are written to temporary names first and renamed only once all of them succeeded.
-    with contextlib.ExitStack() as stack:
-        tmp_csv, tmp_png, tmp_json = (stack.enter_context(atomic_path(out_dir / n)) for n in names)
-        tmp_csv.write_text(rows_to_csv(rows, baseline), encoding="utf-8")
-        tmp_png.write_bytes(png)
-        tmp_json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    # The three files replace their namesakes in one transaction; other files of the folder are kept.
+    with atomic_directory(out_dir) as staging:
+        (staging / names[0]).write_text(rows_to_csv(rows, baseline), encoding="utf-8")
+        (staging / names[1]).write_bytes(png)
+        (staging / names[2]).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     text = _rows_text(rows, baseline) + "\n\nWrote " + ", ".join(data["files"].values())
     return CommandResult(data, text)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
-from ..io import write_json, write_safetensors
+from ..io import atomic_directory, finish_interrupted_save, write_json, write_safetensors
 from ..tuner.ranks import at_rank, nsn_layers, selectable_ranks
 from .loss import WEIGHTINGS, RankBuckets, UncertaintyWeightedLoss, Weighting, distillation_loss
 from .samplers import RankSampler, RankSamplerLike, as_rank_sampler
@@ -546,15 +546,16 @@ class NSNTrainer(Trainer):
         return tensors, meta
 
     def save_multirank_state(self, directory: Union[str, os.PathLike]) -> None:
-        """Write ``nsn_multirank_state.safetensors`` + ``.json`` into ``directory`` (atomically, no pickle)."""
+        """Write ``nsn_multirank_state.safetensors`` + ``.json`` into ``directory`` (one transaction, no pickle)."""
         tensors, meta = self.multirank_state()
-        directory = Path(directory)
-        write_safetensors(directory / MULTIRANK_STATE_TENSORS, tensors, metadata={"format": "nsn-peft-multirank-state"})
-        write_json(directory / MULTIRANK_STATE_JSON, meta)
+        with atomic_directory(directory) as staging:
+            write_safetensors(staging / MULTIRANK_STATE_TENSORS, tensors, metadata={"format": "nsn-peft-multirank-state"})
+            write_json(staging / MULTIRANK_STATE_JSON, meta)
 
     def load_multirank_state(self, directory: Union[str, os.PathLike]) -> None:
         """Restore the state written by :meth:`save_multirank_state` (log-variances, sampler, counts)."""
         directory = Path(directory)
+        finish_interrupted_save(directory)
         tensor_path, json_path = directory / MULTIRANK_STATE_TENSORS, directory / MULTIRANK_STATE_JSON
         if not tensor_path.is_file() or not json_path.is_file():
             raise FileNotFoundError(f"'{directory}' holds no multi-rank state ({MULTIRANK_STATE_TENSORS} and {MULTIRANK_STATE_JSON})")
