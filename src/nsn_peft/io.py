@@ -59,6 +59,22 @@ MANIFEST = ".nsn-commit.json"
 
 
 # -- small helpers ---------------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: Path, umask: int) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (some writers, e.g. safetensors, use 0600)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _temp_name(target: Path, tag: str) -> Path:
     return target.parent / f".{target.name}{tag}{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -187,6 +203,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         _try_lock(fd)
         yield tmp
+        _normal_mode(tmp, _umask())
         _fsync_path(tmp)
         os.replace(tmp, target)
         _fsync_path(target.parent, directory=True)
@@ -336,9 +353,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         files = _staged_files(staging)
         check_folder_destination(target)
         _check_conflicts(target, files)
+        umask = _umask()
         for rel in files:
+            _normal_mode(staging / rel, umask)
             _fsync_path(staging / rel)
         for root, _dirs, _names in os.walk(staging):
+            _normal_mode(Path(root), umask)
             _fsync_path(Path(root), directory=True)
         with _folder_lock(target.parent):
             if not os.path.lexists(target):
