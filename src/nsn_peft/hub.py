@@ -28,6 +28,7 @@ TASKS = ("causal-lm", "sequence-classification")
 __all__ = [
     "DEFAULT_MODEL",
     "base_model_reference",
+    "check_adapter_files",
     "embedded_model_dir",
     "is_compressed_folder",
     "load_adapter",
@@ -118,7 +119,7 @@ def base_model_reference(ref: Optional[Union[str, os.PathLike]], gguf_file: Opti
 
 def read_adapter_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     """``adapter_config.json`` of an NSN adapter folder; a clear error naming the folder if it is not one."""
-    from .tuner.registration import finish_interrupted_adapter_save
+    from .tuner.registration import check_config_fields, finish_interrupted_adapter_save
 
     folder = Path(folder).expanduser()
     finish_interrupted_adapter_save(folder)
@@ -136,6 +137,22 @@ def read_adapter_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("peft_type") != "NSN":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise ValueError(f"{folder} holds a {kind!r} adapter, not an NSN adapter")
+    check_config_fields(config, path)
+    return config
+
+
+def check_adapter_files(folder: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Validate an NSN adapter folder without loading anything large: its config (fields included) and the
+    header of its weights file. Returns the config; errors name the file."""
+    from .io import check_safetensors
+
+    config = read_adapter_config(folder)
+    folder = Path(folder).expanduser()
+    weights = folder / "adapter_model.safetensors"
+    if weights.exists() or not (folder / "adapter_model.bin").is_file():
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors (an incomplete copy?)")
+        check_safetensors(weights)
     return config
 
 
@@ -157,7 +174,7 @@ def load_adapter(
     """
     from peft import PeftModel
 
-    config = read_adapter_config(adapter)
+    config = check_adapter_files(adapter)  # before the base model: a broken adapter fails in milliseconds
     ref = model if model is not None else config.get("base_model_name_or_path")
     if task is None:
         task = "sequence-classification" if config.get("task_type") == "SEQ_CLS" else "causal-lm"

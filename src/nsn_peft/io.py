@@ -47,6 +47,7 @@ __all__ = [
     "atomic_directory",
     "atomic_path",
     "check_folder_destination",
+    "check_safetensors",
     "finish_interrupted_save",
     "write_json",
     "write_safetensors",
@@ -225,6 +226,48 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Validate a safetensors file from its header alone (cheap: no tensor is read) and return the header.
+
+    Raises ``ValueError`` naming the file when it is truncated, has trailing bytes or a corrupt header, and
+    ``FileNotFoundError`` when it is missing — before anyone spends minutes loading a model to find out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path} is not a safetensors file: {size} bytes, too short for a header (truncated?)")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8 or length > 100_000_000:
+            raise ValueError(f"{path} is truncated or not a safetensors file: its header claims {length:,} bytes, the file has {size:,}")
+        try:
+            header = json.loads(handle.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path} has a corrupt safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path} has a corrupt safetensors header (entry {name!r})") from None
+        if not 0 <= begin <= stop:
+            raise ValueError(f"{path} has a corrupt safetensors header (entry {name!r} offsets {begin}..{stop})")
+        end = max(end, stop)
+    expected = 8 + length + end
+    if size < expected:
+        raise ValueError(f"{path} is truncated: {size:,} bytes, its header describes {expected:,} (an interrupted copy or download?)")
+    if size > expected:
+        raise ValueError(f"{path} is corrupt: {size - expected:,} unexpected bytes after the tensors")
+    return header
 
 
 # -- folder artifacts -------------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from ..io import atomic_directory, check_folder_destination, finish_interrupted_save, write_json, write_safetensors
+from ..io import (
+    atomic_directory,
+    check_folder_destination,
+    check_safetensors,
+    finish_interrupted_save,
+    write_json,
+    write_safetensors,
+)
 from ..naming import canonical_module_name
 
 STATS_FILE = "activation_stats.safetensors"
@@ -83,6 +90,8 @@ class ActivationStats:
         statistics, ``out_features`` for output-gradient statistics. The error names missing layers and wrong
         shapes; statistics of the other kind (they look alike) are refused outright.
         """
+        if source == "stats" and getattr(self, "_loaded_from", None):
+            source = self._loaded_from  # name the folder the statistics came from
         if self.kind != kind:
             hint = ("collect them with nsn_peft.collect_activation_stats (output-gradient statistics go to gradient_stats=)"
                     if kind == "activation" else "collect them with nsn_peft.collect_gradient_stats")
@@ -99,6 +108,15 @@ class ActivationStats:
             problems.append(f"missing layers {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         if wrong:
             problems.append(f"wrong shapes {wrong[:5]}")
+        present = [canonical_module_name(n) for n in shapes if canonical_module_name(n) in self.grams]
+        empty = [n for n in present if self.token_counts[n] <= 0]
+        if empty:
+            problems.append(f"layers {empty[:5]} were measured over 0 tokens (their statistics say nothing; "
+                            "calibrate on data that reaches them)")
+        broken = [n for n in present if n not in empty and not bool(torch.isfinite(self.grams[n]).all())]
+        if broken:
+            problems.append(f"layers {broken[:5]} hold NaN/Inf values (the model overflowed on the calibration "
+                            "data, or the file is damaged)")
         if problems:
             origin = f" (model '{self.model_id}')" if self.model_id else ""
             label = "Activation" if kind == "activation" else "Output-gradient"
@@ -155,6 +173,7 @@ class ActivationStats:
             layer_meta = meta["layers"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"Corrupt {meta_path}: {err}") from err
+        check_safetensors(tensor_path)  # a truncated file is named here, not deep inside safetensors
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path} has format_version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
         wanted = set(canonical_module_name(n) for n in layers) if layers is not None else None
@@ -170,4 +189,6 @@ class ActivationStats:
                 if tuple(gram.shape) != (info["in_features"], info["in_features"]):
                     raise ValueError(f"{tensor_path}: layer '{name}' has shape {tuple(gram.shape)}, metadata says {info['in_features']}")
                 grams[name], counts[name] = gram, int(info["tokens"])
-        return cls(grams, counts, meta.get("model_id"), meta.get("extra", {}))
+        stats = cls(grams, counts, meta.get("model_id"), meta.get("extra", {}))
+        stats._loaded_from = str(directory)
+        return stats

@@ -107,13 +107,13 @@ def load_base(args: argparse.Namespace, *, model: Optional[str] = None, task: Op
 
 def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Optional[str] = None):
     """``(peft_model, tokenizer, base_ref)`` from ``--adapter`` (base: ``--model`` or the adapter's own)."""
+    from ..hub import check_adapter_files
     from ..hub import load_adapter as load
-    from ..hub import read_adapter_config
 
     check_input_path(args.adapter, "adapter folder", kind="dir")
     try:
-        read_adapter_config(args.adapter)
-    except ValueError as err:
+        check_adapter_files(args.adapter)
+    except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     if args.model:
         check_model_ref(args.model)
@@ -163,11 +163,22 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
 
 def check_stats_dir(path: str) -> Path:
     """Usage error unless ``path`` is an activation-statistics folder written by ``calibrate``."""
-    from ..calibrate.stats import META_FILE, STATS_FILE
+    from ..calibrate.stats import GRADIENT_STATS_SUBDIR, META_FILE, STATS_FILE
+    from ..io import check_safetensors, finish_interrupted_save
 
     folder = check_input_path(path, "stats folder", kind="dir")
+    finish_interrupted_save(folder)
     if not (folder / META_FILE).is_file() or not (folder / STATS_FILE).is_file():
         raise UsageError(f"{path} is not an activation-stats folder (expected {META_FILE} and {STATS_FILE}; create it with `nsn-peft calibrate`)")
+    # Cheap checks of the files now, rather than a failure after the model has loaded.
+    for stats_dir in [folder] + ([folder / GRADIENT_STATS_SUBDIR] if (folder / GRADIENT_STATS_SUBDIR).is_dir() else []):
+        try:
+            json.loads((stats_dir / META_FILE).read_text(encoding="utf-8"))
+            check_safetensors(stats_dir / STATS_FILE)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"corrupt {stats_dir / META_FILE}: {err}") from None
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from None
     return folder
 
 

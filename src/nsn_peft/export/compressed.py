@@ -26,7 +26,14 @@ from safetensors import safe_open
 from torch import nn
 
 from ..devices import resolve_dtype
-from ..io import atomic_directory, check_folder_destination, finish_interrupted_save, write_json, write_safetensors
+from ..io import (
+    atomic_directory,
+    check_folder_destination,
+    check_safetensors,
+    finish_interrupted_save,
+    write_json,
+    write_safetensors,
+)
 from ..naming import canonical_module_name
 from ..tuner.ranks import _adapter, nsn_layers
 
@@ -199,6 +206,7 @@ def load_compressed(
     for file in (WEIGHTS_FILE, FACTORS_FILE):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"{folder / file} is missing: the compressed model folder is incomplete")
+        check_safetensors(folder / file)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
     config = transformers.AutoConfig.from_pretrained(folder)

@@ -117,6 +117,21 @@ class NSNLayer(BaseTunerLayer):
             if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
                 raise ValueError(f"Rank {rank!r} is invalid for '{self.module_name}' (adapter '{name}'): must be in [1, {limit}]")
             self.nsn_rank[name] = rank
+        self.refresh_merged_weight()
+
+    @torch.no_grad()
+    def refresh_merged_weight(self) -> None:
+        """After a rank change, make a merged layer compute its adapter's *current* rank again.
+
+        ``merge()`` writes ``B[:, :r] @ A[:r]`` into the base weight; without this a later ``set_rank`` would change
+        ``get_rank()`` and the saved config while the model kept computing the old rank.
+        """
+        if not self.merged or self._original_weight is None:
+            return
+        name = self.merged_adapters[0]
+        base = self.get_base_layer()
+        merged = self.effective_weight(name).to(base.weight.dtype)
+        base.weight.data.copy_(merged.T if self.is_conv1d else merged)
 
     def _single_active_adapter(self) -> Optional[str]:
         active = [name for name in self.active_adapters if name in self.nsn_A]

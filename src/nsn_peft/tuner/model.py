@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 from tqdm.auto import tqdm
@@ -20,7 +21,7 @@ from ..naming import canonical_module_name, lookup_pattern
 from . import ranks as _ranks
 from .config import NSNConfig
 from .layer import NSNLayer, NSNLinear, check_supported_module
-from .peft_type import loading_checkpoint
+from .peft_type import loading_checkpoint, loading_source
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,69 @@ class NSNModel(BaseTuner):
 
     # -- injection -----------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: NSNConfig, model_config: dict) -> NSNConfig:
-        if peft_config.target_modules is None:
+        all_linear = peft_config.target_modules is None or (
+            isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+        )
+        if all_linear:
             peft_config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
+        # PEFT expands "all-linear" into full module names, which it matches before looking at layers_to_transform;
+        # remembered here so that the layer filter still applies (see _check_target_module_exists).
+        peft_config._nsn_filter_layers = all_linear and peft_config.layers_to_transform is not None
         return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: NSNConfig, key: str):
+        result = check_target_module_exists(peft_config, key)
+        if result and not isinstance(result, _ExcludedModule) and getattr(peft_config, "_nsn_filter_layers", False):
+            if "." not in key:
+                return False  # a top-level module belongs to no numbered layer
+            narrowed = copy.copy(peft_config)
+            narrowed.target_modules = {key.rsplit(".", 1)[1]}
+            return check_target_module_exists(narrowed, key)
+        return result
+
+    @staticmethod
+    def _check_layers_to_transform(model: nn.Module, config: NSNConfig) -> None:
+        """Name ``layers_to_transform`` (and the valid range) when it asks for layers the model does not have."""
+        wanted = config.layers_to_transform
+        if wanted is None:
+            return
+        wanted = [wanted] if isinstance(wanted, int) else list(wanted)
+        patterns = config.layers_pattern
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        regexes = [rf"(?:^|.*?\.){re.escape(p)}\.(\d+)\." for p in patterns] or [r".*?\.[^.]*\.(\d+)\."]
+        unfiltered = copy.copy(config)
+        unfiltered.layers_to_transform, unfiltered.layers_pattern = None, None
+        all_linear = config.target_modules is None or config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND
+        present: set[int] = set()
+        containers: set[str] = set()
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, Conv1D, NSNLayer)):
+                continue
+            if not all_linear and not check_target_module_exists(unfiltered, name):
+                continue
+            container = re.match(r"(?:^|.*?\.)([^.]+)\.\d+\.", name)
+            if container:
+                containers.add(container.group(1))
+            for regex in regexes:
+                match = re.match(regex, name)
+                if match:
+                    present.add(int(match.group(1)))
+                    break
+        if not present:
+            if patterns and containers:
+                raise ValueError(
+                    f"NSNConfig.layers_pattern={config.layers_pattern!r} names no numbered block of {type(model).__name__}; "
+                    f"its targeted modules sit in {sorted(containers)}."
+                )
+            return  # no numbered layers among the targets: the target_modules error says more
+        missing = sorted(set(wanted) - present)
+        if missing:
+            where = f" (layers_pattern={config.layers_pattern!r})" if config.layers_pattern else ""
+            raise ValueError(
+                f"NSNConfig.layers_to_transform={config.layers_to_transform!r}: {type(model).__name__} has no layer "
+                f"{', '.join(map(str, missing))}{where}; its targeted layers are numbered {min(present)}-{max(present)}."
+            )
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # NSN factors *replace* the dense weight, so they keep its dtype: upcasting bf16 factors to fp32 (as
@@ -89,6 +150,7 @@ class NSNModel(BaseTuner):
     ) -> None:
         self._pending_init: list[tuple[str, NSNLayer]] = []
         self._layer_index = None
+        self._check_layers_to_transform(model, self.peft_config[adapter_name])
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -107,6 +169,12 @@ class NSNModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if not loading_checkpoint() and not low_cpu_mem_usage and state_dict is None:
             self._initialize_factors(config, adapter_name, pending)
+        if getattr(config, "_nsn_filter_layers", False):
+            # Record the modules actually adapted, so that the saved config recreates exactly them.
+            config.target_modules = {
+                n for n, m in model.named_modules() if isinstance(m, NSNLayer) and adapter_name in m.nsn_A
+            }
+            config._nsn_filter_layers = False
         self._layer_index = None
         if config.active_rank is not None:
             _ranks.set_rank(self, config.active_rank, adapter_name=adapter_name)
@@ -129,15 +197,20 @@ class NSNModel(BaseTuner):
             weight = weight.to(device)
             decompose.check_finite(weight, name)
             limit = layer.nsn_max_rank[adapter_name]
-            if config.init == "svd":
-                b, a = decompose.svd_factors(weight, limit)
-            elif config.init == "whitened":
-                b, a = decompose.whitened_factors(weight, stats.gram(name).to(device), limit, damp=config.whitening_damp)
-            else:
-                key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
-                e_in, e_out = config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
-                result = decompose.projected_factors(weight, stats.gram(name).to(device), e_in, e_out, rank=limit)
-                b, a = result.b, result.a
+            try:
+                if config.init == "svd":
+                    b, a = decompose.svd_factors(weight, limit)
+                elif config.init == "whitened":
+                    b, a = decompose.whitened_factors(weight, stats.gram(name).to(device), limit, damp=config.whitening_damp)
+                else:
+                    key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
+                    e_in, e_out = config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
+                    result = decompose.projected_factors(weight, stats.gram(name).to(device), e_in, e_out, rank=limit)
+                    b, a = result.b, result.a
+            except (ValueError, RuntimeError) as err:  # torch.linalg.LinAlgError is a RuntimeError
+                origin = f" with statistics from {config.stats_path}" if config.needs_stats and config.stats_path else ""
+                raise ValueError(f"NSN init={config.init!r} failed for layer '{name}'{origin}: {err}") from err
+            if config.init == "projected":
                 if config.keep_dense_if_no_savings and not factoring_saves(layer.out_features, layer.in_features, b.shape[1]):
                     kept_dense.append(name)
                     continue
@@ -206,6 +279,8 @@ class NSNModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        source = loading_source()
+        origin = f" ({source})" if source else ""
         expected = {
             k: tuple(v.shape)
             for k, v in model.state_dict().items()
@@ -215,17 +290,21 @@ class NSNModel(BaseTuner):
             module = canonical_module_name(key.rsplit(".nsn_", 1)[0])
             factor = "nsn_A" if ".nsn_A." in key else "nsn_B"
             if key not in remapped:
-                raise ValueError(f"NSN checkpoint has no {factor} for module '{module}' of this base model; was it saved from another model?")
+                raise ValueError(f"NSN checkpoint{origin} has no {factor} for module '{module}' of this base model; was it saved from another model?")
             found = tuple(remapped[key].shape)
             if found != shape:
                 raise ValueError(
-                    f"NSN checkpoint does not match the base model: module '{module}' {factor} has shape {found} in the "
-                    f"checkpoint but {shape} in the model (first mismatch)."
+                    f"NSN checkpoint{origin} does not match the base model: module '{module}' {factor} has shape {found} in "
+                    f"the checkpoint but {shape} in the model (first mismatch)."
                 )
+            tensor = remapped[key]
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+                bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                raise ValueError(f"NSN checkpoint{origin}: the {factor} factor of module '{module}' holds {bad} values")
         unexpected = [k for k in remapped if (".nsn_A" in k or ".nsn_B" in k) and k not in expected]
         if unexpected:
             module = canonical_module_name(unexpected[0].rsplit(".nsn_", 1)[0])
-            raise ValueError(f"NSN checkpoint holds factors for module '{module}', which this base model lacks or does not target.")
+            raise ValueError(f"NSN checkpoint{origin} holds factors for module '{module}', which this base model lacks or does not target.")
         return remapped
 
     # -- rank API -------------------------------------------------------------------------------------

@@ -86,7 +86,11 @@ def set_rank(
         rank: an int for every layer (clamped to each layer's max rank, so ``set_rank(m, 10**9)`` means
             "full"); or a dict ``{module name or pattern: rank}`` — strict: a rank above a layer's max or a
             key that matches no layer raises ``ValueError``; layers not named keep their rank.
-        fraction: instead of ``rank``, a fraction of each layer's max rank, rounded down to the grid.
+        fraction: instead of ``rank``, a fraction of each layer's max rank, rounded down to the grid (a layer
+            whose max rank is not above ``rank_granularity`` is rounded down to an integer rank instead).
+
+    On a merged model (``merge_adapter()``) the merged weights are recomputed at the new ranks, so the
+    model always computes the ranks that :func:`get_rank` reports and that ``save_pretrained`` records.
     """
     layers = nsn_layers(model)
     adapter = _adapter(model, layers, adapter_name)
@@ -96,9 +100,7 @@ def set_rank(
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         g = _granularity(model, adapter)
-        for layer in layers.values():
-            limit = layer.nsn_max_rank[adapter]
-            layer.nsn_rank[adapter] = F.round_rank_down(fraction * limit, limit, g)
+        _assign(layers, adapter, {n: F.fraction_rank(fraction, layer.nsn_max_rank[adapter], g) for n, layer in layers.items()})
         _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
         return
     if isinstance(rank, Mapping):
@@ -115,15 +117,24 @@ def set_rank(
                 if not isinstance(layer_rank, int) or isinstance(layer_rank, bool) or not 1 <= layer_rank <= limit:
                     raise ValueError(f"Rank {layer_rank!r} for '{name}' is outside [1, {limit}] (its max rank)")
                 assignments[name] = layer_rank
-        for name, layer_rank in assignments.items():
-            layers[name].nsn_rank[adapter] = layer_rank
+        _assign(layers, adapter, assignments)
         _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
         return
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive int (or a dict of them), got {rank!r}")
-    for layer in layers.values():
-        layer.nsn_rank[adapter] = min(rank, layer.nsn_max_rank[adapter])
+    _assign(layers, adapter, {n: min(rank, layer.nsn_max_rank[adapter]) for n, layer in layers.items()})
     _record(model, adapter, rank)
+
+
+def _assign(layers: Mapping[str, NSNLayer], adapter: str, ranks: Mapping[str, int]) -> None:
+    """Set the ranks; a merged layer whose rank changed is re-merged at its new rank (it computes what
+    ``get_rank`` reports)."""
+    for name, rank in ranks.items():
+        layer = layers[name]
+        if layer.nsn_rank[adapter] != rank:
+            layer.nsn_rank[adapter] = rank
+            if adapter in layer.merged_adapters:
+                layer.refresh_merged_weight()
 
 
 def _record(model: nn.Module, adapter: str, spec: RankSpec) -> None:
@@ -172,8 +183,7 @@ def at_rank(
     try:
         yield model
     finally:
-        for name, layer in layers.items():
-            layer.nsn_rank[adapter] = previous[name]
+        _assign(layers, adapter, previous)
         if tuner is not None:
             tuner.peft_config[adapter].active_rank = previous_spec
 

@@ -20,7 +20,7 @@ from peft.config import PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-from ..io import atomic_directory, finish_interrupted_save
+from ..io import atomic_directory, check_safetensors, finish_interrupted_save
 from .config import NSNConfig
 from .model import NSNModel
 from .model_card import append_nsn_section
@@ -37,6 +37,9 @@ def finish_interrupted_adapter_save(model_id: object, subfolder: object = None) 
         candidates.insert(0, folder / subfolder)
     for candidate in candidates:
         finish_interrupted_save(candidate)
+    weights = candidates[0] / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)  # a truncated or corrupt file is named, not reported from deep inside safetensors
 
 
 def _patch_loading_entry_points() -> None:
@@ -51,25 +54,51 @@ def _patch_loading_entry_points() -> None:
     @functools.wraps(original_from_pretrained)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
         finish_interrupted_adapter_save(model_id, kwargs.get("subfolder"))
-        with checkpoint_load_scope():
+        with checkpoint_load_scope(_source(model_id, kwargs.get("subfolder"))):
             return original_from_pretrained(cls, model, model_id, *args, **kwargs)
 
     @functools.wraps(original_load_adapter)
     def load_adapter(self, model_id, *args, **kwargs):
         finish_interrupted_adapter_save(model_id, kwargs.get("subfolder"))
-        with checkpoint_load_scope():
+        with checkpoint_load_scope(_source(model_id, kwargs.get("subfolder"))):
             return original_load_adapter(self, model_id, *args, **kwargs)
 
     @functools.wraps(original_from_json_file)
     def from_json_file(cls, path_json_file, **kwargs):
         # Every config read (PeftConfig.from_pretrained, AutoPeftModel…) goes through here.
         finish_interrupted_adapter_save(os.path.dirname(os.fspath(path_json_file)) or ".")
-        return original_from_json_file(cls, path_json_file, **kwargs)
+        loaded = original_from_json_file(cls, path_json_file, **kwargs)
+        if isinstance(loaded, dict) and loaded.get("peft_type") == PeftType.NSN.value:
+            check_config_fields(loaded, path_json_file)
+        return loaded
 
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
     PeftConfigMixin.from_json_file = classmethod(from_json_file)
     PeftModel._nsn_patched = True
+
+
+def _source(model_id: object, subfolder: object) -> str:
+    """What load errors name: the local adapter folder (or the Hub id)."""
+    source = os.fspath(model_id) if isinstance(model_id, (str, os.PathLike)) else repr(model_id)
+    source = os.path.join(source, subfolder) if isinstance(subfolder, str) and subfolder else source
+    weights = os.path.join(source, "adapter_model.safetensors")
+    return weights if os.path.isfile(weights) else source
+
+
+# The fields that decide which modules an adapter has and their shapes: a config without them would target
+# other modules, or other ranks, than its checkpoint holds.
+STRUCTURAL_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "max_rank", "rank_pattern")
+
+
+def check_config_fields(config: dict, path: object) -> None:
+    """Raise a ``ValueError`` naming ``path`` and the fields if an NSN ``adapter_config.json`` lacks structural fields."""
+    missing = [name for name in STRUCTURAL_FIELDS if name not in config]
+    if missing:
+        raise ValueError(
+            f"{os.fspath(path)} lacks the NSN field(s) {', '.join(missing)}: without them the adapter's modules and ranks "
+            "cannot be recreated; restore them (save_pretrained writes every field)"
+        )
 
 
 def _saves_nsn(model: PeftModel, selected_adapters) -> bool:
