@@ -182,3 +182,50 @@ def test_stale_file_temporaries_are_cleaned_by_the_next_write(tmp_path):
     assert len(_temporaries(target)) == 1
     io.write_json(target, {"ok": True})
     assert _temporaries(target) == [] and target.read_text().strip().endswith("}")
+
+
+def test_check_safetensors_names_truncated_and_corrupt_files(tmp_path):
+    import torch
+
+    path = tmp_path / "t.safetensors"
+    io.write_safetensors(path, {"a": torch.arange(100.0), "b": torch.zeros(3, 3)})
+    header = io.check_safetensors(path)
+    assert set(header) - {"__metadata__"} == {"a", "b"}
+    data = path.read_bytes()
+    for cut, message in [(data[:-1], "is truncated"), (data[:5], "too short"), (data[:20], "truncated or not a safetensors"),
+                         (data + b"x", "unexpected bytes")]:
+        path.write_bytes(cut)
+        with pytest.raises(ValueError, match=rf"t\.safetensors.*{message}"):
+            io.check_safetensors(path)
+    path.write_bytes(data[:8] + b"{" * (len(data) - 8))
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        io.check_safetensors(path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        io.check_safetensors(tmp_path / "nope.safetensors")
+
+
+def test_nested_saves_into_a_staging_folder_do_not_deadlock(tmp_path):
+    """A save into a subfolder of another save's staging folder (statistics + gradient statistics in one
+    calibration output) must not wait for the lock its own outer save holds."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with io.atomic_directory(tmp_path / "out") as staging:
+                _write_version(staging, V1)  # into the staging folder itself
+                _write_version(staging / "output_gradients", V2)  # a new folder inside it
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("nested saves deadlocked")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _read(tmp_path / "out", V1) == V1 and _read(tmp_path / "out" / "output_gradients", V2) == V2

@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -110,6 +111,28 @@ def _try_lock(fd: int, blocking: bool = False) -> bool:
         return True
 
 
+# Files and folders this process holds a lock on, by inode, with the thread that holds it. flock locks belong to
+# open descriptions, so a second descriptor of this very process would wait for the first forever: a save nested
+# in another save's staging folder (a statistics folder inside a calibration output) must see it as already held.
+_HELD: dict[tuple[int, int], int] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _hold(fd: int) -> None:
+    with _HELD_GUARD:
+        _HELD[_inode(fd)] = threading.get_ident()
+
+
+def _release(fd: int) -> None:
+    with _HELD_GUARD, contextlib.suppress(OSError):
+        _HELD.pop(_inode(fd), None)
+
+
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     """Serialise commits and recoveries of the artifacts inside ``folder`` (a lock on the folder itself)."""
@@ -117,11 +140,19 @@ def _folder_lock(folder: Path) -> Iterator[None]:
     if fcntl is not None:
         with contextlib.suppress(OSError):
             fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            _try_lock(fd, blocking=True)
+            with _HELD_GUARD:
+                mine = _HELD.get(_inode(fd)) == threading.get_ident()
+            if mine:  # this thread already holds it (an outer save's staging folder)
+                os.close(fd)
+                fd = None
+            else:
+                _try_lock(fd, blocking=True)
+                _hold(fd)
     try:
         yield
     finally:
         if fd is not None:
+            _release(fd)
             os.close(fd)
 
 
@@ -203,12 +234,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         _try_lock(fd)
+        _hold(fd)
         yield tmp
         _normal_mode(tmp, _umask())
         _fsync_path(tmp)
         os.replace(tmp, target)
         _fsync_path(target.parent, directory=True)
     finally:
+        _release(fd)
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -392,6 +425,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     committed = False
     try:
         _try_lock(fd)
+        _hold(fd)
         yield staging
         files = _staged_files(staging)
         check_folder_destination(target)
@@ -424,6 +458,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             _roll_forward(staging, target, files)
             _remove(staging)
     finally:
+        _release(fd)
         os.close(fd)
         if not committed and staging.exists():
             _remove(staging)

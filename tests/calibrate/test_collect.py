@@ -304,3 +304,72 @@ def test_batch_gram_is_the_float32_product():
     torch.testing.assert_close(batch_gram(half), half.float().T @ half.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="matrix"):
         batch_gram(x[None])
+
+
+# -- bad statistics are named, and saving never destroys what is at the destination -----------------------------
+def _saved_stats(tmp_path):
+    stats = collect_activation_stats(tiny_llama(), _blocks(), target_modules=["up_proj", "down_proj"], show_progress=False)
+    stats.save(tmp_path / "stats")
+    return stats, tmp_path / "stats"
+
+
+@pytest.mark.parametrize("init", ["whitened", "projected"])
+def test_statistics_over_zero_tokens_are_refused_by_layer_and_folder(tmp_path, init):
+    stats, folder = _saved_stats(tmp_path)
+    stats.token_counts["model.layers.1.mlp.up_proj"] = 0
+    stats.grams["model.layers.1.mlp.up_proj"].zero_()
+    stats.save(folder)
+    with pytest.raises(ValueError, match=r"stats.*model\.layers\.1\.mlp\.up_proj.*0 tokens"):
+        get_peft_model(tiny_llama(), NSNConfig(init=init, stats_path=str(folder), target_modules=["up_proj"]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_are_named_by_layer(tmp_path, bad):
+    stats, folder = _saved_stats(tmp_path)
+    stats.grams["model.layers.0.mlp.down_proj"][3, 3] = bad
+    stats.save(folder)
+    with pytest.raises(ValueError, match=rf"{folder}.*model\.layers\.0\.mlp\.down_proj.*NaN/Inf"):
+        get_peft_model(tiny_llama(), NSNConfig(init="whitened", stats_path=str(folder), target_modules=["down_proj"]))
+
+
+def test_a_failing_decomposition_names_the_layer(monkeypatch):
+    from nsn_peft.linalg import decompose
+
+    stats = collect_activation_stats(tiny_llama(), _blocks(), target_modules=["up_proj"], show_progress=False)
+
+    def singular(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
+
+    monkeypatch.setattr(decompose, "whitened_factors", singular)
+    with pytest.raises(ValueError, match=r"init='whitened' failed for layer 'model\.layers\.0\.mlp\.up_proj'.*cholesky"):
+        get_peft_model(tiny_llama(), NSNConfig(init="whitened", stats=stats, target_modules=["up_proj"]))
+
+
+def test_truncated_statistics_file_is_named(tmp_path):
+    _, folder = _saved_stats(tmp_path)
+    tensors = folder / "activation_stats.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"activation_stats\.safetensors is truncated"):
+        ActivationStats.load(folder)
+
+
+def test_saving_keeps_gradient_statistics_and_other_files(tmp_path):
+    stats, folder = _saved_stats(tmp_path)
+    grads = ActivationStats({"model.layers.0.mlp.up_proj": torch.eye(48, dtype=torch.float64)}, {"model.layers.0.mlp.up_proj": 5},
+                            extra={"kind": "output_gradient"})
+    grads.save(folder / "output_gradients")
+    (folder / "notes.txt").write_text("mine")
+    stats.token_counts = {k: v + 1 for k, v in stats.token_counts.items()}
+    stats.save(folder)
+    assert ActivationStats.load(folder).token_counts == stats.token_counts
+    assert ActivationStats.load(folder / "output_gradients").token_counts == {"model.layers.0.mlp.up_proj": 5}
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_saving_over_a_file_is_a_clear_error(tmp_path):
+    stats, _ = _saved_stats(tmp_path)
+    target = tmp_path / "plain_file"
+    target.write_text("precious")
+    with pytest.raises(NotADirectoryError, match=r"statistics folder .*plain_file: a file exists there"):
+        stats.save(target)
+    assert target.read_text() == "precious"

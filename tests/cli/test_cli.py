@@ -23,6 +23,7 @@ import yaml
 from tiny_models import build_tiny_model
 from tiny_models import sentences as _sentences
 
+import nsn_peft
 from nsn_peft.cli import build_parser, main
 
 COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info"]
@@ -31,6 +32,9 @@ MAX_RANK = "32"
 
 def run_cli(*args: object, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    # The subprocess runs in another folder: point it at the package under test, not at whatever a relative
+    # PYTHONPATH or an installed copy would resolve to there.
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(nsn_peft.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "nsn_peft", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
     )
@@ -387,3 +391,65 @@ def test_calibrate_with_gradients_feeds_loss_weighted_budget_search(ws):
     proc = run_cli("adapt", "--model", "tiny", "--init", "whitened", "--stats", "stats_grad/output_gradients", "--output", "bad",
                    cwd=ws, expect=1)
     assert "output_gradient statistics, not activation statistics" in proc.stderr and not (ws / "bad").exists()
+
+
+# --- trust: clear errors before loading, outputs with normal modes ---------------------------------------------
+def test_eval_on_too_little_text_is_a_usage_error(ws, adapter, in_process, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ws)
+    short = tmp_path / "short.txt"
+    short.write_text("the model runs fast .\n")
+    from nsn_peft import hub
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the data is obviously too short")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hub, "load_model_and_tokenizer", no_loading)
+        assert in_process(["eval", "--adapter", "adapter", "--data", str(short)]) == 2
+        assert_one_line_error(capsys.readouterr().err, "eval", "fewer than --seq-len 512: not one full window")
+    # Short enough only once tokenised: found right after loading, before any evaluation.
+    assert in_process(["eval", "--adapter", "adapter", "--data", str(short), "--seq-len", "32"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "eval", "gives 6 tokens, fewer than --seq-len 32")
+
+
+def test_misspelt_config_section_is_named_with_the_commands(ws, adapter, in_process, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ws)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"info": {"adapter": "adapter"}, "evall": {"ranks": "8"}}))
+    assert in_process(["info", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "info", f"config file {config}: section 'evall' is not a command; did you mean 'eval'?")
+    assert "commands: adapt, calibrate" in err
+    config.write_text(yaml.safe_dump({"infoo": {"adapter": "adapter"}}))
+    assert in_process(["info", "--config", str(config)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "info", "section 'infoo' is not a command; did you mean 'info'?")
+
+
+def test_corrupt_statistics_and_adapter_files_are_named_before_loading(ws, adapter, stats, in_process, capsys, monkeypatch):
+    monkeypatch.chdir(ws)
+    shutil.copytree(stats, ws / "broken_stats")
+    tensors = ws / "broken_stats" / "activation_stats.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-64])
+    shutil.copytree(adapter, ws / "broken_adapter")
+    weights = ws / "broken_adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+    from nsn_peft import hub
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the files were checked")
+
+    monkeypatch.setattr(hub, "load_model_and_tokenizer", no_loading)
+    assert in_process(["adapt", "--model", "tiny", "--init", "whitened", "--stats", "broken_stats", "--output", "w"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "adapt", "broken_stats/activation_stats.safetensors is truncated")
+    assert in_process(["eval", "--adapter", "broken_adapter", "--data", "valid.txt"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "eval", "broken_adapter/adapter_model.safetensors is truncated")
+    assert not (ws / "w").exists()
+
+
+def test_outputs_get_the_umask_modes(adapter, stats):
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in (adapter, stats):
+        for path in [folder, *folder.rglob("*")]:
+            expected = (0o777 if path.is_dir() else 0o666) & ~mask
+            assert path.stat().st_mode & 0o777 == expected, path

@@ -161,6 +161,30 @@ def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: lis
     return {"perplexity": float(result["perplexity"]), "nll": float(result["nll"]), "tokens": int(result["tokens"])}
 
 
+def check_enough_tokens(args: argparse.Namespace, tokenizer: Any, texts: list[str]) -> int:
+    """Usage error unless ``--data`` fills at least one window of ``--seq-len`` tokens (after ``--max-tokens``).
+
+    A perplexity over a few tokens of a partial window is noise, and not comparable with any other result.
+    Without a tokenizer (before the model is loaded) a safe upper bound is used: no tokenizer makes more than
+    two tokens per byte of text, plus one end-of-document token each.
+    """
+    from ..data import token_stream
+
+    if tokenizer is None:
+        count = sum(2 * len(text.encode("utf-8")) + 1 for text in texts)
+        if args.max_tokens is not None:
+            count = min(count, args.max_tokens)
+    else:
+        count = int(token_stream(texts, tokenizer, args.max_tokens).numel())
+    if count < args.seq_len:
+        limit = f" (--max-tokens {args.max_tokens})" if args.max_tokens is not None and args.max_tokens < args.seq_len else ""
+        raise UsageError(
+            f"--data {args.data} gives {count} tokens{limit}, fewer than --seq-len {args.seq_len}: not one full window "
+            "to evaluate; give more text or a smaller --seq-len"
+        )
+    return count
+
+
 def _check_source(args: argparse.Namespace) -> None:
     if args.adapter:
         read_adapter_config(args.adapter)
@@ -203,7 +227,9 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
     output = check_output_file(args.output, args.overwrite) if args.output else None
     _check_source(args)
     texts = load_texts(args)
+    check_enough_tokens(args, None, texts)  # obviously too short: said before the model loads
     model, tokenizer, ref = model_for_inference(args, allow_compressed=True)
+    check_enough_tokens(args, tokenizer, texts)
     if not nsn_layers(model):  # a compressed model: fixed ranks
         if args.ranks or args.fractions or args.target_flops:
             raise UsageError("--ranks/--fractions/--target-flops need an NSN model; a compressed model runs at fixed ranks")
@@ -321,7 +347,9 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
         raise UsageError(f"{out_dir / existing[0]} exists; pass --overwrite to replace it")
     _check_source(args)
     texts = load_texts(args)
+    check_enough_tokens(args, None, texts)
     model, tokenizer, ref = model_for_inference(args)
+    check_enough_tokens(args, tokenizer, texts)
     ranks = args.ranks
     if not ranks and not args.fractions and not args.target_flops:
         ranks = _default_sweep_ranks(model, args.points)

@@ -259,13 +259,27 @@ def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
     }
 
 
-def config_to_argv(parser: argparse.ArgumentParser, config: Mapping[str, Any], command: str, commands: Iterable[str]) -> list[str]:
+def config_to_argv(
+    parser: argparse.ArgumentParser, config: Mapping[str, Any], command: str, commands: Iterable[str], source: str = "config file"
+) -> list[str]:
     """Turn a config mapping into option tokens placed *before* the user's flags (so flags override).
 
-    Keys are option dests (``max_rank``; ``max-rank`` is accepted too). A file whose top-level keys are all
-    subcommand names holds one section per command. Lists become comma-separated values.
+    Keys are option dests (``max_rank``; ``max-rank`` is accepted too). A file whose top-level keys are
+    subcommand names holds one section per command (a section named after no command is an error that names
+    it). Lists become comma-separated values.
     """
+    import difflib
+
     commands = set(commands)
+    sections = [key for key, value in config.items() if isinstance(value, Mapping)]
+    if sections and (any(key in commands for key in sections) or len(sections) == len(config)):
+        unknown = [str(key) for key in config if key not in commands]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(commands), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(
+                f"{source}: section '{unknown[0]}' is not a command{hint} (commands: {', '.join(sorted(commands))})"
+            )
     if config and all(key in commands for key in config):
         section = config.get(command) or {}
         if not isinstance(section, Mapping):
@@ -278,7 +292,9 @@ def config_to_argv(parser: argparse.ArgumentParser, config: Mapping[str, Any], c
         action = actions.get(key)
         if action is None:
             known = ", ".join(sorted(actions))
-            raise UsageError(f"unknown key '{raw_key}' in config file (valid keys for '{command}': {known})")
+            close = difflib.get_close_matches(key, sorted(actions), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(f"unknown key '{raw_key}' in {source}{hint} (valid keys for '{command}': {known})")
         option = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
         if value is None:
             continue

@@ -82,14 +82,17 @@ def run(args: argparse.Namespace) -> CommandResult:
     if args.epsilon is not None:
         if not args.data:
             raise UsageError("--epsilon needs --data to measure perplexity on")
-        from .evaluate import load_texts
+        from .evaluate import check_enough_tokens, load_texts
 
         texts = load_texts(args)
+        check_enough_tokens(args, None, texts)
     elif args.data:
         raise UsageError("--data is only used with --epsilon (budget mode needs only --stats)")
     from .. import planning as rank_search
     model, tokenizer = load_base(args, task="causal-lm")
     check_target_modules(model, args.target_modules)
+    if texts is not None:
+        check_enough_tokens(args, tokenizer, texts)
     stats = ActivationStats.load(args.stats)
     device = resolve_device(args.device)
     if args.epsilon is not None:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -151,7 +151,7 @@ class NSNLayer(BaseTunerLayer):
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         if self.merged:
-            warnings.warn(f"'{self.module_name}' is already merged ({self.merged_adapters}); nothing to do.", stacklevel=2)
+            check_adapters_to_merge(self, adapter_names)  # PEFT's warning: already merged, nothing to do
             return
         names = adapter_names if adapter_names is not None else self.active_adapters
         names = [n for n in names if n in self.nsn_A]
@@ -162,7 +162,10 @@ class NSNLayer(BaseTunerLayer):
         base = self.get_base_layer()
         merged = self.effective_weight(names[0]).to(base.weight.dtype)
         if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs/Infs in the merged weight of '{self.module_name}' (adapter '{names[0]}')")
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {names[0]} seems to be broken "
+                f"(NaN/Inf in the merged weight of '{self.module_name}')"
+            )
         self._original_weight = base.weight.data.clone()
         base.weight.data.copy_(merged.T if self.is_conv1d else merged)
         self.merged_adapters.append(names[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -270,6 +271,17 @@ class NSNModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._layer_index = None
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        # PeftModel drops `adapter_names` before calling the model: without this the batch would silently run the
+        # active adapter for every row.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "NSN does not support mixed-adapter batches (adapter_names=...): its factors replace the dense weight, "
+                "so one forward pass runs one adapter; call set_adapter() per batch instead."
+            )
+        yield
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
         self._layer_index = None
