@@ -28,6 +28,7 @@ from transformers.trainer_utils import speed_metrics
 
 from ..io import atomic_directory, finish_interrupted_save, write_json, write_safetensors
 from ..tuner.ranks import at_rank, nsn_layers, selectable_ranks
+from .distributed import LogVarOptimizer, prepare_sharded_training, save_fsdp2_adapter, schedule_factor, sharding_name
 from .loss import WEIGHTINGS, RankBuckets, UncertaintyWeightedLoss, Weighting, distillation_loss
 from .samplers import RankSampler, RankSamplerLike, as_rank_sampler
 
@@ -120,6 +121,7 @@ class _LogVarGradients(TrainerCallback):
         self.trainer._sync_logvar_gradients()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._step_logvar_optimizer()
         self.trainer.rank_loss.log_vars.grad = None
 
 
@@ -216,13 +218,8 @@ class NSNTrainer(Trainer):
             bad = [r for r in self.eval_ranks if not 1 <= r <= self.rank_grid[-1]]
             if bad or not self.eval_ranks:
                 raise ValueError(f"eval_ranks {list(eval_ranks)} must be non-empty ranks in [1, {self.rank_grid[-1]}] (the top rank)")
-        if self.is_fsdp_enabled and self.rank_loss.learnable:
-            raise ValueError(
-                "NSNTrainer(weighting='uncertainty') does not support FSDP: the log-variances are trainable parameters "
-                "outside the model, and both Accelerate's FSDP2 optimizer preparation and FSDP optimizer-state "
-                "checkpointing map every optimizer parameter to a model parameter (KeyError). Use weighting='sum' "
-                "with FSDP, or DDP."
-            )
+        # FSDP/DeepSpeed: checks, precise mixed precision, and an optimizer of their own for the log-variances.
+        self._logvar_optimizer: Optional[LogVarOptimizer] = prepare_sharded_training(self, model)
         if self.backward_per_rank and self.is_deepspeed_enabled:
             raise ValueError("NSNTrainer(backward_per_rank=True) does not support DeepSpeed (its backward also steps); pass backward_per_rank=False.")
         if self.backward_per_rank and "lomo" in str(self.args.optim).lower():
@@ -265,7 +262,7 @@ class NSNTrainer(Trainer):
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer plus one parameter group for the log-variances (no weight decay)."""
         optimizer = super().create_optimizer(model)
-        if self.rank_loss.learnable and optimizer is not None:
+        if self.rank_loss.learnable and optimizer is not None and self._logvar_optimizer is None:
             present = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if id(self.rank_loss.log_vars) not in present:
                 optimizer.add_param_group(
@@ -281,6 +278,10 @@ class NSNTrainer(Trainer):
         if world > 1:
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
             grad.div_(world)
+
+    def _step_logvar_optimizer(self) -> None:
+        if self._logvar_optimizer is not None:
+            self._logvar_optimizer.step(schedule_factor(self.optimizer, self.lr_scheduler, self.args.learning_rate))
 
     # -- losses --------------------------------------------------------------------------------------
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
@@ -530,6 +531,8 @@ class NSNTrainer(Trainer):
             "log_vars": self.rank_loss.log_vars.detach().float().cpu(),
             "fixed_weights": self.rank_loss.fixed_weights.detach().float().cpu(),
         }
+        if self._logvar_optimizer is not None:
+            tensors.update(self._logvar_optimizer.state_tensors())
         meta = {
             "format_version": STATE_FORMAT_VERSION,
             "weighting": self.rank_loss.weighting,
@@ -580,14 +583,24 @@ class NSNTrainer(Trainer):
             raise ValueError(f"{tensor_path}: log_vars missing or of the wrong shape (expected {tuple(self.rank_loss.log_vars.shape)})")
         with torch.no_grad():
             self.rank_loss.log_vars.copy_(log_vars.to(self.rank_loss.log_vars))
+        if self._logvar_optimizer is not None and not self._logvar_optimizer.load_state_tensors(tensors):
+            logger.warning("%s holds no log-variance optimizer state (saved by an unsharded run): it starts afresh", tensor_path)
         self.rank_sampler.load_state_dict(meta["sampler"])
         self.rank_counts = {r: int(meta.get("rank_counts", {}).get(str(r), 0)) for r in self.rank_grid}
         self._ranks_cache = None
         logger.info("Restored multi-rank state from %s (log-variances %s)", directory, [round(v, 4) for v in log_vars.tolist()])
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` plus the multi-rank state (so every checkpoint folder carries it)."""
-        super().save_model(output_dir, _internal_call=_internal_call)
+        """``Trainer.save_model`` plus the multi-rank state (so every checkpoint folder carries it).
+
+        Under FSDP2 the adapter is gathered from the shards (a collective call) and written in the ordinary
+        single-file PEFT layout, loadable in one process on any device."""
+        if sharding_name(self) == "fsdp2":
+            save_fsdp2_adapter(self, output_dir if output_dir is not None else self.args.output_dir)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             self.save_multirank_state(output_dir if output_dir is not None else self.args.output_dir)
 
