@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_texts, token_stream
+from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def evaluate_perplexity(
     if ids.numel() < 2:
         raise ValueError(f"Need at least 2 tokens to compute perplexity, got {ids.numel()}")
     windows = sliding_windows(ids.numel(), seq_len, stride)
-    run_device = torch.device(device) if device is not None else next(model.parameters()).device
+    run_device = torch.device(resolve_device(device)) if device is not None else next(model.parameters()).device
     trim = _supports_logits_to_keep(model)
     was_training = model.training
     model.eval()

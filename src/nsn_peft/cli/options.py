@@ -169,7 +169,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: bool = True, mod
     )
     group.add_argument("--gguf-file", default=None, metavar="NAME", help="GGUF file inside --model (a folder or Hub repo).")
     group.add_argument("--tokenizer", default=None, metavar="ID_OR_PATH", help="Tokenizer to use instead of the model's own.")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu).")
+    group.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, ... (default: auto)."
+    )
     group.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="Weights dtype (default: auto = as saved)."
     )
