@@ -25,7 +25,7 @@ from tiny_models import sentences as _sentences
 
 from nsn_peft.cli import build_parser, main
 
-COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info"]
+COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info", "fetch-model"]
 GRANULARITY = "16"
 MAX_RANK = "32"
 

@@ -162,8 +162,8 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
         kwargs["init_device"] = args.init_device
     if args.rank_plan:
         kwargs.update(rank_plan_kwargs(args.rank_plan))
-    # An explicit --init wins over the plan's, which wins over the default (svd).
-    kwargs["init"] = args.init or kwargs.get("init") or "svd"
+    # An explicit --init wins over the plan's, which wins over the default: whitened with --stats, else svd.
+    kwargs["init"] = args.init or kwargs.get("init") or ("whitened" if args.stats else "svd")
     if kwargs["init"] in ("whitened", "projected") and not args.stats:
         origin = "--init" if args.init else "the rank plan's init"
         raise UsageError(f"{origin} {kwargs['init']} needs activation statistics: pass --stats DIR (from `nsn-peft calibrate`)")
