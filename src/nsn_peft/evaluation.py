@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_texts, token_stream
+from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def evaluate_perplexity(
             "Only %d tokens, fewer than seq_len=%d: the perplexity covers one partial window of %d predictions and is "
             "not comparable with full-window results", ids.numel(), seq_len, ids.numel() - 1,
         )
-    run_device = torch.device(device) if device is not None else next(model.parameters()).device
+    run_device = torch.device(resolve_device(device)) if device is not None else next(model.parameters()).device
     trim = _supports_logits_to_keep(model)
     was_training = model.training
     model.eval()

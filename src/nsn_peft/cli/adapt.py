@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> CommandResult:
 
     output = check_output_dir(args.output, args.overwrite)
     config = nsn_config_from_args(args)
-    base, tokenizer = load_base(args)
+    base, tokenizer = load_base(args, tokenizer=args.save_tokenizer)  # adapting needs no tokenizer
     ref = args.base_model_id or base_model_reference(args.model, args.gguf_file)
     model = adapt_model(base, config, ref)
     if args.active_rank is not None:

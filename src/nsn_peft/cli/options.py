@@ -83,6 +83,26 @@ def open_unit_fraction(text: str) -> float:
     return value
 
 
+def epsilon_text(text: str) -> str:
+    """A relative tolerance written as a percentage (``"0.5%"``) or a fraction (``"0.005"``); returned as written
+    (validated), :func:`parse_epsilon` gives its value."""
+    parse_epsilon(text)
+    return str(text).strip()
+
+
+def parse_epsilon(text: str) -> tuple[float, bool]:
+    """``("0.5%") -> (0.005, True)``, ``("0.005") -> (0.005, False)``: the fraction, and whether it was a percentage."""
+    raw = str(text).strip()
+    percent = raw.endswith("%")
+    try:
+        value = float(raw[:-1] if percent else raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage like 0.5% or a fraction like 0.005, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return (value / 100 if percent else value), percent
+
+
 def csv_list(text: str) -> list[str]:
     """``"a,b , c"`` -> ``["a", "b", "c"]`` (empty items are an error)."""
     items = [item.strip() for item in str(text).split(",")]
@@ -169,7 +189,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: bool = True, mod
     )
     group.add_argument("--gguf-file", default=None, metavar="NAME", help="GGUF file inside --model (a folder or Hub repo).")
     group.add_argument("--tokenizer", default=None, metavar="ID_OR_PATH", help="Tokenizer to use instead of the model's own.")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu).")
+    group.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, ... (default: auto)."
+    )
     group.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="Weights dtype (default: auto = as saved)."
     )
@@ -191,7 +213,7 @@ def add_adapter_creation_options(parser: argparse.ArgumentParser, *, title: str 
     group.add_argument(
         "--init", default=None, choices=["svd", "whitened", "projected"],
         help="Factor initialisation: svd (weights only), whitened or projected (need --stats). "
-        "Default: the rank plan's init with --rank-plan, else svd.",
+        "Default: the rank plan's init with --rank-plan, else whitened with --stats, else svd.",
     )
     group.add_argument("--stats", default=None, metavar="DIR", help="Activation statistics folder (from `nsn-peft calibrate`).")
     group.add_argument("--rank-plan", default=None, metavar="JSON", help="Rank plan JSON (from `nsn-peft search-ranks`): sets the layers, their ranks and the init.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 from ..devices import resolve_device
@@ -141,12 +143,12 @@ def _sampler(args: argparse.Namespace, model: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from transformers import TrainingArguments, default_data_collator
-
-    from ..io import atomic_directory
     from ..tuner.ranks import get_max_rank
 
     output = check_output_dir(args.output, args.overwrite)
+    device = resolve_device(args.device)
+    if args.fp16 and device == "cpu":  # (bf16 works on CPUs, fp16 mixed precision does not)
+        raise UsageError("--fp16 mixed precision needs a GPU; on CPU use --bf16 or leave it out (fp32)")
     required(args, "data")
     if args.eval_steps and not args.eval_data:
         raise UsageError("--eval-steps needs --eval-data")
@@ -172,9 +174,28 @@ def run(args: argparse.Namespace) -> CommandResult:
     if eval_ranks and max(eval_ranks) > top:
         raise UsageError(f"--eval-ranks: {max(eval_ranks)} exceeds the largest max rank ({top})")
 
-    device = resolve_device(args.device)
-    checkpoint_dir = args.checkpoint_dir or f"{str(output).rstrip('/')}-checkpoints"
+    # Checkpoints only when asked for (--save-steps); otherwise Trainer gets a scratch folder that never outlives the run.
+    if args.save_steps:
+        checkpoint_dir = args.checkpoint_dir or f"{str(output).rstrip('/')}-checkpoints"
+        scratch = None
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="nsn-peft-train-")
+        checkpoint_dir = scratch.name
+    try:
+        return _train(args, model, tokenizer, ref, output, train_set, eval_set, eval_ranks, device, checkpoint_dir)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+        elif Path(checkpoint_dir).is_dir() and not any(Path(checkpoint_dir).iterdir()):
+            Path(checkpoint_dir).rmdir()  # a run that failed before its first checkpoint leaves no empty folder
+
+
+def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, output: Path, train_set: Any, eval_set: Any,
+           eval_ranks: Optional[list[int]], device: str, checkpoint_dir: str) -> CommandResult:
+    from transformers import TrainingArguments, default_data_collator
+
     from .. import training
+    from ..io import atomic_directory
     training_args = TrainingArguments(
         output_dir=checkpoint_dir,
         num_train_epochs=args.epochs,

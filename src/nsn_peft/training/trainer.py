@@ -26,6 +26,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
+from ..gguf_models import clear_dequantized_gguf_marker
 from ..io import atomic_directory, finish_interrupted_save, write_json, write_safetensors
 from ..tuner.ranks import at_rank, nsn_layers, selectable_ranks
 from .distributed import LogVarOptimizer, prepare_sharded_training, save_fsdp2_adapter, schedule_factor, sharding_name
@@ -49,35 +50,6 @@ STATE_FORMAT_VERSION = 1
 # Evaluation metrics that describe the run, not the model: summed over ranks instead of suffixed with @r=.
 _SPEED_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
 DEFAULT_EVAL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-
-
-def clear_dequantized_gguf_marker(model: nn.Module) -> bool:
-    """Let ``Trainer`` train a model loaded from a GGUF file whose weights transformers dequantized.
-
-    transformers keeps its GGUF quantizer attached after dequantizing the weights on load, and Trainer
-    then refuses the model as "quantized with GGUF". When every parameter is a plain floating-point
-    tensor, the marker is stale: it is removed (``hf_quantizer = None``) and ``True`` returned. Models that
-    really hold quantized weights are left alone. Safe to call on any model.
-    """
-    holders = [m for m in model.modules() if vars(m).get("hf_quantizer") is not None]
-    if not holders or any("gguf" not in type(m.hf_quantizer).__name__.lower() for m in holders):
-        return False
-    if not all(torch.is_floating_point(p) and type(p) in (nn.Parameter, torch.Tensor) for p in model.parameters()):
-        return False
-    for holder in holders:
-        holder.hf_quantizer = None
-        if "is_quantized" in vars(holder):
-            holder.is_quantized = False
-        if "quantization_method" in vars(holder):
-            holder.quantization_method = None
-        config = getattr(holder, "config", None)
-        if config is not None and getattr(config, "quantization_config", None) is not None:
-            try:
-                del config.quantization_config
-            except AttributeError:
-                config.quantization_config = None
-    logger.info("The GGUF weights were dequantized on load: dropped the stale quantizer marker so Trainer can train.")
-    return True
 
 
 def default_eval_ranks(grid: Sequence[int], fractions: Sequence[float] = DEFAULT_EVAL_FRACTIONS) -> list[int]:

@@ -31,7 +31,8 @@ class NSNConfig(PeftConfig):
         rank_granularity: Ranks offered by selection helpers (FLOPs budgets, samplers, search) are
             multiples of this (plus each layer's max rank): unaligned ranks run far slower on GPUs.
         init: ``"svd"`` (weights only), ``"whitened"`` (activation-aware SVD, needs stats) or ``"projected"``
-            (utilized-rank projection ``P_T W P_S``, needs stats).
+            (utilized-rank projection ``P_T W P_S``, needs stats). Default: ``"whitened"`` when statistics are
+            given (``stats`` or ``stats_path``), else ``"svd"``.
         stats_path: Folder written by :meth:`ActivationStats.save` (needed by the data-aware inits).
         stats: An in-memory :class:`~nsn_peft.ActivationStats` instead of ``stats_path`` (not serialised).
         energy_input / energy_output: Energy kept by the input / output subspaces of ``init="projected"``.
@@ -55,7 +56,10 @@ class NSNConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     rank_pattern: dict = field(default_factory=dict)
     rank_granularity: int = field(default=64)
-    init: str = field(default="svd", metadata={"help": "One of 'svd', 'projected', 'whitened'."})
+    init: Optional[str] = field(
+        default=None,
+        metadata={"help": "One of 'svd', 'projected', 'whitened'; default: 'whitened' with stats/stats_path, else 'svd'."},
+    )
     stats_path: Optional[str] = field(default=None)
     stats: Optional[Any] = field(default=None, repr=False)
     energy_input: float = field(default=1.0)
@@ -77,6 +81,8 @@ class NSNConfig(PeftConfig):
             raise ValueError(f"NSNConfig.max_rank must be a positive int or None, got {self.max_rank!r}")
         if not isinstance(self.rank_granularity, int) or self.rank_granularity < 1:
             raise ValueError(f"NSNConfig.rank_granularity must be a positive int, got {self.rank_granularity!r}")
+        if self.init is None:  # data-aware factors whenever the statistics they need are at hand
+            self.init = "whitened" if self.stats is not None or self.stats_path is not None else "svd"
         if self.init not in INIT_METHODS:
             raise ValueError(f"NSNConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
         for pattern, rank in self.rank_pattern.items():

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..calibrate.stats import ActivationStats
+from ..devices import resolve_device
 from ..linalg import decompose
 from ..linalg.flops import factoring_saves
 from ..naming import canonical_module_name, lookup_pattern
@@ -194,7 +195,7 @@ class NSNModel(BaseTuner):
         kept_dense: list[str] = []
         for name, layer in tqdm(pending, desc=f"NSN init ({config.init})", unit="layer", disable=not pending):
             weight = layer.dense_weight().detach()
-            device = torch.device(config.init_device) if config.init_device else weight.device
+            device = torch.device(resolve_device(config.init_device)) if config.init_device else weight.device
             weight = weight.to(device)
             decompose.check_finite(weight, name)
             limit = layer.nsn_max_rank[adapter_name]
