@@ -229,3 +229,12 @@ def test_nested_saves_into_a_staging_folder_do_not_deadlock(tmp_path):
         pytest.fail("nested saves deadlocked")
     assert os.waitstatus_to_exitcode(status) == 0
     assert _read(tmp_path / "out", V1) == V1 and _read(tmp_path / "out" / "output_gradients", V2) == V2
+
+
+def test_relative_destinations_keep_temporaries_outside_the_folder(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    _write_version(Path("."), V1)
+    assert _read(tmp_path / "out", V1) == V1
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert _temporaries(tmp_path / "out") == []

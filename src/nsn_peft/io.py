@@ -77,6 +77,12 @@ def _normal_mode(path: Path, umask: int) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _absolute(path: str | os.PathLike) -> Path:
+    """``path`` made absolute and normalised (``.``/``..`` resolved, symlinks kept), so that it has a real name
+    and parent to put temporaries beside."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 def _temp_name(target: Path, tag: str) -> Path:
     return target.parent / f".{target.name}{tag}{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -224,7 +230,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Stale temporaries of ``path`` left by killed writers are removed first.
     """
-    target = Path(path)
+    target = _absolute(path)
     _check_file_destination(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in _temporaries(target, TMP_FILE_TAG):
@@ -324,7 +330,7 @@ def _staged_files(staging: Path) -> list[str]:
         for name in names:
             full = Path(root) / name
             rel = full.relative_to(staging).as_posix()
-            if rel == MANIFEST:
+            if rel in (MANIFEST, MANIFEST + ".draft"):
                 continue
             if full.is_symlink() or not full.is_file():
                 raise ValueError(f"cannot save {full}: only regular files can be part of a saved artifact")
@@ -388,7 +394,7 @@ def finish_interrupted_save(path: str | os.PathLike, clean: bool = False) -> boo
     With ``clean``, abandoned temporaries of ``path`` (killed before their commit point) are deleted too.
     Returns whether a save was completed. Never raises for a read-only location: it logs and returns.
     """
-    target = Path(path).expanduser()
+    target = _absolute(path)
     stagings = _temporaries(target, STAGING_TAG)
     leftovers = _temporaries(target, TMP_FILE_TAG) if clean else []
     if not stagings and not leftovers:
@@ -416,7 +422,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     one (see the module docstring); if the block raises, ``path`` is untouched. A file at ``path`` is an
     error, raised before anything is written.
     """
-    target = check_folder_destination(path)
+    target = check_folder_destination(_absolute(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     finish_interrupted_save(target, clean=True)
     staging = _temp_name(target, STAGING_TAG)
@@ -449,10 +455,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                     _fsync_path(target.parent, directory=True)
                     return
             manifest = staging / MANIFEST
-            with open(manifest, "w", encoding="utf-8") as handle:
+            draft = staging / (MANIFEST + ".draft")
+            with open(draft, "w", encoding="utf-8") as handle:
                 json.dump({"target": target.name, "files": files}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.replace(draft, manifest)  # the commit point: the manifest exists whole or not at all
             _fsync_path(staging, directory=True)
             committed = True  # from here on the new version is the truth, even if we are killed
             _roll_forward(staging, target, files)
