@@ -250,11 +250,18 @@ def load_adapter(
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
     trainable: bool = False,
+    keep_base_weights: Optional[bool] = None,
 ):
     """``(peft_model, tokenizer, base_ref)`` of a saved NSN adapter.
 
     The base model is ``model`` when given, else the one the adapter records. The tokenizer is ``tokenizer``,
     else one saved beside the adapter, else the base model's.
+
+    ``keep_base_weights`` overrides the adapter's saved setting. ``False`` serves from the factors only: when
+    the base model is a folder of safetensors files, the dense weights of adapted layers are never read (the
+    model is built empty, the factors are loaded, then every other weight is read from the checkpoint), so
+    memory never exceeds the final size by more than one tensor. Other base models (``.gguf``, ``.bin``, Hub
+    ids) are loaded whole first and each adapted layer's dense weight is freed as its factors arrive.
     """
     from peft import PeftModel
 
@@ -266,11 +273,77 @@ def load_adapter(
         task = "sequence-classification" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
     if tokenizer is None and (Path(adapter) / "tokenizer_config.json").is_file():
         tokenizer = adapter  # saved beside the adapter
-    base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype, device=device)
-    peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+    keep = config.get("keep_base_weights", True) if keep_base_weights is None else keep_base_weights
+    shards = _safetensors_shards(ref) if not keep and gguf_file is None else []
+    if shards:
+        peft_model, tok = _load_factors_only(ref, shards, adapter, tokenizer=tokenizer, task=task, dtype=dtype,
+                                             device=device, trainable=trainable)
+    else:
+        base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype, device=device)
+        peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
     if not trainable:
         peft_model.eval()
     return peft_model, tok, ref
+
+
+def _safetensors_shards(ref: Optional[Union[str, os.PathLike]]) -> list[Path]:
+    """The safetensors files of a local model folder (single file or sharded), else ``[]``."""
+    if ref is None or str(ref) == DEFAULT_MODEL:
+        return []
+    folder = Path(ref).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        return []
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"corrupt {index}: {err}") from None
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str, dtype, device, trainable: bool):
+    """Build the base model empty, load the NSN factors, then read only the weights the factors do not replace."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    model_config = AutoConfig.from_pretrained(str(ref))
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device; buffers (rotary tables) real
+        base = auto.from_config(model_config, **({"dtype": torch_dtype} if torch_dtype is not None else {}))
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    logger.info("Loading %s for serving from factors only (dense weights of adapted layers are not read)", ref)
+    peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=False,
+                                           torch_device=str(target))
+    inner = peft_model.get_base_model()
+    # Checkpoint keys are the plain model's names; inside an adapted layer the base weights sit under "base_layer".
+    missing = {n.replace(".base_layer", ""): n for n, p in inner.named_parameters(remove_duplicate=False) if p.is_meta}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open handles have no __iter__)
+                name = missing.pop(key, None)
+                if name is None:
+                    continue  # a dense weight the factors replace, or a key this model does not have
+                value = f.get_tensor(key)
+                set_module_tensor_to_device(inner, name, target, value=value, dtype=torch_dtype or value.dtype)
+    inner.tie_weights()
+    still = [n for n, p in inner.named_parameters() if p.is_meta]
+    if still:
+        raise ValueError(
+            f"{ref}: the checkpoint has no weights for {len(still)} parameter(s) of {type(inner).__name__}, e.g. "
+            f"{still[:4]}; load it with keep_base_weights=True (or through transformers) instead."
+        )
+    peft_model.to(target)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or ref))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return peft_model, tok
 
 
 def is_compressed_folder(ref: Optional[Union[str, os.PathLike]]) -> bool:

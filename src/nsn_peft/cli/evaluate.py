@@ -20,6 +20,7 @@ from .options import (
     add_data_options,
     add_model_options,
     add_overwrite_option,
+    add_serving_options,
     csv_floats,
     positive_int,
     rank_list,
@@ -43,6 +44,7 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
         help="NSN adapter folder; without it the --model is adapted on the fly with the options below.",
     )
     add_adapter_creation_options(parser, title="on-the-fly adapter (without --adapter)")
+    add_serving_options(parser)
 
 
 def _add_rank_options(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from .options import (
     add_adapter_creation_options,
     add_common_options,
     add_model_options,
+    add_serving_options,
     new_command,
     nonnegative_float,
     nonnegative_int,
@@ -49,6 +50,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     add_model_options(parser, task=False)
     parser.add_argument("--adapter", default=None, metavar="DIR", help="NSN adapter folder (else --model is adapted on the fly).")
     add_adapter_creation_options(parser, title="on-the-fly adapter (without --adapter)")
+    add_serving_options(parser)
     ranks = parser.add_argument_group("rank (at most one; default: full)")
     ranks.add_argument("--rank", type=rank_value, default=None, metavar="R", help="Rank of every layer (int or 'full').")
     ranks.add_argument("--fraction", type=unit_fraction, default=None, help="Fraction of each layer's max rank.")

@@ -137,8 +137,18 @@ def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Opt
     return load(
         args.adapter, model=args.model or None, gguf_file=args.gguf_file, tokenizer=args.tokenizer or None,
         task=task, dtype=None if args.dtype == "auto" else args.dtype, device=resolve_device(args.device),
-        trainable=trainable,
+        trainable=trainable, keep_base_weights=keep_base_weights(args),
     )
+
+
+def keep_base_weights(args: argparse.Namespace) -> Optional[bool]:
+    """``--keep-base-weights`` resolved: inference serves from the factors only unless the dense model is needed."""
+    if not hasattr(args, "keep_base_weights"):
+        return None  # commands without the option (train, compress, ...) keep what the adapter says
+    baseline = bool(getattr(args, "baseline", False))
+    if args.keep_base_weights is False and baseline:
+        raise UsageError("--baseline evaluates the dense model and needs its weights: drop --no-keep-base-weights")
+    return baseline if args.keep_base_weights is None else args.keep_base_weights
 
 
 def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None):
@@ -148,6 +158,8 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
     kwargs: dict[str, Any] = {}
     if args.max_rank is not None:
         kwargs["max_rank"] = args.max_rank
+    if getattr(args, "max_params_fraction", None) is not None:
+        kwargs["max_params_fraction"] = args.max_params_fraction
     if args.target_modules is not None:
         kwargs["target_modules"] = args.target_modules
     if args.exclude_modules is not None:
@@ -273,6 +285,9 @@ def model_for_inference(args: argparse.Namespace, *, allow_compressed: bool = Fa
         model, tokenizer = load_compressed_model(args, args.model)
         return model, tokenizer, str(Path(args.model).resolve())
     config = nsn_config_from_args(args)
+    keep = keep_base_weights(args)
+    if keep is not None:
+        config.keep_base_weights = keep
     base, tokenizer = load_base(args)
     ref = base_model_reference(args.model, args.gguf_file)
     return adapt_model(base, config, ref), tokenizer, ref

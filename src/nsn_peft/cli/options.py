@@ -123,6 +123,13 @@ def rank_value(text: str) -> Union[int, str]:
     return positive_int(text)
 
 
+def max_rank_value(text: str) -> Union[int, str]:
+    """A positive int or ``"break-even"`` (each layer's factors no bigger than its dense weight)."""
+    if text.strip().lower() == "break-even":
+        return "break-even"
+    return positive_int(text)
+
+
 def rank_list(text: str) -> list[Union[int, str]]:
     """``"64,128,full"`` -> ``[64, 128, "full"]``."""
     return [rank_value(item) for item in csv_list(text)]
@@ -204,7 +211,14 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: bool = True, mod
 def add_adapter_creation_options(parser: argparse.ArgumentParser, *, title: str = "NSN adapter") -> None:
     """Options of ``NSNConfig`` used by ``adapt`` and by commands that adapt a plain model on the fly."""
     group = parser.add_argument_group(title)
-    group.add_argument("--max-rank", type=positive_int, default=None, help="Max rank per layer (default: full rank, exact).")
+    group.add_argument(
+        "--max-rank", type=max_rank_value, default=None,
+        help="Max rank per layer, or 'break-even' (factors no bigger than the dense weight; default: full rank, exact).",
+    )
+    group.add_argument(
+        "--max-params-fraction", type=unit_fraction, default=None, metavar="F",
+        help="Instead of --max-rank: each layer's factors hold at most this fraction of its dense parameters.",
+    )
     group.add_argument(
         "--target-modules", type=module_list, default=None, metavar="NAMES",
         help="Comma-separated module names (q_proj,v_proj), 'all-linear' (default) or 're:<regex>'.",
@@ -221,6 +235,15 @@ def add_adapter_creation_options(parser: argparse.ArgumentParser, *, title: str 
     group.add_argument("--energy-input", type=unit_fraction, default=None, help="Input-subspace energy kept (projected init).")
     group.add_argument("--energy-output", type=unit_fraction, default=None, help="Output-subspace energy kept (projected init).")
     group.add_argument("--init-device", default=None, help="Device to decompose on (e.g. cuda for a CPU model).")
+
+
+def add_serving_options(parser: argparse.ArgumentParser) -> None:
+    """``--keep-base-weights``: inference commands serve from the factors only unless asked otherwise."""
+    parser.add_argument(
+        "--keep-base-weights", action=argparse.BooleanOptionalAction, default=None,
+        help="Keep the dense weights of adapted layers beside the factors (default: factors only, except with "
+        "--baseline, which needs them).",
+    )
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, required: bool = True, seq_len: int = 512, max_tokens: Optional[int] = 65536) -> None:

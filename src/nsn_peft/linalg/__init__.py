@@ -6,7 +6,15 @@ The bottom of the package: nothing here imports anything else of ``nsn_peft``.
 from __future__ import annotations
 
 from .decompose import ProjectedFactors, projected_factors, svd_factors, whitened_factors
-from .flops import break_even_rank, dense_flops, factored_flops, factored_params, factoring_saves, rank_grid
+from .flops import (
+    break_even_rank,
+    dense_flops,
+    factored_flops,
+    factored_params,
+    factoring_saves,
+    rank_for_params_fraction,
+    rank_grid,
+)
 from .gram import batch_gram, pack_symmetric, unpack_symmetric
 from .spectra import loss_weighted_spectrum, whitened_spectrum
 
@@ -21,6 +29,7 @@ __all__ = [
     "loss_weighted_spectrum",
     "pack_symmetric",
     "projected_factors",
+    "rank_for_params_fraction",
     "rank_grid",
     "svd_factors",
     "unpack_symmetric",

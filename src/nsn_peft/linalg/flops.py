@@ -74,3 +74,23 @@ def rank_for_flops_fraction(
         raise ValueError(f"FLOPs fraction must be > 0, got {fraction}")
     exact = fraction * out_features * in_features / (out_features + in_features)
     return round_rank_down(exact, max_rank, granularity)
+
+
+def rank_for_params_fraction(out_features: int, in_features: int, fraction: float, granularity: int) -> int:
+    """Largest rank on the grid whose factors hold at most ``fraction`` of the dense parameters.
+
+    ``fraction=1`` is the break-even rank ``md/(m+d)`` rounded down to a multiple of ``granularity``, so the
+    factors ``r(m+d)`` never outgrow the dense ``md``. A layer too small for one grid step keeps
+    ``floor(fraction·md/(m+d))`` (at least 1).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"parameter fraction must be in (0, 1], got {fraction}")
+    if granularity < 1:
+        raise ValueError(f"rank granularity must be >= 1, got {granularity}")
+    # Integer arithmetic where possible: the budget must not round up on an exact break-even (e.g. 4096×4096).
+    exact = out_features * in_features // (out_features + in_features) if fraction == 1 else int(
+        fraction * out_features * in_features / (out_features + in_features)
+    )
+    exact = min(exact, min(out_features, in_features))
+    on_grid = exact // granularity * granularity
+    return on_grid if on_grid >= 1 else max(1, exact)

@@ -7,6 +7,7 @@ PEFT learns about the method).
 
 from __future__ import annotations
 
+from .compile import RankCompilation, compile_for_ranks
 from .config import NSNConfig
 from .layer import NSNLayer, NSNLinear
 from .model import NSNModel
@@ -25,6 +26,8 @@ from .registration import register
 
 __all__ = [
     "FlopsReport",
+    "RankCompilation",
+    "compile_for_ranks",
     "NSNConfig",
     "NSNLayer",
     "NSNLinear",

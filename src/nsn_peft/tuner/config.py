@@ -13,6 +13,7 @@ from .peft_type import extend_peft_type
 extend_peft_type()
 
 InitMethod = Literal["svd", "projected", "whitened"]
+BREAK_EVEN = "break-even"
 INIT_METHODS = ("svd", "projected", "whitened")
 
 
@@ -22,7 +23,19 @@ class NSNConfig(PeftConfig):
 
     Args:
         max_rank: Largest rank R kept per layer (clamped to ``min(out, in)``); ``None`` keeps the full rank,
-            so the adapted model reproduces the dense one exactly.
+            so the adapted model reproduces the dense one exactly. ``"break-even"``: each layer keeps the
+            largest rank on the ``rank_granularity`` grid whose factors are no bigger than its dense weight,
+            ``R = md/(m+d)`` rounded down (a served model then holds no more parameters than the dense one).
+        max_params_fraction: Instead of ``max_rank``, a parameter budget: each layer keeps the largest grid
+            rank whose factors hold at most this fraction of its dense parameters (``"break-even"`` is 1.0).
+            Per-layer ranks are recomputed from the layer shapes on load, so they come back identical.
+        keep_base_weights: Keep the dense weight of every adapted layer beside its factors (default; needed to
+            train several adapters, or to run / unload the dense model exactly at any max rank). ``False``
+            serves from the factors only: each dense weight is freed as soon as its factors exist (layer by
+            layer, so peak memory stays within one dense layer of the final size) and is never allocated when
+            loading a saved adapter. ``merge_and_unload`` then builds the dense weights at the current rank;
+            ``unload``/``disable_adapter`` rebuild them from the factors at the max rank, which is exact only
+            for full-rank, untrained factors, and refuse (naming the layer) when the max rank is below full.
         target_modules: Module names or a regex, as in LoRA. ``None`` or ``"all-linear"`` targets every
             linear / ``Conv1D`` layer except the output head.
         exclude_modules: Names or a regex of modules never adapted.
@@ -47,7 +60,17 @@ class NSNConfig(PeftConfig):
         bias: ``"none"``, ``"all"`` or ``"nsn_only"``: which biases are trained.
     """
 
-    max_rank: Optional[int] = field(default=None, metadata={"help": "Max rank per layer; None = full rank."})
+    max_rank: Optional[Union[int, str]] = field(
+        default=None, metadata={"help": "Max rank per layer; None = full rank; 'break-even' = no bigger than dense."}
+    )
+    max_params_fraction: Optional[float] = field(
+        default=None,
+        metadata={"help": "Per-layer max rank from a parameter budget: factors hold at most this fraction of the dense weight."},
+    )
+    keep_base_weights: bool = field(
+        default=True,
+        metadata={"help": "Keep the dense weights beside the factors; False serves from the factors only."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or regex to adapt; None = all linear layers."}
     )
@@ -75,10 +98,22 @@ class NSNConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.NSN
-        if self.max_rank is not None and (
+        if self.max_rank is not None and self.max_rank != BREAK_EVEN and (
             not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 1
         ):
-            raise ValueError(f"NSNConfig.max_rank must be a positive int or None, got {self.max_rank!r}")
+            raise ValueError(f"NSNConfig.max_rank must be a positive int, {BREAK_EVEN!r} or None, got {self.max_rank!r}")
+        if self.max_params_fraction is not None:
+            if isinstance(self.max_params_fraction, bool) or not isinstance(self.max_params_fraction, (int, float)) or not (
+                0 < self.max_params_fraction <= 1
+            ):
+                raise ValueError(f"NSNConfig.max_params_fraction must be in (0, 1], got {self.max_params_fraction!r}")
+            if self.max_rank is not None:
+                raise ValueError(
+                    f"NSNConfig: pass either max_rank ({self.max_rank!r}) or max_params_fraction "
+                    f"({self.max_params_fraction!r}), not both."
+                )
+        if not isinstance(self.keep_base_weights, bool):
+            raise ValueError(f"NSNConfig.keep_base_weights must be a bool, got {self.keep_base_weights!r}")
         if not isinstance(self.rank_granularity, int) or self.rank_granularity < 1:
             raise ValueError(f"NSNConfig.rank_granularity must be a positive int, got {self.rank_granularity!r}")
         if self.init is None:  # data-aware factors whenever the statistics they need are at hand
@@ -104,6 +139,13 @@ class NSNConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("NSNConfig.layers_pattern requires layers_to_transform to be set as well.")
+
+    @property
+    def params_fraction(self) -> Optional[float]:
+        """The per-layer parameter budget that sets max ranks (1.0 for ``"break-even"``), else ``None``."""
+        if self.max_rank == BREAK_EVEN:
+            return 1.0
+        return None if self.max_params_fraction is None else float(self.max_params_fraction)
 
     @property
     def needs_stats(self) -> bool:

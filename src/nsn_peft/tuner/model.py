@@ -18,12 +18,12 @@ from transformers.pytorch_utils import Conv1D
 from ..calibrate.stats import ActivationStats
 from ..devices import resolve_device
 from ..linalg import decompose
-from ..linalg.flops import factoring_saves
+from ..linalg.flops import factoring_saves, rank_for_params_fraction
 from ..naming import canonical_module_name, lookup_pattern
 from . import ranks as _ranks
 from .config import NSNConfig
 from .layer import NSNLayer, NSNLinear, check_supported_module
-from .peft_type import loading_checkpoint, loading_source
+from .peft_type import keep_base_weights_override, loading_checkpoint, loading_source
 
 logger = logging.getLogger(__name__)
 
@@ -127,20 +127,45 @@ class NSNModel(BaseTuner):
     ) -> None:
         check_supported_module(target, current_key)
         name = canonical_module_name(current_key)
-        key = lookup_pattern(peft_config.rank_pattern, name) if peft_config.rank_pattern else None
-        max_rank = peft_config.rank_pattern[key] if key is not None else peft_config.max_rank
         if isinstance(target, NSNLayer):
-            full = min(target.in_features, target.out_features)
-            target.update_layer(adapter_name, max_rank or full)
-            new_module = target
+            m, d = target.out_features, target.in_features
         else:
             weight = target.weight
             m, d = (weight.shape[1], weight.shape[0]) if isinstance(target, Conv1D) else tuple(weight.shape)
-            new_module = NSNLinear(target, adapter_name, max_rank or min(m, d), module_name=name)
+        max_rank = self._layer_max_rank(peft_config, name, m, d)
+        # Factors only: nothing is allocated here; each layer's factors appear when they are computed (init)
+        # or read (checkpoint), and its dense weight is freed right then, so memory never holds both models.
+        device = None if self._keep_base_weights(peft_config) else "meta"
+        if isinstance(target, NSNLayer):
+            if target.base_weight_dropped and not self._loading:
+                raise RuntimeError(
+                    f"Cannot initialise NSN adapter '{adapter_name}' on '{name}': its dense weight was dropped "
+                    "(keep_base_weights=False). Create the first adapter with keep_base_weights=True to add more."
+                )
+            target.update_layer(adapter_name, max_rank, device=device)
+            new_module = target
+        else:
+            new_module = NSNLinear(target, adapter_name, max_rank, module_name=name, device=device)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
+        if device == "meta" and self._loading:
+            new_module.drop_base_weight()
         self._pending_init.append((name, new_module))
+
+    @staticmethod
+    def _layer_max_rank(config: NSNConfig, name: str, m: int, d: int) -> int:
+        """Max rank of one layer: its ``rank_pattern`` entry, else the parameter budget, else ``max_rank``/full."""
+        key = lookup_pattern(config.rank_pattern, name) if config.rank_pattern else None
+        if key is not None:
+            return config.rank_pattern[key]
+        if config.params_fraction is not None:
+            return rank_for_params_fraction(m, d, config.params_fraction, config.rank_granularity)
+        return config.max_rank or min(m, d)
+
+    def _keep_base_weights(self, config: NSNConfig) -> bool:
+        override = keep_base_weights_override() if self._loading else None
+        return config.keep_base_weights if override is None else override
 
     def inject_adapter(
         self,
@@ -153,6 +178,7 @@ class NSNModel(BaseTuner):
         self._pending_init: list[tuple[str, NSNLayer]] = []
         self._layer_index = None
         self._check_layers_to_transform(model, self.peft_config[adapter_name])
+        self._loading = loading_checkpoint() or low_cpu_mem_usage or state_dict is not None
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -169,7 +195,8 @@ class NSNModel(BaseTuner):
             raise
         pending, self._pending_init = self._pending_init, []
         config = self.peft_config[adapter_name]
-        if not loading_checkpoint() and not low_cpu_mem_usage and state_dict is None:
+        config.keep_base_weights = self._keep_base_weights(config)
+        if not self._loading:
             self._initialize_factors(config, adapter_name, pending)
         if getattr(config, "_nsn_filter_layers", False):
             # Record the modules actually adapted, so that the saved config recreates exactly them.
@@ -193,6 +220,7 @@ class NSNModel(BaseTuner):
             source = config.stats_path or "the ActivationStats object"
             stats.check_compatible({n: layer.in_features for n, layer in pending}, source=str(source))
         kept_dense: list[str] = []
+        result = None
         for name, layer in tqdm(pending, desc=f"NSN init ({config.init})", unit="layer", disable=not pending):
             weight = layer.dense_weight().detach()
             device = torch.device(resolve_device(config.init_device)) if config.init_device else weight.device
@@ -220,6 +248,9 @@ class NSNModel(BaseTuner):
                     # Mixed ranks: record the layer's own rank so save/load recreate the same shapes.
                     config.rank_pattern[name] = int(b.shape[1])
             layer.set_factors(adapter_name, b, a)
+            if not config.keep_base_weights:
+                weight = b = a = result = None  # the last references to this layer's dense weight and temporaries
+                layer.drop_base_weight()
         if kept_dense:
             self._keep_dense(config, adapter_name, kept_dense)
 
@@ -284,9 +315,36 @@ class NSNModel(BaseTuner):
             )
         yield
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ):
         self._layer_index = None
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        self._prepare_dropped_weights_for_unload(merge, adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def _prepare_dropped_weights_for_unload(self, merge: bool, adapter_names: Optional[list[str]]) -> None:
+        """Factors only: check every layer first (all or nothing), then rebuild the weights ``unload`` returns.
+
+        ``merge_and_unload`` merges each layer at its current rank (``merge`` builds the weight); ``unload``
+        rebuilds ``B @ A`` at the max rank, which is the dense weight only for full-rank factors.
+        """
+        dropped = [m for m in self.model.modules() if isinstance(m, NSNLayer) and m.base_weight_dropped and not m.merged]
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        for layer in dropped:
+            adapter = next((n for n in names if n in layer.nsn_A), None)
+            if merge:
+                if adapter is None:
+                    raise RuntimeError(
+                        f"Cannot merge '{layer.module_name}': its dense weight was dropped (keep_base_weights=False) "
+                        f"and none of the adapters {names} has factors there."
+                    )
+            else:
+                layer.check_base_weight_recoverable(adapter)
+        if not merge:
+            for layer in dropped:
+                layer.rebuild_base_weight(next(n for n in names if n in layer.nsn_A))
 
     # -- checkpoint loading ------------------------------------------------------------------------------
     @classmethod

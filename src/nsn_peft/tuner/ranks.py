@@ -106,6 +106,8 @@ def set_rank(
     if isinstance(rank, Mapping):
         assignments: dict[str, int] = {}
         for key in rank:
+            if key in layers:  # exact module names (the common, per-layer case) need no pattern scan
+                continue
             hits = [n for n in layers if lookup_pattern({key: 0}, n)]
             if not hits:
                 raise ValueError(f"set_rank: '{key}' matches no NSN layer; layers are e.g. {list(layers)[:4]}")

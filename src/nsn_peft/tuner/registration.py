@@ -22,9 +22,17 @@ from peft.utils import PeftType, register_peft_method
 
 from ..io import atomic_directory, check_safetensors, finish_interrupted_save
 from .config import NSNConfig
+from .layer import NSNLayer
 from .model import NSNModel
 from .model_card import append_nsn_section
-from .peft_type import checkpoint_load_scope, extend_peft_type
+from .peft_type import checkpoint_load_scope, extend_peft_type, keep_base_weights_scope
+
+
+def _make_rank_major(model) -> None:
+    """After loading (the checkpoint's tensors are released by now), store ``nsn_B`` rank-major, layer by layer."""
+    for module in model.modules():
+        if isinstance(module, NSNLayer):
+            module.make_rank_major()
 
 
 def finish_interrupted_adapter_save(model_id: object, subfolder: object = None) -> None:
@@ -51,17 +59,24 @@ def _patch_loading_entry_points() -> None:
     original_load_adapter = PeftModel.load_adapter
     original_from_json_file = PeftConfigMixin.from_json_file.__func__
 
+    # ``keep_base_weights=`` (NSN only) overrides the saved config: False loads for serving from factors only.
     @functools.wraps(original_from_pretrained)
-    def from_pretrained(cls, model, model_id, *args, **kwargs):
+    def from_pretrained(cls, model, model_id, *args, keep_base_weights=None, **kwargs):
         finish_interrupted_adapter_save(model_id, kwargs.get("subfolder"))
-        with checkpoint_load_scope(_source(model_id, kwargs.get("subfolder"))):
-            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        source = _source(model_id, kwargs.get("subfolder"))
+        with checkpoint_load_scope(source), keep_base_weights_scope(keep_base_weights):
+            loaded = original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        _make_rank_major(loaded)
+        return loaded
 
     @functools.wraps(original_load_adapter)
-    def load_adapter(self, model_id, *args, **kwargs):
+    def load_adapter(self, model_id, *args, keep_base_weights=None, **kwargs):
         finish_interrupted_adapter_save(model_id, kwargs.get("subfolder"))
-        with checkpoint_load_scope(_source(model_id, kwargs.get("subfolder"))):
-            return original_load_adapter(self, model_id, *args, **kwargs)
+        source = _source(model_id, kwargs.get("subfolder"))
+        with checkpoint_load_scope(source), keep_base_weights_scope(keep_base_weights):
+            result = original_load_adapter(self, model_id, *args, **kwargs)
+        _make_rank_major(self)
+        return result
 
     @functools.wraps(original_from_json_file)
     def from_json_file(cls, path_json_file, **kwargs):
