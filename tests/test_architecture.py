@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"tuner", "linalg", "naming", "io", "devices"},
     "evaluation": {"data"},
     "training": {"tuner", "planning", "linalg", "naming", "io", "data"},
+    "refine": {"tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
     "hub": {"tuner", "export", "io", "devices", "data"},
     "cli": {"*"},
     "__init__": {"*"},
