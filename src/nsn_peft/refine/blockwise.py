@@ -60,7 +60,7 @@ def refine_blockwise(
     model: nn.Module,
     calibration: torch.Tensor,
     *,
-    epochs: int = 2,
+    epochs: int = 1,
     lr: float = 3e-3,
     batch_size: int = 8,
     precision: str = "auto",

@@ -42,7 +42,7 @@ class RefineConfig:
     """
 
     batch_size: int = 8
-    blockwise_epochs: int = 2
+    blockwise_epochs: int = 1
     blockwise_lr: float = 3e-3
     blockwise_tokens: Optional[int] = 262144
     e2e_tokens: Optional[int] = None
