@@ -61,7 +61,7 @@ def refine_blockwise(
     calibration: torch.Tensor,
     *,
     epochs: int = 1,
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     batch_size: int = 8,
     precision: str = "auto",
     seed: int = 0,

@@ -43,10 +43,10 @@ class RefineConfig:
 
     batch_size: int = 8
     blockwise_epochs: int = 1
-    blockwise_lr: float = 3e-3
+    blockwise_lr: float = 1e-2
     blockwise_tokens: Optional[int] = 262144
     e2e_tokens: Optional[int] = None
-    e2e_lr: float = 1e-3
+    e2e_lr: float = 3e-3
     temperature: float = 1.0
     precision: str = "auto"
     seed: int = 0

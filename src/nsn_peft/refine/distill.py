@@ -61,7 +61,7 @@ def refine_end_to_end(
     calibration: torch.Tensor,
     *,
     tokens: Optional[int] = None,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     batch_size: int = 8,
     temperature: float = 1.0,
     precision: str = "auto",
