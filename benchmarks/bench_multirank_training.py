@@ -233,8 +233,18 @@ def main() -> None:
                 result[b] = perplexity(model, eval_blocks, args.eval_batch_size, autocast)
         return result
 
+    partial: dict[str, Any] = {"config": vars(args), "complete": False, "budgets": budgets, "schedule": chosen,
+                               "schedule_validation_nll": choice_nll, "dense_ppl": dense_ppl, "phases_seconds": phases}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_partial(**items: Any) -> None:
+        """Everything measured so far, so a run cut short keeps it."""
+        partial.update(items)
+        write_json(out, partial)
+
     model = make_nsn()
     before = ppl_at(model, budgets)
+    save_partial(ppl_before={str(b): v for b, v in before.items()})
     flops = {b: nsn_peft.estimate_flops(model, schedule.plans[b]).targeted_fraction for b in budgets}
     del model
     release_memory()
@@ -268,6 +278,7 @@ def main() -> None:
     del trainer, model
     release_memory()
     t = mark("nested", t)
+    save_partial(nested={k: v for k, v in nested.items() if k != "ppl"}, ppl_nested={str(b): v for b, v in nested["ppl"].items()})
 
     specialists: dict[float, dict] = {}
     for b in [] if args.no_specialists else budgets:
@@ -278,6 +289,7 @@ def main() -> None:
         del trainer, model
         release_memory()
         t = mark(f"specialist {b:g}", t)
+        save_partial(ppl_specialists={str(k): v["ppl"] for k, v in specialists.items()})
 
     dense_run = None
     if not args.no_dense_training:
@@ -291,6 +303,7 @@ def main() -> None:
         del trainer, model
         release_memory()
         t = mark("dense MLP finetuning", t)
+        save_partial(dense_mlp_finetuned_ppl=info["ppl"])
 
     # -- report -------------------------------------------------------------------------------------
     baseline = dense_run["ppl"] if dense_run else None
@@ -324,6 +337,7 @@ def main() -> None:
     total = time.perf_counter() - t_start
     gpu_train = nested["train_seconds"] + sum(s["train_seconds"] for s in specialists.values()) + (dense_run or {}).get("train_seconds", 0)
     result = {
+        "complete": True,
         "config": vars(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -346,7 +360,6 @@ def main() -> None:
         "training_gpu_seconds": round(gpu_train, 1),
         "total_seconds": round(total, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     markdown = render_markdown(result)
     write_text(out.with_suffix(".md"), markdown)
