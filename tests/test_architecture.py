@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"tuner", "linalg", "naming", "io", "devices"},
     "evaluation": {"data", "devices"},
     "training": {"tuner", "planning", "linalg", "naming", "io", "data", "gguf_models"},
+    "refine": {"tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
     "hub": {"tuner", "export", "io", "devices", "data", "gguf_models"},
     "cli": {"*"},
     "__init__": {"*"},

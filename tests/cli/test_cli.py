@@ -453,3 +453,44 @@ def test_outputs_get_the_umask_modes(adapter, stats):
         for path in [folder, *folder.rglob("*")]:
             expected = (0o777 if path.is_dir() else 0o666) & ~mask
             assert path.stat().st_mode & 0o777 == expected, path
+def test_compress_refine_resumable_and_loadable(ws):
+    args = ["compress", "--model", "tiny", "--refine", "--budget", "0.5", "--data", "train.txt", "--seq-len", "16",
+            "--max-tokens", "640", "--batch-size", "4", "--e2e-tokens", "256", "--refine-state", "refine-state",
+            "--output", "refined", "--json"]
+    proc = run_cli(*args, cwd=ws)
+    data = json.loads(proc.stdout)
+    assert data["allocation"] in ("mixed", "uniform") and not data["resumed"]
+    assert set(data["validation_nll"]) == {"dense", "init", "blockwise", "end_to_end"}
+    assert (ws / "refined" / "nsn_compression.json").is_file()
+    assert (ws / "refine-state" / "refine_state.json").is_file()
+    proc = run_cli(*args, "--overwrite", cwd=ws)  # a finished state is reused, not retrained
+    assert json.loads(proc.stdout)["resumed"]
+    proc = run_cli("eval", "--model", "refined", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256", "--json", cwd=ws)
+    assert json.loads(proc.stdout)["results"][0]["perplexity"] > 1
+    proc = run_cli("compress", "--model", "tiny", "--refine", "--data", "train.txt", "--output", "x", cwd=ws, expect=2)
+    assert_one_line_error(proc.stderr, "compress", "--refine needs --budget")
+
+
+def test_target_flops_uses_the_budget_plans(ws, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import nsn_peft
+    from nsn_peft import NSNConfig
+
+    base = AutoModelForCausalLM.from_pretrained(ws / "tiny")
+    names = [n for n, m in base.named_modules() if n.endswith(("up_proj", "down_proj"))]
+    plans = {0.5: dict.fromkeys(names, 8), 1.0: dict.fromkeys(names, 16)}
+    model = get_peft_model(base, NSNConfig(target_modules=["up_proj", "down_proj"], max_rank=16, budget_plans=plans))
+    model.save_pretrained(tmp_path / "scheduled")
+    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.5",
+                   "--output", tmp_path / "c50", "--json", cwd=ws)
+    assert json.loads(proc.stdout)["mean_rank"] == 8
+    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.3",
+                   "--output", tmp_path / "c30", cwd=ws, expect=2)
+    assert_one_line_error(proc.stderr, "compress", "has plans for the FLOPs budgets 0.5, 1")
+    proc = run_cli("eval", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
+                   "--max-tokens", "256", "--target-flops", "0.5,1", "--json", cwd=ws)
+    rows = json.loads(proc.stdout)["results"]
+    assert [r["mean_rank"] for r in rows] == [8, 16]
+    assert nsn_peft.get_rank(model) == dict.fromkeys(names, 16)

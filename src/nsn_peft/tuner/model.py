@@ -379,8 +379,10 @@ class NSNModel(BaseTuner):
         return remapped
 
     # -- rank API -------------------------------------------------------------------------------------
-    def set_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None) -> None:
-        _ranks.set_rank(self, rank, fraction=fraction)
+    def set_rank(
+        self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None
+    ) -> None:
+        _ranks.set_rank(self, rank, fraction=fraction, flops=flops)
 
     def get_rank(self) -> dict[str, int]:
         return _ranks.get_rank(self)
@@ -388,8 +390,11 @@ class NSNModel(BaseTuner):
     def get_max_rank(self) -> dict[str, int]:
         return _ranks.get_max_rank(self)
 
-    def at_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None):
-        return _ranks.at_rank(self, rank, fraction=fraction)
+    def at_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None):
+        return _ranks.at_rank(self, rank, fraction=fraction, flops=flops)
+
+    def budget_plans(self) -> dict[float, dict[str, int]]:
+        return _ranks.budget_plans(self)
 
     def estimate_flops(self, rank: Optional[_ranks.RankSpec] = None, tokens: int = 1) -> _ranks.FlopsReport:
         return _ranks.estimate_flops(self, rank, tokens)
