@@ -12,6 +12,8 @@ import pytest
 
 from nsn_peft import io
 
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="simulates kills in forked children (POSIX)")
+
 V1 = {"weights.bin": "old weights " * 100, "config.json": '{"v": 1}', "sub/extra.json": '{"v": 1}'}
 V2 = {"weights.bin": "new weights " * 100, "config.json": '{"v": 2}', "sub/extra.json": '{"v": 2}'}
 
@@ -119,6 +121,7 @@ def _crash_child(dest: Path, files: dict[str, str], crash_at: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+@needs_fork
 @pytest.mark.parametrize("existing", [True, False])
 def test_a_kill_at_every_step_leaves_one_whole_version(tmp_path, existing):
     """Die before each rename and fsync of a save in turn: readers (after recovery) see V1 or V2, never a mix."""
@@ -145,6 +148,7 @@ def test_a_kill_at_every_step_leaves_one_whole_version(tmp_path, existing):
     assert crash_at > 6 and seen == {"new", "old"}
 
 
+@needs_fork
 def test_live_temporaries_of_another_process_are_kept(tmp_path):
     dest = tmp_path / "out"
     _write_version(dest, V1)
@@ -171,6 +175,7 @@ def test_live_temporaries_of_another_process_are_kept(tmp_path):
     assert _temporaries(dest) == []
 
 
+@needs_fork
 def test_stale_file_temporaries_are_cleaned_by_the_next_write(tmp_path):
     target = tmp_path / "plan.json"
     pid = os.fork()
@@ -204,6 +209,7 @@ def test_check_safetensors_names_truncated_and_corrupt_files(tmp_path):
         io.check_safetensors(tmp_path / "nope.safetensors")
 
 
+@needs_fork
 def test_nested_saves_into_a_staging_folder_do_not_deadlock(tmp_path):
     """A save into a subfolder of another save's staging folder (statistics + gradient statistics in one
     calibration output) must not wait for the lock its own outer save holds."""
