@@ -28,7 +28,7 @@ from .options import (
     required,
     unit_fraction,
 )
-from .output import CommandResult, format_table
+from .output import CommandResult, clip_rows, format_table
 from .runtime import progress_enabled
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> CommandResult:
         lines.append(f"  perplexity: dense {dense:.4f}, planned {planned:.4f} (+{(planned / dense - 1) * 100:.2f}%; "
                      f"allowed: ε = {epsilon * 100:g}%, i.e. ≤ {dense * (1 + epsilon):.4f})")
     if plan.ranks:
-        lines += ["", format_table(sorted(plan.ranks.items(), key=lambda kv: _natural_key(kv[0])), ["layer", "rank"])]
+        rows, more = clip_rows(sorted(plan.ranks.items(), key=lambda kv: _natural_key(kv[0])))
+        lines += ["", format_table(rows, ["layer", "rank"])] + ([more] if more else [])
     return CommandResult(data, "\n".join(lines))
 
 
