@@ -20,19 +20,23 @@ averaged across processes before each step, as under DDP. The adapter is gathere
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Union
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LogVarOptimizer",
+    "accumulate_without_sync",
     "broadcast_trainable_parameters",
     "check_supported_sharding",
+    "deepspeed_resume_directory",
     "canonical_parameter_name",
     "full_trainable_state_dict",
     "is_sharded_run",
@@ -246,6 +250,45 @@ def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarO
         return None
     args = trainer.args
     return LogVarOptimizer(rank_loss.log_vars, trainer.logvar_learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
+
+
+@contextlib.contextmanager
+def accumulate_without_sync(accelerator: Any, model: nn.Module) -> Iterator[None]:
+    """Context for a backward pass whose gradients only accumulate (every rank pass of a step but the last).
+
+    DDP and FSDP: ``accelerator.no_sync(model)``. DeepSpeed: Accelerate's ``backward`` also steps the optimizer
+    whenever ``sync_gradients`` is set, so it is cleared for the pass (the engine then treats the pass as
+    inside a gradient-accumulation window) and restored after.
+    """
+    if getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED:
+        with accelerator.no_sync(model):
+            yield
+        return
+    state = accelerator.gradient_state
+    before = state.sync_gradients
+    state._set_sync_gradients(False)
+    try:
+        yield
+    finally:
+        state._set_sync_gradients(before)
+
+
+def deepspeed_resume_directory(trainer: Any, resume_from_checkpoint: Union[str, bool, None]) -> Optional[str]:
+    """The checkpoint folder a DeepSpeed run resumes from (``None`` if it does not resume or is not DeepSpeed).
+
+    ``Trainer`` resumes a DeepSpeed run through the engine alone, without ``_load_from_checkpoint``, so
+    ``NSNTrainer.train`` restores the multi-rank state itself from this folder.
+    """
+    if not getattr(trainer, "is_deepspeed_enabled", False) or not resume_from_checkpoint:
+        return None
+    if isinstance(resume_from_checkpoint, bool):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(trainer.args.output_dir)
+        if found is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({trainer.args.output_dir})")
+        return found
+    return str(resume_from_checkpoint)
 
 
 def schedule_factor(optimizer: Any, scheduler: Any, default_lr: float) -> float:
