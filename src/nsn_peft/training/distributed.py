@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
@@ -39,9 +40,11 @@ __all__ = [
     "deepspeed_resume_directory",
     "canonical_parameter_name",
     "full_trainable_state_dict",
+    "gathered_adapter_state",
     "is_sharded_run",
     "prepare_sharded_training",
     "save_fsdp2_adapter",
+    "save_trained_adapter",
     "schedule_factor",
     "sharding_name",
     "use_precise_fsdp2_mixed_precision",
@@ -314,3 +317,37 @@ def save_fsdp2_adapter(trainer: Any, output_dir: str) -> None:
     """
     state = full_trainable_state_dict(trainer.model_wrapped)
     trainer._save(output_dir, state_dict=state)
+
+
+def gathered_adapter_state(trainer: Any) -> Optional[dict[str, torch.Tensor]]:
+    """The full trainable state of a sharded run for ``save_pretrained(state_dict=…)`` (``None`` when unsharded).
+
+    Collective under FSDP2 and DeepSpeed ZeRO-3: call on every process. DeepSpeed returns it on the main process
+    only (``None`` elsewhere).
+    """
+    strategy = sharding_name(trainer)
+    if strategy == "fsdp2":
+        return full_trainable_state_dict(trainer.model_wrapped)
+    engine = trainer.model_wrapped
+    if strategy == "deepspeed" and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    return None
+
+
+def save_trained_adapter(trainer: Any, directory: Union[str, os.PathLike], tokenizer: Any = None) -> None:
+    """Write the trained adapter (ordinary PEFT layout, one ``adapter_model.safetensors``) to ``directory``.
+
+    Works the same in one process, under DDP, FSDP2 and DeepSpeed: every process must call it (the sharded
+    factors are gathered first); the main process writes, atomically (a complete folder or none); the others
+    wait for it. ``tokenizer`` is saved beside the adapter when given.
+    """
+    from ..io import atomic_directory
+
+    state = gathered_adapter_state(trainer)
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        with atomic_directory(directory) as tmp:
+            model.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+    trainer.accelerator.wait_for_everyone()
