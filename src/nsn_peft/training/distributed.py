@@ -20,24 +20,31 @@ averaged across processes before each step, as under DDP. The adapter is gathere
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any, Optional
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Union
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LogVarOptimizer",
+    "accumulate_without_sync",
     "broadcast_trainable_parameters",
     "check_supported_sharding",
+    "deepspeed_resume_directory",
     "canonical_parameter_name",
     "full_trainable_state_dict",
+    "gathered_adapter_state",
     "is_sharded_run",
     "prepare_sharded_training",
     "save_fsdp2_adapter",
+    "save_trained_adapter",
     "schedule_factor",
     "sharding_name",
     "use_precise_fsdp2_mixed_precision",
@@ -248,6 +255,45 @@ def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarO
     return LogVarOptimizer(rank_loss.log_vars, trainer.logvar_learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
 
 
+@contextlib.contextmanager
+def accumulate_without_sync(accelerator: Any, model: nn.Module) -> Iterator[None]:
+    """Context for a backward pass whose gradients only accumulate (every rank pass of a step but the last).
+
+    DDP and FSDP: ``accelerator.no_sync(model)``. DeepSpeed: Accelerate's ``backward`` also steps the optimizer
+    whenever ``sync_gradients`` is set, so it is cleared for the pass (the engine then treats the pass as
+    inside a gradient-accumulation window) and restored after.
+    """
+    if getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED:
+        with accelerator.no_sync(model):
+            yield
+        return
+    state = accelerator.gradient_state
+    before = state.sync_gradients
+    state._set_sync_gradients(False)
+    try:
+        yield
+    finally:
+        state._set_sync_gradients(before)
+
+
+def deepspeed_resume_directory(trainer: Any, resume_from_checkpoint: Union[str, bool, None]) -> Optional[str]:
+    """The checkpoint folder a DeepSpeed run resumes from (``None`` if it does not resume or is not DeepSpeed).
+
+    ``Trainer`` resumes a DeepSpeed run through the engine alone, without ``_load_from_checkpoint``, so
+    ``NSNTrainer.train`` restores the multi-rank state itself from this folder.
+    """
+    if not getattr(trainer, "is_deepspeed_enabled", False) or not resume_from_checkpoint:
+        return None
+    if isinstance(resume_from_checkpoint, bool):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(trainer.args.output_dir)
+        if found is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({trainer.args.output_dir})")
+        return found
+    return str(resume_from_checkpoint)
+
+
 def schedule_factor(optimizer: Any, scheduler: Any, default_lr: float) -> float:
     """How far the LR schedule has scaled the first parameter group at this step (``lr_now / lr_base``).
 
@@ -271,3 +317,37 @@ def save_fsdp2_adapter(trainer: Any, output_dir: str) -> None:
     """
     state = full_trainable_state_dict(trainer.model_wrapped)
     trainer._save(output_dir, state_dict=state)
+
+
+def gathered_adapter_state(trainer: Any) -> Optional[dict[str, torch.Tensor]]:
+    """The full trainable state of a sharded run for ``save_pretrained(state_dict=…)`` (``None`` when unsharded).
+
+    Collective under FSDP2 and DeepSpeed ZeRO-3: call on every process. DeepSpeed returns it on the main process
+    only (``None`` elsewhere).
+    """
+    strategy = sharding_name(trainer)
+    if strategy == "fsdp2":
+        return full_trainable_state_dict(trainer.model_wrapped)
+    engine = trainer.model_wrapped
+    if strategy == "deepspeed" and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    return None
+
+
+def save_trained_adapter(trainer: Any, directory: Union[str, os.PathLike], tokenizer: Any = None) -> None:
+    """Write the trained adapter (ordinary PEFT layout, one ``adapter_model.safetensors``) to ``directory``.
+
+    Works the same in one process, under DDP, FSDP2 and DeepSpeed: every process must call it (the sharded
+    factors are gathered first); the main process writes, atomically (a complete folder or none); the others
+    wait for it. ``tokenizer`` is saved beside the adapter when given.
+    """
+    from ..io import atomic_directory
+
+    state = gathered_adapter_state(trainer)
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        with atomic_directory(directory) as tmp:
+            model.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+    trainer.accelerator.wait_for_everyone()

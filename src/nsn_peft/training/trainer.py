@@ -31,7 +31,15 @@ from ..io import atomic_directory, finish_interrupted_save, write_json, write_sa
 from ..tuner.config import budget_key
 from ..tuner.dense import check_dense_weights, dense_model
 from ..tuner.ranks import at_rank, budget_plan, nsn_layers, selectable_ranks
-from .distributed import LogVarOptimizer, prepare_sharded_training, save_fsdp2_adapter, schedule_factor, sharding_name
+from .distributed import (
+    LogVarOptimizer,
+    accumulate_without_sync,
+    deepspeed_resume_directory,
+    prepare_sharded_training,
+    save_fsdp2_adapter,
+    schedule_factor,
+    sharding_name,
+)
 from .loss import WEIGHTINGS, RankBuckets, UncertaintyWeightedLoss, Weighting, distillation_loss
 from .samplers import FixedRankSampler, RankSampler, RankSamplerLike, as_rank_sampler
 
@@ -225,8 +233,6 @@ class NSNTrainer(Trainer):
                 raise ValueError(f"eval_ranks {list(eval_ranks)} must be non-empty ranks in [1, {self.rank_grid[-1]}] (the top rank)")
         # FSDP/DeepSpeed: checks, precise mixed precision, and an optimizer of their own for the log-variances.
         self._logvar_optimizer: Optional[LogVarOptimizer] = prepare_sharded_training(self, model)
-        if self.backward_per_rank and self.is_deepspeed_enabled:
-            raise ValueError("NSNTrainer(backward_per_rank=True) does not support DeepSpeed (its backward also steps); pass backward_per_rank=False.")
         if self.backward_per_rank and "lomo" in str(self.args.optim).lower():
             raise ValueError(f"NSNTrainer(backward_per_rank=True) does not support the {self.args.optim} optimizer")
 
@@ -273,6 +279,9 @@ class NSNTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train`` (same arguments); the ranks are drawn afresh from the (restored) global step."""
         self._ranks_cache = None
+        resumed = deepspeed_resume_directory(self, args[0] if args else kwargs.get("resume_from_checkpoint"))
+        if resumed is not None:  # Trainer resumes DeepSpeed without calling _load_from_checkpoint
+            self._load_multirank_state_or_warn(resumed)
         return super().train(*args, **kwargs)
 
     def rank_weights(self) -> dict[str, float]:
@@ -384,7 +393,7 @@ class NSNTrainer(Trainer):
         outputs = None
         for i, rank in enumerate(ranks):
             last = i == len(ranks) - 1
-            sync = contextlib.nullcontext() if (last or not backward) else self.accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if (last or not backward) else accumulate_without_sync(self.accelerator, model)
             with self.at_point(rank), sync:
                 with self.compute_loss_context_manager():
                     task, kd, outputs = self.compute_rank_loss(
@@ -638,6 +647,9 @@ class NSNTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_multirank_state_or_warn(resume_from_checkpoint)
+
+    def _load_multirank_state_or_warn(self, resume_from_checkpoint: str) -> None:
         if (Path(resume_from_checkpoint) / MULTIRANK_STATE_JSON).is_file():
             self.load_multirank_state(resume_from_checkpoint)
         else:
