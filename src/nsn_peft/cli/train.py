@@ -213,7 +213,6 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
     from transformers import TrainingArguments, default_data_collator
 
     from .. import training
-    from ..io import atomic_directory
     training_args = TrainingArguments(
         output_dir=checkpoint_dir,
         num_train_epochs=args.epochs,
