@@ -1,7 +1,7 @@
 """The NSN PEFT method, laid out like PEFT's own tuners.
 
 ``config.py`` (what is configurable), ``layer.py`` (what an adapted layer does), ``model.py`` (how a model is
-rewritten), ``ranks.py`` (rank control and FLOPs accounting), ``model_card.py``, and ``registration.py`` (how
+rewritten), ``targeting.py`` (which modules are adapted), ``ranks.py`` (rank control and FLOPs accounting), ``model_card.py``, and ``registration.py`` (how
 PEFT learns about the method).
 """
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import re
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 from tqdm.auto import tqdm
@@ -21,6 +20,7 @@ from ..linalg import decompose
 from ..linalg.flops import factoring_saves, rank_for_params_fraction
 from ..naming import canonical_module_name, lookup_pattern
 from . import ranks as _ranks
+from . import targeting
 from .config import NSNConfig
 from .layer import NSNLayer, NSNLinear, check_supported_module
 from .peft_type import keep_base_weights_override, loading_checkpoint, loading_source
@@ -46,69 +46,15 @@ class NSNModel(BaseTuner):
 
     # -- injection -----------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: NSNConfig, model_config: dict) -> NSNConfig:
-        all_linear = peft_config.target_modules is None or (
-            isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
-        )
+        all_linear = targeting.is_all_linear(peft_config.target_modules)
         if all_linear:
             peft_config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
-        # PEFT expands "all-linear" into full module names, which it matches before looking at layers_to_transform;
-        # remembered here so that the layer filter still applies (see _check_target_module_exists).
-        peft_config._nsn_filter_layers = all_linear and peft_config.layers_to_transform is not None
+        targeting.remember_layer_filter(peft_config, all_linear)
         return peft_config
 
     @staticmethod
     def _check_target_module_exists(peft_config: NSNConfig, key: str):
-        result = check_target_module_exists(peft_config, key)
-        if result and not isinstance(result, _ExcludedModule) and getattr(peft_config, "_nsn_filter_layers", False):
-            if "." not in key:
-                return False  # a top-level module belongs to no numbered layer
-            narrowed = copy.copy(peft_config)
-            narrowed.target_modules = {key.rsplit(".", 1)[1]}
-            return check_target_module_exists(narrowed, key)
-        return result
-
-    @staticmethod
-    def _check_layers_to_transform(model: nn.Module, config: NSNConfig) -> None:
-        """Name ``layers_to_transform`` (and the valid range) when it asks for layers the model does not have."""
-        wanted = config.layers_to_transform
-        if wanted is None:
-            return
-        wanted = [wanted] if isinstance(wanted, int) else list(wanted)
-        patterns = config.layers_pattern
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
-        regexes = [rf"(?:^|.*?\.){re.escape(p)}\.(\d+)\." for p in patterns] or [r".*?\.[^.]*\.(\d+)\."]
-        unfiltered = copy.copy(config)
-        unfiltered.layers_to_transform, unfiltered.layers_pattern = None, None
-        all_linear = config.target_modules is None or config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND
-        present: set[int] = set()
-        containers: set[str] = set()
-        for name, module in model.named_modules():
-            if not isinstance(module, (nn.Linear, Conv1D, NSNLayer)):
-                continue
-            if not all_linear and not check_target_module_exists(unfiltered, name):
-                continue
-            container = re.match(r"(?:^|.*?\.)([^.]+)\.\d+\.", name)
-            if container:
-                containers.add(container.group(1))
-            for regex in regexes:
-                match = re.match(regex, name)
-                if match:
-                    present.add(int(match.group(1)))
-                    break
-        if not present:
-            if patterns and containers:
-                raise ValueError(
-                    f"NSNConfig.layers_pattern={config.layers_pattern!r} names no numbered block of {type(model).__name__}; "
-                    f"its targeted modules sit in {sorted(containers)}."
-                )
-            return  # no numbered layers among the targets: the target_modules error says more
-        missing = sorted(set(wanted) - present)
-        if missing:
-            where = f" (layers_pattern={config.layers_pattern!r})" if config.layers_pattern else ""
-            raise ValueError(
-                f"NSNConfig.layers_to_transform={config.layers_to_transform!r}: {type(model).__name__} has no layer "
-                f"{', '.join(map(str, missing))}{where}; its targeted layers are numbered {min(present)}-{max(present)}."
-            )
+        return targeting.check_target_module_exists(peft_config, key)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # NSN factors *replace* the dense weight, so they keep its dtype: upcasting bf16 factors to fp32 (as
@@ -177,7 +123,7 @@ class NSNModel(BaseTuner):
     ) -> None:
         self._pending_init: list[tuple[str, NSNLayer]] = []
         self._layer_index = None
-        self._check_layers_to_transform(model, self.peft_config[adapter_name])
+        targeting.check_layers_to_transform(model, self.peft_config[adapter_name])
         self._loading = loading_checkpoint() or low_cpu_mem_usage or state_dict is not None
         try:
             super().inject_adapter(
@@ -198,12 +144,7 @@ class NSNModel(BaseTuner):
         config.keep_base_weights = self._keep_base_weights(config)
         if not self._loading:
             self._initialize_factors(config, adapter_name, pending)
-        if getattr(config, "_nsn_filter_layers", False):
-            # Record the modules actually adapted, so that the saved config recreates exactly them.
-            config.target_modules = {
-                n for n, m in model.named_modules() if isinstance(m, NSNLayer) and adapter_name in m.nsn_A
-            }
-            config._nsn_filter_layers = False
+        targeting.record_adapted_modules(model, config, adapter_name)
         self._layer_index = None
         if config.active_rank is not None:
             _ranks.set_rank(self, config.active_rank, adapter_name=adapter_name)
