@@ -1,21 +1,25 @@
-"""Multi-rank finetuning of SmolLM2-135M vs single-rank specialists, at a fixed token budget.
+"""One nested model trained for several FLOPs budgets vs the dense model finetuned on the same tokens.
 
-NSN on the MLP (``up_proj``, ``gate_proj``, ``down_proj``) with max rank = full (576), SVD or whitened
-init. Every run sees the same training tokens (``--steps`` x ``--batch-size`` x ``--block-size``) from the
-Python docs (all sources except ``howto``), and perplexity is measured on held-out ``howto`` text for:
+SmolLM2-135M, NSN on the MLP (``gate_proj``, ``up_proj``, ``down_proj``), whitened init. A budget schedule
+(:func:`nsn_peft.plan_budget_schedule`) gives nested per-layer ranks at 25/50/75/100% of the MLP's dense FLOPs:
+the loss-weighted mixed schedule or the uniform one, whichever has the lower mean NLL on validation text (held
+out from the training text) before training. Every run sees the same training tokens (``--steps`` ×
+``--batch-size`` × ``--block-size``) of the Python docs except ``howto/``; perplexity is measured on held-out
+``howto/`` text for:
 
-* the dense model (and, as a reference, the dense model with its MLP weights finetuned on the same budget);
-* the NSN model before training, at 25/50/75/100 % of the max rank and at the rank of 50 % MLP FLOPs;
-* the nested model trained with the multi-rank objective (``NSNTrainer``), at the same ranks;
-* single-rank specialists: one fresh NSN model per rank, trained with the same budget at that rank only.
+* the dense model, and the dense model with its MLP finetuned on the same tokens (plain cross-entropy) — the
+  baseline every budget is compared with;
+* the nested model before training, at each budget;
+* the nested model trained with ``NSNTrainer(budgets=..., distill_teacher="dense")``: every budget at every step,
+  loss ``(1-α)·CE + α·KL(dense ‖ model)`` with the frozen dense model as teacher, uncertainty-weighted;
+* one specialist per budget: the same init and recipe, trained at that budget only.
 
-Targets: nested within 10 % of each specialist's perplexity; at 50 % of MLP FLOPs <= 1.5x dense perplexity.
-Training throughput (tokens/s) of the multi-rank run, of each specialist and of plain training of the same
-layers at full rank (dense MLP weights trainable, no NSN) is measured in the same process.
+Targets: at 50% of the MLP FLOPs <= 1.35x the finetuned dense perplexity, at 75% <= 1.10x, every budget within
+5% of its specialist.
 
-    python benchmarks/bench_multirank_training.py --device cuda --out results.json            # on an H100
-    python benchmarks/bench_multirank_training.py --device cpu --steps 3 --batch-size 2 \\
-        --block-size 64 --eval-tokens 1024 --calib-tokens 512 --out /tmp/bench.json          # CPU smoke test
+    python benchmarks/bench_multirank_training.py --device cuda --out benchmarks/results/multirank_training.json
+    python benchmarks/bench_multirank_training.py --device cpu --steps 3 --batch-size 2 --block-size 64 \\
+        --eval-tokens 1024 --calib-tokens 512 --out /tmp/bench.json                          # CPU smoke test
 
 Writes ``--out`` (JSON), a markdown table next to it (``.md``) and a plot (``.png``).
 """
@@ -38,25 +42,21 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import nsn_peft
-from nsn_peft.calibrate.collect import collect_activation_stats
+from nsn_peft.calibrate.collect import collect_activation_stats, collect_gradient_stats
 from nsn_peft.data import token_blocks
 from nsn_peft.evaluation import perplexity as _perplexity
 from nsn_peft.hub import load_model_and_tokenizer
 from nsn_peft.io import atomic_path, write_json, write_text
-from nsn_peft.training import (
-    FixedRankSampler,
-    NSNTrainer,
-    activation_checkpointing_kwargs,
-    clear_dequantized_gguf_marker,
-    make_rank_sampler,
-)
+from nsn_peft.planning import plan_budget_schedule
+from nsn_peft.refine._common import mean_nll
+from nsn_peft.training import NSNTrainer, activation_checkpointing_kwargs, clear_dequantized_gguf_marker
 from nsn_peft.training._lm_data import TokenBlocks, read_texts
 
 logger = logging.getLogger("bench_multirank")
 
 DOCS = Path(os.environ.get("NSN_PEFT_PYTHON_DOCS", "/usr/share/doc/python3.11/html/_sources"))
 TARGETS = ["up_proj", "gate_proj", "down_proj"]
-FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+TARGET_RATIOS = {0.5: 1.35, 0.75: 1.10}
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,20 +67,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-data", nargs="+", default=[str(DOCS)], help="text folders/files for training")
     p.add_argument("--exclude", nargs="*", default=["howto"], help="folder names left out of the training data")
     p.add_argument("--eval-data", default=str(DOCS / "howto"), help="held-out text")
+    p.add_argument("--budgets", default="0.25,0.5,0.75,1.0", help="FLOPs budgets (fractions of the MLP's dense FLOPs)")
+    p.add_argument("--schedule", choices=["auto", "mixed", "uniform"], default="auto",
+                   help="auto: the schedule with the lower validation NLL before training")
+    p.add_argument("--granularity", type=int, default=32, help="rank granularity of the schedules")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (the token budget)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--logvar-lr", type=float, default=5e-2, help="learning rate of the log-variances")
-    p.add_argument("--init", choices=["svd", "whitened"], default="whitened")
-    p.add_argument("--calib-tokens", type=int, default=65536, help="training tokens for the whitened init's statistics")
-    p.add_argument("--samplers", default="sandwich",
-                   help="comma list of nested runs: sandwich, uniform, fixed-eval (all evaluation ranks each step)")
-    p.add_argument("--num-random", type=int, default=2, help="random middle ranks per step (sandwich) / ranks (uniform)")
-    p.add_argument("--weighting", choices=["uncertainty", "sum"], default="uncertainty")
-    p.add_argument("--distill-alpha", type=float, default=0.0)
-    p.add_argument("--specialist-ranks", default="eval", help="'eval' (the evaluation ranks), 'none', or a comma list")
-    p.add_argument("--no-dense-training", action="store_true", help="skip the plain full-rank training reference")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KL to the dense teacher")
+    p.add_argument("--calib-tokens", type=int, default=131072, help="training tokens for the activation statistics")
+    p.add_argument("--gradient-tokens", type=int, default=32768, help="training tokens for the gradient statistics")
+    p.add_argument("--valid-blocks", type=int, default=32, help="training-pool blocks held out to choose the schedule")
+    p.add_argument("--no-specialists", action="store_true")
+    p.add_argument("--no-dense-training", action="store_true")
     p.add_argument("--eval-tokens", type=int, default=131072)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--throughput-warmup", type=int, default=5, help="steps excluded from the tokens/s timing")
@@ -119,8 +120,6 @@ class Throughput(TrainerCallback):
         if self.start is None or self.end is None or self.steps <= 0:
             return None
         return (self.end - self.start) / self.steps
-
-
 
 
 def training_args(args, run_dir: Path, device: torch.device) -> TrainingArguments:
@@ -166,11 +165,14 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    budgets = sorted(float(b) for b in args.budgets.split(","))
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / (out.stem + "_runs")
     phases: dict[str, float] = {}
 
     def mark(name: str, since: float) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         now = time.perf_counter()
         phases[name] = round(now - since, 2)
         logger.info("%s: %.1f s (total %.1f s)", name, now - since, now - t_start)
@@ -183,7 +185,8 @@ def main() -> None:
     texts = read_texts(args.train_data, exclude=args.exclude)
     random.Random(args.seed).shuffle(texts)
     tokens_per_step = args.batch_size * args.block_size
-    train_blocks = token_blocks(texts, tokenizer, args.block_size, max_tokens=args.steps * tokens_per_step)
+    pool = token_blocks(texts, tokenizer, args.block_size, max_tokens=(args.steps * args.batch_size + args.valid_blocks) * args.block_size)
+    valid_blocks, train_blocks = pool[: args.valid_blocks], pool[args.valid_blocks :]
     eval_blocks = token_blocks(read_texts(args.eval_data), tokenizer, args.block_size, max_tokens=args.eval_tokens)
     if len(train_blocks) < args.steps * args.batch_size:
         logger.warning("Only %d training blocks for %d steps x %d: the data repeats", len(train_blocks), args.steps, args.batch_size)
@@ -191,35 +194,58 @@ def main() -> None:
     t = mark("load model + data", t)
 
     dense_ppl = perplexity(dense, eval_blocks, args.eval_batch_size, autocast)
-    stats = None
-    if args.init == "whitened":
-        calib = train_blocks[: max(1, args.calib_tokens // args.block_size)]
-        stats = collect_activation_stats(
-            dense, calib, max_tokens=None, seq_len=args.block_size, batch_size=args.eval_batch_size, target_modules=TARGETS,
-            show_progress=False,
-        )
-    t = mark("dense eval + calibration", t)
+    calib = train_blocks[: max(1, args.calib_tokens // args.block_size)]
+    stats = collect_activation_stats(dense, calib, max_tokens=None, seq_len=args.block_size, batch_size=args.eval_batch_size,
+                                     target_modules=TARGETS, show_progress=False)
+    grads = collect_gradient_stats(dense, train_blocks[: max(1, args.gradient_tokens // args.block_size)], max_tokens=None,
+                                   seq_len=args.block_size, batch_size=4, target_modules=TARGETS, show_progress=False)
+    schedules = {kind: plan_budget_schedule(dense, stats, budgets, target_modules=TARGETS, gradient_stats=grads,
+                                            allocation=kind, granularity=args.granularity, device=device, show_progress=False)
+                 for kind in ("mixed", "uniform")}
+    t = mark("dense eval + statistics + schedules", t)
+
+    # Choose the schedule on validation text before any training (mixed only when it is better).
+    probe = get_peft_model(copy.deepcopy(dense), nsn_peft.NSNConfig(target_modules=TARGETS, init="whitened", stats=stats)).eval()
+    choice_nll = {}
+    for kind, schedule in schedules.items():
+        values = []
+        for b in budgets:
+            with nsn_peft.at_rank(probe, schedule.plans[b]):
+                values.append(mean_nll(probe, valid_blocks, args.eval_batch_size))
+        choice_nll[kind] = {"mean": sum(values) / len(values), "per_budget": dict(zip(map(str, budgets), values))}
+    del probe
+    if args.schedule == "auto":
+        chosen = "mixed" if choice_nll["mixed"]["mean"] < choice_nll["uniform"]["mean"] else "uniform"
+    else:
+        chosen = args.schedule
+    schedule = schedules[chosen]
+    logger.info("schedule: %s (validation NLL %s)", chosen, {k: round(v["mean"], 4) for k, v in choice_nll.items()})
+    t = mark("schedule choice", t)
 
     def make_nsn():
         model = copy.deepcopy(dense)
-        return get_peft_model(model, nsn_peft.NSNConfig(target_modules=TARGETS, init=args.init, stats=stats))
+        return get_peft_model(model, nsn_peft.NSNConfig(stats=stats, **schedule.to_config_kwargs()))
 
-    model = make_nsn()
-    grid = nsn_peft.selectable_ranks(model)
-    top = grid[-1]
-    fraction_ranks = {f: max([r for r in grid if r <= f * top + 1e-9] or [grid[0]]) for f in FRACTIONS}
-    flops50_rank = int(nsn_peft.select_rank_for_target_flops(model, 0.5))
-    eval_ranks = sorted(set(fraction_ranks.values()) | {flops50_rank})
-    flops = {r: nsn_peft.estimate_flops(model, r).targeted_fraction for r in eval_ranks}
-
-    def ppl_at(model, ranks) -> dict[int, float]:
+    def ppl_at(model, points) -> dict[float, float]:
         result = {}
-        for r in ranks:
-            with nsn_peft.at_rank(model, r):
-                result[r] = perplexity(model, eval_blocks, args.eval_batch_size, autocast)
+        for b in points:
+            with nsn_peft.at_rank(model, flops=b):
+                result[b] = perplexity(model, eval_blocks, args.eval_batch_size, autocast)
         return result
 
-    before = ppl_at(model, eval_ranks)
+    partial: dict[str, Any] = {"config": vars(args), "complete": False, "budgets": budgets, "schedule": chosen,
+                               "schedule_validation_nll": choice_nll, "dense_ppl": dense_ppl, "phases_seconds": phases}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_partial(**items: Any) -> None:
+        """Everything measured so far, so a run cut short keeps it."""
+        partial.update(items)
+        write_json(out, partial)
+
+    model = make_nsn()
+    before = ppl_at(model, budgets)
+    save_partial(ppl_before={str(b): v for b, v in before.items()})
+    flops = {b: nsn_peft.estimate_flops(model, schedule.plans[b]).targeted_fraction for b in budgets}
     del model
     release_memory()
     t = mark("NSN init + eval before training", t)
@@ -227,55 +253,43 @@ def main() -> None:
     def run(name: str, model, trainer_cls=NSNTrainer, **kwargs) -> tuple[Any, dict]:
         meter = Throughput(min(args.throughput_warmup, max(args.steps - 1, 0)))
         trainer = trainer_cls(model, training_args(args, work / name, device), train_dataset=train_set, callbacks=[meter], **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         trainer.train()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         per_step = meter.seconds_per_step() or seconds / max(args.steps, 1)
         info = {
             "train_seconds": round(seconds, 2),
             "seconds_per_step": per_step,
             "tokens_per_second": tokens_per_step / per_step,
+            "train_tokens": args.steps * tokens_per_step,
             "log_history": [h for h in trainer.state.log_history if "loss" in h],
         }
         return trainer, info
 
-    nested: dict[str, dict] = {}
-    for sampler_name in [s.strip() for s in args.samplers.split(",") if s.strip()]:
-        if sampler_name == "fixed-eval":
-            sampler = FixedRankSampler(eval_ranks, seed=args.seed)
-        else:
-            sampler = make_rank_sampler(sampler_name, seed=args.seed, num_random=args.num_random, num_ranks=max(args.num_random, 1))
-        model = make_nsn()
-        trainer, info = run(
-            f"nested-{sampler_name}", model, rank_sampler=sampler, weighting=args.weighting,
-            logvar_learning_rate=args.logvar_lr, distill_alpha=args.distill_alpha, eval_ranks=eval_ranks,
-        )
-        passes = sum(len(sampler.sample(s)) for s in range(args.steps)) / max(args.steps, 1)
-        info.update(
-            sampler=repr(sampler), rank_passes_per_step=passes, ppl=ppl_at(model, eval_ranks),
-            log_vars=dict(zip(trainer.rank_buckets.labels, trainer.rank_loss.log_vars.detach().tolist())),
-            rank_counts=trainer.rank_counts,
-        )
-        nested[sampler_name] = info
-        del trainer, model
-        release_memory()
-        t = mark(f"nested ({sampler_name})", t)
+    recipe = {"distill_teacher": "dense", "distill_alpha": args.distill_alpha}
+    model = make_nsn()
+    trainer, nested = run("nested", model, budgets=budgets, weighting="uncertainty", logvar_learning_rate=args.logvar_lr, **recipe)
+    nested["ppl"] = ppl_at(model, budgets)
+    nested["log_vars"] = dict(zip(trainer._bucket_labels(), trainer.rank_loss.log_vars.detach().tolist()))
+    del trainer, model
+    release_memory()
+    t = mark("nested", t)
+    save_partial(nested={k: v for k, v in nested.items() if k != "ppl"}, ppl_nested={str(b): v for b, v in nested["ppl"].items()})
 
-    if args.specialist_ranks == "eval":
-        specialist_ranks = eval_ranks
-    elif args.specialist_ranks == "none":
-        specialist_ranks = []
-    else:
-        specialist_ranks = sorted({int(r) for r in args.specialist_ranks.split(",")})
-    specialists: dict[int, dict] = {}
-    for r in specialist_ranks:
+    specialists: dict[float, dict] = {}
+    for b in [] if args.no_specialists else budgets:
         model = make_nsn()
-        trainer, info = run(f"specialist-{r}", model, rank_sampler=FixedRankSampler([r]), weighting="sum", eval_ranks=[r])
-        info["ppl"] = ppl_at(model, [r])[r]
-        specialists[r] = info
+        trainer, info = run(f"specialist-{b:g}", model, budgets=[b], weighting="sum", **recipe)
+        info["ppl"] = ppl_at(model, [b])[b]
+        specialists[b] = info
         del trainer, model
         release_memory()
-        t = mark(f"specialist r={r}", t)
+        t = mark(f"specialist {b:g}", t)
+        save_partial(ppl_specialists={str(k): v["ppl"] for k, v in specialists.items()})
 
     dense_run = None
     if not args.no_dense_training:
@@ -288,46 +302,54 @@ def main() -> None:
         dense_run = info
         del trainer, model
         release_memory()
-        t = mark("dense MLP training", t)
+        t = mark("dense MLP finetuning", t)
+        save_partial(dense_mlp_finetuned_ppl=info["ppl"])
 
     # -- report -------------------------------------------------------------------------------------
+    baseline = dense_run["ppl"] if dense_run else None
     rows = []
-    for r in eval_ranks:
-        fractions = [f for f, fr in fraction_ranks.items() if fr == r]
+    for b in budgets:
+        ranks = list(schedule.plans[b].values())
         row = {
-            "rank": r,
-            "percent_of_max_rank": [int(100 * f) for f in fractions],
-            "rank_fraction": r / top,
-            "mlp_flops_fraction": flops[r],
-            "is_50pct_flops_rank": r == flops50_rank,
-            "ppl_before": before[r],
-            "ppl_nested": {k: v["ppl"][r] for k, v in nested.items()},
-            "ppl_specialist": specialists[r]["ppl"] if r in specialists else None,
+            "budget": b,
+            "mlp_flops_fraction": flops[b],
+            "mean_rank": sum(ranks) / len(ranks),
+            "min_rank": min(ranks),
+            "max_rank": max(ranks),
+            "ppl_before": before[b],
+            "ppl_nested": nested["ppl"][b],
+            "ppl_specialist": specialists[b]["ppl"] if b in specialists else None,
+            "nested_over_finetuned_dense": nested["ppl"][b] / baseline if baseline else None,
+            "nested_over_dense": nested["ppl"][b] / dense_ppl,
         }
         if row["ppl_specialist"]:
-            row["nested_over_specialist"] = {k: v / row["ppl_specialist"] for k, v in row["ppl_nested"].items()}
+            row["nested_over_specialist"] = row["ppl_nested"] / row["ppl_specialist"]
         rows.append(row)
     targets: dict[str, Any] = {}
-    for name, info in nested.items():
-        ratios = {r["rank"]: r["nested_over_specialist"][name] for r in rows if "nested_over_specialist" in r}
-        at50 = info["ppl"][flops50_rank] / dense_ppl
-        targets[name] = {
-            "within_10pct_of_specialists": all(v <= 1.10 for v in ratios.values()) if ratios else None,
-            "worst_ratio_to_specialist": max(ratios.values()) if ratios else None,
-            "ppl_at_50pct_flops_over_dense": at50,
-            "at_50pct_flops_le_1.5x_dense": at50 <= 1.5,
-        }
+    for b, goal in TARGET_RATIOS.items():
+        row = next((r for r in rows if abs(r["budget"] - b) < 1e-9), None)
+        if row and row["nested_over_finetuned_dense"] is not None:
+            targets[f"at_{b:g}_le_{goal}x_finetuned_dense"] = {"ratio": row["nested_over_finetuned_dense"],
+                                                                "met": row["nested_over_finetuned_dense"] <= goal}
+    ratios = [r["nested_over_specialist"] for r in rows if "nested_over_specialist" in r]
+    if ratios:
+        targets["within_5pct_of_specialists"] = {"worst_ratio": max(ratios), "met": max(ratios) <= 1.05}
     total = time.perf_counter() - t_start
+    gpu_train = nested["train_seconds"] + sum(s["train_seconds"] for s in specialists.values()) + (dense_run or {}).get("train_seconds", 0)
     result = {
+        "complete": True,
         "config": vars(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "targets_layers": TARGETS,
         "train_tokens_per_run": args.steps * tokens_per_step,
         "train_blocks_available": len(train_blocks),
         "eval_tokens": int(eval_blocks.numel()),
-        "grid": grid,
-        "fraction_ranks": {str(int(100 * f)): r for f, r in fraction_ranks.items()},
-        "rank_at_50pct_mlp_flops": flops50_rank,
+        "statistics_tokens": {"activation": int(calib.numel()), "gradient": int(min(args.gradient_tokens, train_blocks.numel()))},
+        "budgets": budgets,
+        "schedule": chosen,
+        "schedule_validation_nll": choice_nll,
+        "schedule_plans": {kind: {str(b): s.plans[b] for b in budgets} for kind, s in schedules.items()},
         "dense_ppl": dense_ppl,
         "dense_mlp_finetuned": dense_run,
         "rows": rows,
@@ -335,9 +357,9 @@ def main() -> None:
         "specialists": {str(k): v for k, v in specialists.items()},
         "targets": targets,
         "phases_seconds": phases,
+        "training_gpu_seconds": round(gpu_train, 1),
         "total_seconds": round(total, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     markdown = render_markdown(result)
     write_text(out.with_suffix(".md"), markdown)
@@ -347,46 +369,34 @@ def main() -> None:
 
 
 def render_markdown(res: dict) -> str:
-    names = list(res["nested"])
+    fin = res["dense_mlp_finetuned"]
     lines = [
-        f"### Multi-rank finetuning, SmolLM2-135M, NSN on MLP (init={res['config']['init']}), "
+        f"### One nested model for four FLOPs budgets, SmolLM2-135M, NSN on the MLP ({res['schedule']} schedule), "
         f"{res['train_tokens_per_run']:,} training tokens per run, {res['device']}",
         "",
-        f"Held-out perplexity ({res['eval_tokens']:,} tokens). Dense model: **{res['dense_ppl']:.2f}**"
-        + (f"; dense with MLP finetuned on the same budget: {res['dense_mlp_finetuned']['ppl']:.2f}" if res["dense_mlp_finetuned"] else ""),
+        f"Held-out `howto/` perplexity ({res['eval_tokens']:,} tokens). Dense: {res['dense_ppl']:.2f}"
+        + (f"; **dense MLP finetuned on the same tokens: {fin['ppl']:.2f}** (the baseline)" if fin else ""),
         "",
-        "| rank | % of max rank | MLP FLOPs vs dense | before training | "
-        + " | ".join(f"nested ({n})" for n in names) + " | specialist | nested / specialist |",
-        "|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|",
+        "| budget (MLP FLOPs) | mean rank | before training | nested (one model) | × finetuned dense | specialist | nested / specialist |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in res["rows"]:
-        pct = "/".join(f"{p}%" for p in row["percent_of_max_rank"]) or f"{100 * row['rank_fraction']:.0f}%"
-        tag = " (50% FLOPs)" if row["is_50pct_flops_rank"] else ""
         spec = f"{row['ppl_specialist']:.2f}" if row["ppl_specialist"] else "–"
-        ratio = ", ".join(f"{v:.3f}" for v in row.get("nested_over_specialist", {}).values()) or "–"
-        nested = " | ".join(f"{row['ppl_nested'][n]:.2f}" for n in names)
-        lines.append(
-            f"| {row['rank']}{tag} | {pct} | {row['mlp_flops_fraction']:.3f} | {row['ppl_before']:.2f} | {nested} | {spec} | {ratio} |"
-        )
-    lines += ["", "| run | tokens/s | s/step | rank passes/step |", "|---|---:|---:|---:|"]
-    for name, info in res["nested"].items():
-        lines.append(f"| nested ({name}) | {info['tokens_per_second']:,.0f} | {info['seconds_per_step']:.3f} | {info['rank_passes_per_step']:.2f} |")
-    for rank, info in res["specialists"].items():
-        lines.append(f"| specialist r={rank} | {info['tokens_per_second']:,.0f} | {info['seconds_per_step']:.3f} | 1 |")
-    if res["dense_mlp_finetuned"]:
-        info = res["dense_mlp_finetuned"]
-        lines.append(f"| plain dense MLP training (no NSN) | {info['tokens_per_second']:,.0f} | {info['seconds_per_step']:.3f} | 1 |")
+        ratio = f"{row['nested_over_specialist']:.3f}" if "nested_over_specialist" in row else "–"
+        vs = f"{row['nested_over_finetuned_dense']:.2f}×" if row["nested_over_finetuned_dense"] else "–"
+        lines.append(f"| {row['budget']:.0%} ({row['mlp_flops_fraction']:.3f}) | {row['mean_rank']:.0f} | {row['ppl_before']:.2f} | "
+                     f"{row['ppl_nested']:.2f} | {vs} | {spec} | {ratio} |")
+    lines += ["", "| run | tokens | GPU s | tokens/s |", "|---|---:|---:|---:|"]
+    n = res["nested"]
+    lines.append(f"| nested (4 budgets per step + dense teacher) | {n['train_tokens']:,} | {n['train_seconds']:.0f} | {n['tokens_per_second']:,.0f} |")
+    for b, info in res["specialists"].items():
+        lines.append(f"| specialist {float(b):.0%} | {info['train_tokens']:,} | {info['train_seconds']:.0f} | {info['tokens_per_second']:,.0f} |")
+    if fin:
+        lines.append(f"| dense MLP finetuning | {fin['train_tokens']:,} | {fin['train_seconds']:.0f} | {fin['tokens_per_second']:,.0f} |")
     lines += ["", "Targets:"]
     for name, t in res["targets"].items():
-        worst = t["worst_ratio_to_specialist"]
-        lines.append(
-            f"- nested ({name}): within 10% of every specialist: {t['within_10pct_of_specialists']} "
-            f"(worst ratio {worst:.3f})" if worst is not None else f"- nested ({name}): no specialists run"
-        )
-        lines.append(
-            f"- nested ({name}): at 50% MLP FLOPs (rank {res['rank_at_50pct_mlp_flops']}) ppl = "
-            f"{t['ppl_at_50pct_flops_over_dense']:.2f}x dense -> <= 1.5x: {t['at_50pct_flops_le_1.5x_dense']}"
-        )
+        value = t.get("ratio", t.get("worst_ratio"))
+        lines.append(f"- {name}: {value:.3f} -> {'met' if t['met'] else 'missed'}")
     lines.append(f"\nTotal time {res['total_seconds']:.0f} s; phases: {res['phases_seconds']}")
     return "\n".join(lines) + "\n"
 
@@ -398,20 +408,19 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ranks = [row["rank"] for row in res["rows"]]
-    ax.plot(ranks, [row["ppl_before"] for row in res["rows"]], "o:", color="gray", label="NSN before training")
-    for name in res["nested"]:
-        ax.plot(ranks, [row["ppl_nested"][name] for row in res["rows"]], "o-", label=f"nested ({name})")
-    spec = [(row["rank"], row["ppl_specialist"]) for row in res["rows"] if row["ppl_specialist"]]
+    x = [row["mlp_flops_fraction"] for row in res["rows"]]
+    ax.plot(x, [row["ppl_before"] for row in res["rows"]], "o:", color="gray", label="nested, before training")
+    ax.plot(x, [row["ppl_nested"] for row in res["rows"]], "o-", label="nested (one model), trained")
+    spec = [(row["mlp_flops_fraction"], row["ppl_specialist"]) for row in res["rows"] if row["ppl_specialist"]]
     if spec:
-        ax.plot(*zip(*spec), "s--", label="single-rank specialists")
+        ax.plot(*zip(*spec), "s--", label="specialist per budget")
     ax.axhline(res["dense_ppl"], color="black", lw=1, label="dense")
-    ax.axhline(1.5 * res["dense_ppl"], color="black", lw=1, ls="--", label="1.5x dense")
-    ax.axvline(res["rank_at_50pct_mlp_flops"], color="red", lw=0.8, ls=":", label="50% MLP FLOPs")
+    if res["dense_mlp_finetuned"]:
+        ax.axhline(res["dense_mlp_finetuned"]["ppl"], color="black", lw=1, ls="--", label="dense MLP finetuned (same tokens)")
     ax.set_yscale("log")
-    ax.set_xlabel("rank (MLP layers)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"SmolLM2-135M multi-rank finetuning ({res['train_tokens_per_run']:,} tokens/run)")
+    ax.set_xlabel("MLP FLOPs vs dense")
+    ax.set_ylabel("held-out perplexity (howto/)")
+    ax.set_title(f"SmolLM2-135M budget schedule ({res['train_tokens_per_run']:,} tokens/run)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -10,8 +10,14 @@ Runs offline (the model is the embedded SmolLM2 GGUF).
     python examples/train_multirank.py --device cpu --max-steps 3 --block-size 64 --batch-size 2 \\
         --eval-tokens 2048 --output-dir /tmp/multirank
 
-The same script runs under DDP: ``torchrun --nproc_per_node 2 examples/train_multirank.py --device cuda ...``
-(the batch size is per process).
+The same script runs on several GPUs (the batch size is per process):
+
+    torchrun --nproc_per_node 2 examples/train_multirank.py --device cuda ...                       # DDP
+    accelerate launch --config_file examples/fsdp2.yaml examples/train_multirank.py --device cuda ...  # FSDP2
+    accelerate launch --config_file examples/zero3.yaml examples/train_multirank.py --device cuda ...  # ZeRO-3
+
+Under FSDP2 and ZeRO-3 each process holds a shard of the factors and of their optimizer state; the adapter
+saved at the end is still the ordinary single-file PEFT adapter, loadable in one process.
 """
 
 from __future__ import annotations
@@ -154,9 +160,9 @@ def main() -> None:
     trainer.train()
     elapsed = time.perf_counter() - start
     after = ppl_at_ranks()
+    final = Path(args.output_dir) / "final"
+    trainer.save_model(str(final))  # every process: FSDP2/ZeRO-3 gather the shards; the main process writes
     if trainer.is_world_process_zero():
-        final = Path(args.output_dir) / "final"
-        trainer.save_model(str(final))
         print(f"\nSmolLM2-135M, NSN on {TARGETS} (init={args.init}), {args.max_steps} steps in {elapsed:.0f} s")
         print(f"held-out perplexity ({args.eval_data}); dense model: {dense_ppl:.2f}")
         print("| rank | % of max | MLP FLOPs vs dense | before | after |")

@@ -17,13 +17,15 @@ ALLOWED: dict[str, set[str]] = {
     "io": set(),
     "devices": set(),
     "data": set(),
-    "calibrate": {"linalg", "naming", "io", "data"},
-    "tuner": {"linalg", "calibrate", "naming", "io"},
+    "gguf_models": set(),
+    "calibrate": {"linalg", "naming", "io", "data", "devices"},
+    "tuner": {"linalg", "calibrate", "naming", "io", "devices"},
     "planning": {"tuner", "calibrate", "linalg", "naming", "io"},
     "export": {"tuner", "linalg", "naming", "io", "devices"},
-    "evaluation": {"data"},
-    "training": {"tuner", "planning", "linalg", "naming", "io", "data"},
-    "hub": {"tuner", "export", "io", "devices", "data"},
+    "evaluation": {"data", "devices"},
+    "training": {"tuner", "planning", "linalg", "naming", "io", "data", "gguf_models"},
+    "refine": {"tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
+    "hub": {"tuner", "export", "io", "devices", "data", "gguf_models"},
     "cli": {"*"},
     "__init__": {"*"},
     "__main__": {"cli"},
@@ -132,7 +134,7 @@ def test_math_layer_imports_no_model_library():
 
 def test_modules_stay_readable():
     """No module over ~400 lines unless listed here as one idea that reads better whole."""
-    whole = {"training.trainer", "calibrate.collect", "planning.allocate"}
+    whole = {"training.trainer", "calibrate.collect", "planning.allocate", "io"}  # io: the one save protocol
     long = [
         f"{_module_name(p)} ({n} lines)"
         for p in PACKAGE.rglob("*.py")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from .calibrate import ActivationStats, collect_activation_stats, collect_gradient_stats
 from .evaluation import evaluate_perplexity, perplexity
 from .export import load_compressed, save_compressed
-from .planning import RankPlan, allocate_ranks_for_budget, search_ranks
+from .planning import BudgetSchedule, RankPlan, allocate_ranks_for_budget, plan_budget_schedule, search_ranks
+from .refine import RefineConfig, RefineReport, compress_and_refine, refine_blockwise, refine_end_to_end
 from .training import (
     FixedRankSampler,
     NSNTrainer,
@@ -29,7 +30,10 @@ from .tuner import (
     NSNModel,
     RankCompilation,
     at_rank,
+    budget_plan,
+    budget_plans,
     compile_for_ranks,
+    dense_model,
     estimate_flops,
     get_max_rank,
     get_rank,
@@ -47,8 +51,15 @@ __all__ = [
     "ActivationStats",
     "collect_activation_stats",
     "collect_gradient_stats",
+    "BudgetSchedule",
     "RankPlan",
+    "RefineConfig",
+    "RefineReport",
     "allocate_ranks_for_budget",
+    "compress_and_refine",
+    "plan_budget_schedule",
+    "refine_blockwise",
+    "refine_end_to_end",
     "evaluate_perplexity",
     "load_compressed",
     "perplexity",
@@ -70,7 +81,10 @@ __all__ = [
     "NSNModel",
     "RankCompilation",
     "at_rank",
+    "budget_plan",
+    "budget_plans",
     "compile_for_ranks",
+    "dense_model",
     "estimate_flops",
     "get_max_rank",
     "get_rank",

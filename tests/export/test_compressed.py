@@ -83,3 +83,25 @@ def test_load_compressed_reports_damaged_folders(tmp_path, input_ids):
     (tmp_path / "d" / "nsn_compression.json").write_text('{"format": "nsn-peft-compressed", "version": 99}')
     with pytest.raises(ValueError, match="version 99"):
         load_compressed(tmp_path / "d")
+
+
+def test_export_keeps_other_files_refuses_a_file_and_names_a_truncated_one(tmp_path, input_ids):
+    model = get_peft_model(tiny_llama(), NSNConfig(target_modules=["up_proj"]))
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    model.set_rank(8)
+    save_compressed(model, folder)
+    model.set_rank(4)
+    save_compressed(model, folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    loaded = load_compressed(folder)
+    assert {m.rank for m in loaded.modules() if isinstance(m, FactoredLinear)} == {4}
+    (tmp_path / "a_file").write_text("precious")
+    with pytest.raises(NotADirectoryError, match="a_file: a file exists there"):
+        save_compressed(model, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "precious"
+    factors = folder / "nsn_factors.safetensors"
+    factors.write_bytes(factors.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"nsn_factors\.safetensors is truncated"):
+        load_compressed(folder)

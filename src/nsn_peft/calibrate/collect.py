@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..data import load_texts, token_blocks
+from ..devices import resolve_device
 from ..linalg.gram import batch_gram
 from ..naming import canonical_module_name
 from .stats import ActivationStats
@@ -128,7 +129,7 @@ def _run_device(model: nn.Module, device: Optional[Union[str, torch.device]]) ->
     current = next(model.parameters()).device
     if device is None:
         return current
-    run_device = torch.device(device)
+    run_device = torch.device(resolve_device(device))
     if current != run_device:
         logger.info("Moving the model to %s for calibration", run_device)
         model.to(run_device)
@@ -395,13 +396,9 @@ def collect_activation_stats(
     logger.info("Collected activation statistics of %d layers over %d tokens", len(grams), seen)
     out_device = torch.device(stats_device) if stats_device is not None else run_device
     extra = {"seq_len": seq_len, "tokens": seen, "accumulate_dtype": str(dtype).removeprefix("torch.")}
-    out, seen_storage = {}, set()
-    for name, gram in grams.items():
-        moved = gram.to(out_device)
-        if moved.data_ptr() in seen_storage:  # layers sharing an accumulator get their own copy
-            moved = moved.clone()
-        seen_storage.add(moved.data_ptr())
-        out[name] = moved
+    # Layers that shared an accumulator (one input) share one matrix: half the memory, and saved once.
+    moved: dict[int, torch.Tensor] = {}
+    out = {name: moved.setdefault(id(gram), gram.to(out_device)) for name, gram in grams.items()}
     return ActivationStats(out, counts, _model_id(model), extra)
 
 

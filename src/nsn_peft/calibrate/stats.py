@@ -1,9 +1,17 @@
 """``ActivationStats``: per-layer input Gram matrices ``XᵀX`` gathered on calibration data.
 
 Stored as one safetensors file (the matrices) plus ``stats.json`` (model id, layer names, token counts,
-dtype) — no pickle. Matrices are float64 sums: they add up millions of outer products of activations
-with outlier features of magnitude ~1e3, where float32 accumulation loses the small directions that
-whitening needs.
+dtype) — no pickle. The sums are accumulated in float64 (they add up millions of outer products of
+activations with outlier features of magnitude ~1e3, where float32 *accumulation* loses the small directions
+whitening needs), but stored compactly:
+
+* each distinct matrix once: layers that read the same input (q/k/v, gate/up) share one matrix, and
+  ``stats.json`` maps the others to it (``aliases``); in memory they share one tensor too;
+* one triangle of each (the matrices are symmetric);
+* float32 (:data:`STORAGE_DTYPE`): rounding the finished sums changes compression results by far less than the
+  calibration data does (measured on SmolLM2-135M, ``benchmarks/bench_stats_precision.py``).
+
+Folders of format version 1 (every layer's float64 matrix in full) still load.
 """
 
 from __future__ import annotations
@@ -18,18 +26,51 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from ..io import atomic_directory, write_json, write_safetensors
+from ..io import (
+    atomic_directory,
+    check_folder_destination,
+    check_safetensors,
+    finish_interrupted_save,
+    write_json,
+    write_safetensors,
+)
+from ..linalg.gram import pack_symmetric, unpack_symmetric
 from ..naming import canonical_module_name
 
 STATS_FILE = "activation_stats.safetensors"
 META_FILE = "stats.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+STORAGE_DTYPE = torch.float32
 # Where `nsn-peft calibrate --gradients` puts output-gradient statistics inside an activation-stats folder.
 GRADIENT_STATS_SUBDIR = "output_gradients"
 
 __all__ = ["ActivationStats"]
 
 
+def _distinct_matrices(grams: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> tuple[list[str], dict[str, str]]:
+    """``(stored, aliases)``: the first layer of each distinct matrix, and ``{other layer: stored layer}``.
+
+    Two layers share a matrix when they hold the same tensor object (calibration shares the accumulator of
+    layers reading one input) or equal values over the same number of tokens.
+    """
+    stored: list[str] = []
+    aliases: dict[str, str] = {}
+    by_identity: dict[int, str] = {}
+    by_key: dict[tuple, list[str]] = {}
+    for name, gram in grams.items():
+        owner = by_identity.get(id(gram))
+        if owner is None:
+            key = (tuple(gram.shape), gram.dtype, counts[name], float(gram.diagonal().sum()), float(gram[0].sum()))
+            owner = next((other for other in by_key.get(key, []) if torch.equal(grams[other], gram)), None)
+            if owner is None:
+                by_key.setdefault(key, []).append(name)
+        if owner is None:
+            stored.append(name)
+            by_identity[id(gram)] = name
+        else:
+            aliases[name] = owner
+    return stored, aliases
 
 
 @dataclass
@@ -83,6 +124,8 @@ class ActivationStats:
         statistics, ``out_features`` for output-gradient statistics. The error names missing layers and wrong
         shapes; statistics of the other kind (they look alike) are refused outright.
         """
+        if source == "stats" and getattr(self, "_loaded_from", None):
+            source = self._loaded_from  # name the folder the statistics came from
         if self.kind != kind:
             hint = ("collect them with nsn_peft.collect_activation_stats (output-gradient statistics go to gradient_stats=)"
                     if kind == "activation" else "collect them with nsn_peft.collect_gradient_stats")
@@ -99,6 +142,15 @@ class ActivationStats:
             problems.append(f"missing layers {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         if wrong:
             problems.append(f"wrong shapes {wrong[:5]}")
+        present = [canonical_module_name(n) for n in shapes if canonical_module_name(n) in self.grams]
+        empty = [n for n in present if self.token_counts[n] <= 0]
+        if empty:
+            problems.append(f"layers {empty[:5]} were measured over 0 tokens (their statistics say nothing; "
+                            "calibrate on data that reaches them)")
+        broken = [n for n in present if n not in empty and not bool(torch.isfinite(self.grams[n]).all())]
+        if broken:
+            problems.append(f"layers {broken[:5]} hold NaN/Inf values (the model overflowed on the calibration "
+                            "data, or the file is damaged)")
         if problems:
             origin = f" (model '{self.model_id}')" if self.model_id else ""
             label = "Activation" if kind == "activation" else "Output-gradient"
@@ -108,30 +160,46 @@ class ActivationStats:
     def merge(self, other: ActivationStats) -> ActivationStats:
         grams = dict(self.grams)
         counts = dict(self.token_counts)
+        sums: dict[tuple[int, int], torch.Tensor] = {}  # layers sharing a matrix in both keep sharing its sum
         for name, gram in other.grams.items():
             if name in grams:
-                grams[name] = grams[name] + gram.to(grams[name])
+                key = (id(grams[name]), id(gram))
+                if key not in sums:
+                    sums[key] = grams[name] + gram.to(grams[name])
+                grams[name] = sums[key]
                 counts[name] += other.token_counts[name]
             else:
                 grams[name], counts[name] = gram, other.token_counts[name]
         return ActivationStats(grams, counts, self.model_id or other.model_id, {**other.extra, **self.extra})
 
     def to(self, device: str | torch.device) -> ActivationStats:
-        return ActivationStats({k: v.to(device) for k, v in self.grams.items()}, dict(self.token_counts), self.model_id, dict(self.extra))
+        moved: dict[int, torch.Tensor] = {}  # shared matrices stay shared
+        grams = {k: moved.setdefault(id(v), v.to(device)) for k, v in self.grams.items()}
+        return ActivationStats(grams, dict(self.token_counts), self.model_id, dict(self.extra))
 
     # -- persistence ------------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``activation_stats.safetensors`` + ``stats.json`` atomically into ``directory``."""
-        directory = Path(directory)
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype = STORAGE_DTYPE) -> Path:
+        """Write ``activation_stats.safetensors`` + ``stats.json`` into ``directory`` as one transaction.
+
+        Each distinct matrix is stored once (``aliases`` in ``stats.json`` name the layers that share it), as
+        its upper triangle, in ``dtype`` (default float32; ``torch.float64`` keeps the sums bit for bit).
+        Other files of an existing ``directory`` (e.g. the output-gradient statistics that ``nsn-peft calibrate
+        --gradients`` keeps in a subfolder) are left as they are; a file at ``directory`` is an error.
+        """
+        directory = check_folder_destination(directory, "statistics folder")
+        stored, aliases = _distinct_matrices(self.grams, self.token_counts)
+        tensors = {name: pack_symmetric(self.grams[name].to(dtype)) for name in stored}
         meta = {
             "format_version": FORMAT_VERSION,
             "model_id": self.model_id,
-            "dtype": str(next(iter(self.grams.values())).dtype).removeprefix("torch.") if self.grams else None,
+            "dtype": str(dtype).removeprefix("torch."),
+            "layout": "upper_triangle",
             "layers": {name: {"in_features": int(g.shape[0]), "tokens": int(self.token_counts[name])} for name, g in self.grams.items()},
+            "aliases": aliases,
             "extra": self.extra,
         }
         with atomic_directory(directory) as tmp:
-            write_safetensors(tmp / STATS_FILE, self.grams, metadata={"format": "nsn-peft-activation-stats"})
+            write_safetensors(tmp / STATS_FILE, tensors, metadata={"format": "nsn-peft-activation-stats"})
             write_json(tmp / META_FILE, meta)
         return directory
 
@@ -139,6 +207,7 @@ class ActivationStats:
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", layers: Optional[Iterable[str]] = None) -> ActivationStats:
         """Load statistics saved by :meth:`save`; ``layers`` restricts which matrices are read."""
         directory = Path(directory)
+        finish_interrupted_save(directory)
         meta_path, tensor_path = directory / META_FILE, directory / STATS_FILE
         if not meta_path.is_file() or not tensor_path.is_file():
             raise FileNotFoundError(
@@ -150,19 +219,34 @@ class ActivationStats:
             layer_meta = meta["layers"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"Corrupt {meta_path}: {err}") from err
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path} has format_version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+        check_safetensors(tensor_path)  # a truncated file is named here, not deep inside safetensors
+        version = meta.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{meta_path} has format_version {version!r}; this version reads {list(READABLE_VERSIONS)}")
+        aliases = meta.get("aliases") or {}
+        packed = meta.get("layout") == "upper_triangle"
         wanted = set(canonical_module_name(n) for n in layers) if layers is not None else None
         grams, counts = {}, {}
+        read: dict[str, torch.Tensor] = {}  # stored matrices, read once however many layers share them
         with safe_open(str(tensor_path), framework="pt", device=str(device)) as f:
             keys = set(f.keys())
             for name, info in layer_meta.items():
                 if wanted is not None and name not in wanted:
                     continue
-                if name not in keys:
-                    raise ValueError(f"{tensor_path} lacks the matrix of layer '{name}' listed in {META_FILE}")
-                gram = f.get_tensor(name)
-                if tuple(gram.shape) != (info["in_features"], info["in_features"]):
-                    raise ValueError(f"{tensor_path}: layer '{name}' has shape {tuple(gram.shape)}, metadata says {info['in_features']}")
+                key = aliases.get(name, name)
+                if key not in keys:
+                    raise ValueError(f"{tensor_path} lacks the matrix of layer '{key}' listed in {META_FILE}")
+                size = int(info["in_features"])
+                if key not in read:
+                    tensor = f.get_tensor(key)
+                    try:
+                        read[key] = unpack_symmetric(tensor, size) if packed else tensor
+                    except ValueError as err:
+                        raise ValueError(f"{tensor_path}: layer '{key}': {err}") from None
+                gram = read[key]
+                if tuple(gram.shape) != (size, size):
+                    raise ValueError(f"{tensor_path}: layer '{name}' has shape {tuple(gram.shape)}, metadata says {size}")
                 grams[name], counts[name] = gram, int(info["tokens"])
-        return cls(grams, counts, meta.get("model_id"), meta.get("extra", {}))
+        stats = cls(grams, counts, meta.get("model_id"), meta.get("extra", {}))
+        stats._loaded_from = str(directory)
+        return stats

@@ -1,7 +1,7 @@
 """``nsn-peft``: the NSN pipeline from a shell (also ``python -m nsn_peft``).
 
 Subcommands: ``adapt``, ``calibrate``, ``search-ranks``, ``compress``, ``train``, ``eval``, ``sweep``,
-``infer``, ``info``. Run ``nsn-peft <command> --help`` for the options and an example of each.
+``infer``, ``info``, ``fetch-model``. Run ``nsn-peft <command> --help`` for the options and an example of each.
 
 Exit codes: 0 success; 2 usage error (bad option value, missing input file, unknown config key); 1 failure
 while running. Errors are one line on stderr (``nsn-peft <command>: error: ...``); ``--debug`` shows the
@@ -38,9 +38,9 @@ Run '{PROG} <command> --help' for the options of each command.
 
 
 def _command_modules():
-    from . import adapt, calibrate, compress, evaluate, infer, info, search, train
+    from . import adapt, calibrate, compress, evaluate, fetch, infer, info, search, train
 
-    return [adapt, calibrate, search, compress, train, evaluate, infer, info]
+    return [adapt, calibrate, search, compress, train, evaluate, infer, info, fetch]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -89,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = commands[args.command]
     try:
         if args.config:
-            tokens = config_to_argv(sub, load_config_file(args.config), args.command, commands)
+            tokens = config_to_argv(sub, load_config_file(args.config), args.command, commands, source=f"config file {args.config}")
             index = argv.index(args.command)
             args = parse(argv[: index + 1] + tokens + argv[index + 1 :])
     except UsageError as err:

@@ -19,7 +19,7 @@ from .options import (
     new_command,
     rank_value,
 )
-from .output import CommandResult, format_table
+from .output import CommandResult, clip_rows, format_table
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> CommandResult:
 
     output = check_output_dir(args.output, args.overwrite)
     config = nsn_config_from_args(args)
-    base, tokenizer = load_base(args)
+    base, tokenizer = load_base(args, tokenizer=args.save_tokenizer)  # adapting needs no tokenizer
     ref = args.base_model_id or base_model_reference(args.model, args.gguf_file)
     model = adapt_model(base, config, ref)
     if args.active_rank is not None:
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> CommandResult:
             tokenizer.save_pretrained(str(tmp))
     summary = layer_summary(model)
     data = {"output": str(output), "base_model": ref, "init": config.init, "max_rank": config.max_rank, **summary}
-    rows = [(rank, count) for rank, count in summary["max_rank_counts"].items()]
+    rows, more = clip_rows([(rank, count) for rank, count in summary["max_rank_counts"].items()])
     text = "\n".join(
         [
             f"Saved NSN adapter to {output}",
@@ -113,5 +113,6 @@ def run(args: argparse.Namespace) -> CommandResult:
             "",
             format_table(rows, ["max rank", "layers"], align="rr"),
         ]
+        + ([more] if more else [])
     )
     return CommandResult(data, text)

@@ -11,9 +11,13 @@ from .options import (
     UsageError,
     add_adapter_creation_options,
     add_common_options,
+    add_data_options,
     add_model_options,
     add_overwrite_option,
     new_command,
+    nonnegative_int,
+    open_unit_fraction,
+    positive_float,
     rank_value,
     unit_fraction,
 )
@@ -34,6 +38,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         examples=[
             "--adapter ./nsn-adapter --rank 128 --output ./compressed",
             "--model HuggingFaceTB/SmolLM2-135M --stats ./stats --rank-plan plan.json --output ./compressed",
+            "--model HuggingFaceTB/SmolLM2-135M --refine --budget 0.6 --data ./calib.txt --max-tokens 1000000 "
+            "--refine-state ./refine-state --output ./compressed-60",
         ],
     )
     add_model_options(parser, task=False)
@@ -41,7 +47,28 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     add_adapter_creation_options(parser, title="on-the-fly adapter (without --adapter)")
     ranks = parser.add_argument_group("rank (at most one; default: the active ranks)")
     ranks.add_argument("--rank", type=rank_value, default=None, metavar="R", help="Rank of every layer (int or 'full').")
-    ranks.add_argument("--target-flops", type=unit_fraction, default=None, metavar="F", help="FLOPs budget vs dense, in (0, 1].")
+    ranks.add_argument(
+        "--target-flops", type=unit_fraction, default=None, metavar="F",
+        help="FLOPs budget vs dense, in (0, 1]; an adapter with budget plans must have one for F (its per-layer ranks are used).",
+    )
+    refine = parser.add_argument_group(
+        "calibration-trained compression (--refine): factor --model at --budget, then train the factors on --data "
+        "against the dense model (block by block, then end to end)"
+    )
+    refine.add_argument("--refine", action="store_true", help="Compress --model with calibration-trained factors.")
+    refine.add_argument("--budget", type=open_unit_fraction, default=None, metavar="F",
+                        help="Share of the targeted layers' parameters (= their matmul FLOPs) kept, in (0, 1).")
+    refine.add_argument("--allocation", default="auto", choices=["auto", "mixed", "uniform"],
+                        help="Per-layer ranks: auto = loss-weighted mixed ranks if better than uniform on validation text.")
+    refine.add_argument("--refine-state", default=None, metavar="DIR",
+                        help="Folder for resumable checkpoints (rerun the same command to continue).")
+    refine.add_argument("--blockwise-epochs", type=nonnegative_int, default=None, help="Block-wise passes (0 skips the stage).")
+    refine.add_argument("--e2e-tokens", type=nonnegative_int, default=None,
+                        help="End-to-end distillation tokens (default: one pass over the calibration tokens; 0 skips it).")
+    refine.add_argument("--e2e-lr", type=positive_float, default=None, help="End-to-end learning rate, relative to the factors' RMS.")
+    refine.add_argument("--seed", type=nonnegative_int, default=0, help="Order of the calibration sequences.")
+    add_data_options(parser, required=False, seq_len=512, max_tokens=1_000_000)
+    parser.set_defaults(batch_size=8)  # the refinement's measured default (sequences per step)
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="DIR", help="Compressed model folder (required).")
     out.add_argument(
@@ -55,9 +82,19 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from ..tuner.ranks import estimate_flops, get_max_rank, get_rank, nsn_layers, select_rank_for_target_flops, set_rank
+    from ..tuner.ranks import (
+        budget_plans,
+        estimate_flops,
+        get_max_rank,
+        get_rank,
+        nsn_layers,
+        select_rank_for_target_flops,
+        set_rank,
+    )
 
     output = check_output_dir(args.output, args.overwrite)
+    if args.refine:
+        return _run_refine(args, output)
     if args.rank is not None and args.target_flops is not None:
         raise UsageError("pass at most one of --rank and --target-flops")
     if args.adapter:
@@ -69,6 +106,11 @@ def run(args: argparse.Namespace) -> CommandResult:
         if args.rank != FULL and args.rank > top:
             raise UsageError(f"--rank {args.rank} exceeds the largest max rank ({top})")
         set_rank(model, top if args.rank == FULL else int(args.rank))
+    elif args.target_flops is not None and budget_plans(model):
+        try:
+            set_rank(model, flops=args.target_flops)
+        except ValueError as err:
+            raise UsageError(f"--target-flops: {err}") from None
     elif args.target_flops is not None:
         set_rank(model, select_rank_for_target_flops(model, args.target_flops, scope="model"))
     report = estimate_flops(model)
@@ -84,4 +126,50 @@ def run(args: argparse.Namespace) -> CommandResult:
     }
     text = (f"Saved compressed model to {output}: {len(ranks)} factored layers at mean rank {data['mean_rank']:.1f}, "
             f"{kept_params:,} parameters instead of {dense_params:,}; {report.model_fraction:.3f} of the dense matmul FLOPs")
+    return CommandResult(data, text)
+
+
+def _run_refine(args: argparse.Namespace, output) -> CommandResult:
+    """``--refine``: calibration-trained compression of ``--model`` (:func:`nsn_peft.refine.compress_and_refine`)."""
+    import torch
+
+    from .. import export as compression
+    from ..data import load_texts, token_blocks
+    from ..hub import base_model_reference
+    from ..refine import RefineConfig, compress_and_refine
+    from .inputs import check_data_ref, check_target_modules, load_base
+    from .runtime import progress_enabled
+
+    if args.adapter or args.rank is not None or args.target_flops is not None or args.rank_plan:
+        raise UsageError("--refine factors --model itself at --budget; it takes no --adapter, --rank, --target-flops or --rank-plan")
+    if args.budget is None or not args.data:
+        raise UsageError("--refine needs --budget F (share of the targeted parameters kept) and --data (calibration text)")
+    check_data_ref(args.data)
+    overrides = {k: v for k, v in (("blockwise_epochs", args.blockwise_epochs), ("e2e_tokens", args.e2e_tokens),
+                                   ("e2e_lr", args.e2e_lr)) if v is not None}
+    try:
+        config = RefineConfig(batch_size=args.batch_size, seed=args.seed, **overrides)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    base, tokenizer = load_base(args)
+    check_target_modules(base, args.target_modules)
+    texts = load_texts(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
+    blocks = token_blocks(texts, tokenizer, args.seq_len, args.max_tokens)
+    # Shuffled sequences: the validation share is held out from the end, so it must not be one document's tail.
+    blocks = blocks[torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(args.seed))]
+    model, report = compress_and_refine(base, blocks, args.budget, target_modules=args.target_modules, allocation=args.allocation,
+                                        config=config, granularity=args.granularity or 1, state_dir=args.refine_state,
+                                        show_progress=progress_enabled())
+    model.peft_config[model.active_adapter].base_model_name_or_path = base_model_reference(args.model, args.gguf_file)
+    compression.save_compressed(model, output, tokenizer=tokenizer if args.save_tokenizer else None)
+    nll = report.validation_nll
+    data = {"output": str(output), "budget": args.budget, "allocation": report.allocation, "layers": len(report.ranks),
+            "kept_dense": report.kept_dense, "calibration_tokens": report.calibration_tokens,
+            "validation_tokens": report.validation_tokens, "validation_nll": nll, "seconds": report.seconds,
+            "candidates": report.candidates, "resumed": report.resumed}
+    final = nll.get("end_to_end", nll.get("blockwise", nll.get("init")))
+    text = (f"Saved refined compressed model to {output}: {len(report.ranks)} factored layers ({report.allocation} ranks) "
+            f"keeping {args.budget:.0%} of their parameters; validation NLL {nll['dense']:.4f} dense, "
+            f"{nll['init']:.4f} at init, {final:.4f} refined ({report.calibration_tokens:,} calibration tokens, "
+            f"{report.seconds.get('total', 0):.0f} s)")
     return CommandResult(data, text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import logging
@@ -34,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = [
     "label", "kind", "value", "mean_rank", "min_rank", "max_rank",
-    "targeted_flops_fraction", "model_flops_fraction", "flops_per_token", "perplexity",
+    "targeted_flops_fraction", "model_flops_fraction", "flops_per_token", "perplexity", "vs_dense",
 ]
 
 
@@ -64,8 +63,9 @@ def _add_rank_options(parser: argparse.ArgumentParser) -> None:
         help="What --target-flops budgets: all matmuls of the model or only the factored layers.",
     )
     group.add_argument(
-        "--baseline", action=argparse.BooleanOptionalAction, default=False,
-        help="Also evaluate the dense base model (adapter disabled).",
+        "--baseline", action=argparse.BooleanOptionalAction, default=None,
+        help="Also evaluate the dense base model (adapter disabled), shown beside every rank and on the plot "
+        "(default: on, except for a compressed model, which has no dense weights left; --no-baseline skips it).",
     )
     group.add_argument("--stride", type=positive_int, default=None, help="Sliding-window stride (default: --seq-len).")
 
@@ -164,6 +164,30 @@ def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: lis
     return {"perplexity": float(result["perplexity"]), "nll": float(result["nll"]), "tokens": int(result["tokens"])}
 
 
+def check_enough_tokens(args: argparse.Namespace, tokenizer: Any, texts: list[str]) -> int:
+    """Usage error unless ``--data`` fills at least one window of ``--seq-len`` tokens (after ``--max-tokens``).
+
+    A perplexity over a few tokens of a partial window is noise, and not comparable with any other result.
+    Without a tokenizer (before the model is loaded) a safe upper bound is used: no tokenizer makes more than
+    two tokens per byte of text, plus one end-of-document token each.
+    """
+    from ..data import token_stream
+
+    if tokenizer is None:
+        count = sum(2 * len(text.encode("utf-8")) + 1 for text in texts)
+        if args.max_tokens is not None:
+            count = min(count, args.max_tokens)
+    else:
+        count = int(token_stream(texts, tokenizer, args.max_tokens).numel())
+    if count < args.seq_len:
+        limit = f" (--max-tokens {args.max_tokens})" if args.max_tokens is not None and args.max_tokens < args.seq_len else ""
+        raise UsageError(
+            f"--data {args.data} gives {count} tokens{limit}, fewer than --seq-len {args.seq_len}: not one full window "
+            "to evaluate; give more text or a smaller --seq-len"
+        )
+    return count
+
+
 def _check_source(args: argparse.Namespace) -> None:
     if args.adapter:
         read_adapter_config(args.adapter)
@@ -182,21 +206,33 @@ def evaluate_points(args: argparse.Namespace, model: Any, tokenizer: Any, texts:
 
 
 def _baseline(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> Optional[float]:
-    if not args.baseline:
+    """Perplexity of the dense model (adapter disabled): on by default, skipped where there is none."""
+    if args.baseline is False:
         return None
     if not hasattr(model, "disable_adapter"):
-        raise UsageError("--baseline needs an NSN model (a compressed model has no dense weights left)")
+        if args.baseline:
+            raise UsageError("--baseline needs an NSN model (a compressed model has no dense weights left)")
+        return None
     with model.disable_adapter():
         return _perplexity(args, model, tokenizer, texts)["perplexity"]
 
 
-def _rows_text(rows: list[dict[str, Any]], baseline: Optional[float]) -> str:
-    table = format_table(
-        [(r["label"], round(r["mean_rank"], 1), round(r["model_flops_fraction"], 4), round(r["perplexity"], 4)) for r in rows],
-        ["rank", "mean rank", "FLOPs vs dense", "perplexity"],
-    )
+def _with_baseline(rows: list[dict[str, Any]], baseline: Optional[float]) -> list[dict[str, Any]]:
+    """Each row gets ``vs_dense``: its perplexity divided by the dense model's (``None`` without a baseline)."""
+    for row in rows:
+        row["vs_dense"] = row["perplexity"] / baseline if baseline else None
+    return rows
+
+
+def _rows_text(rows: list[dict[str, Any]], baseline: Optional[float], tokens: Optional[int] = None) -> str:
+    table_rows = [(r["label"], round(r["mean_rank"], 1), round(r["model_flops_fraction"], 4), round(r["perplexity"], 4))
+                  + ((f"{r['vs_dense']:.3f}×",) if baseline else ()) for r in rows]
+    headers = ["rank", "mean rank", "FLOPs vs dense", "perplexity"] + (["vs dense"] if baseline else [])
     if baseline is not None:
-        table += f"\n\ndense baseline perplexity: {baseline:.4f}"
+        table_rows.append(("dense", "-", 1.0, round(baseline, 4), "1.000×"))
+    table = format_table(table_rows, headers, align="lrrrr"[: len(headers)])
+    if tokens:
+        table += f"\n\n{tokens:,} tokens scored" + ("" if baseline is not None else " (dense baseline skipped)")
     return table
 
 
@@ -206,7 +242,9 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
     output = check_output_file(args.output, args.overwrite) if args.output else None
     _check_source(args)
     texts = load_texts(args)
+    check_enough_tokens(args, None, texts)  # obviously too short: said before the model loads
     model, tokenizer, ref = model_for_inference(args, allow_compressed=True)
+    check_enough_tokens(args, tokenizer, texts)
     if not nsn_layers(model):  # a compressed model: fixed ranks
         if args.ranks or args.fractions or args.target_flops:
             raise UsageError("--ranks/--fractions/--target-flops need an NSN model; a compressed model runs at fixed ranks")
@@ -218,10 +256,11 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
         )
         rows = evaluate_points(args, model, tokenizer, texts, points)
     baseline = _baseline(args, model, tokenizer, texts)
+    rows = _with_baseline(rows, baseline)
     data = {"model": ref, "adapter": args.adapter, "data": args.data, "results": rows, "baseline_perplexity": baseline}
     if output is not None:
         write_json(output, data)
-    return CommandResult(data, _rows_text(rows, baseline))
+    return CommandResult(data, _rows_text(rows, baseline, rows[0].get("tokens") if rows else None))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,6 +320,8 @@ def render_plot(rows: list[dict[str, Any]], baseline: Optional[float], *, x: str
         ax.plot(xs, ys, marker="o", label="NSN")
         if baseline is not None:
             ax.axhline(baseline, color="gray", linestyle="--", label=f"dense ({baseline:.3g})")
+            if x == "flops":
+                ax.plot([1.0], [baseline], marker="s", color="gray", linestyle="none")
         finite = [y for y in ys + ([baseline] if baseline else []) if y and math.isfinite(y) and y > 0]
         if log_y or (log_y is None and finite and max(finite) / min(finite) > 10):
             ax.set_yscale("log")
@@ -305,14 +346,14 @@ def rows_to_csv(rows: list[dict[str, Any]], baseline: Optional[float]) -> str:
         writer.writerow(row)
     if baseline is not None:
         writer.writerow({"label": "dense", "kind": "baseline", "value": "", "perplexity": baseline,
-                         "targeted_flops_fraction": 1.0, "model_flops_fraction": 1.0})
+                         "targeted_flops_fraction": 1.0, "model_flops_fraction": 1.0, "vs_dense": 1.0})
     return buffer.getvalue()
 
 
 def run_sweep(args: argparse.Namespace) -> CommandResult:
     import json
 
-    from ..io import atomic_path
+    from ..io import atomic_directory
 
     out_dir = Path(args.output_dir) if args.output_dir else None
     required(args, "output_dir")
@@ -324,7 +365,9 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
         raise UsageError(f"{out_dir / existing[0]} exists; pass --overwrite to replace it")
     _check_source(args)
     texts = load_texts(args)
+    check_enough_tokens(args, None, texts)
     model, tokenizer, ref = model_for_inference(args)
+    check_enough_tokens(args, tokenizer, texts)
     ranks = args.ranks
     if not ranks and not args.fractions and not args.target_flops:
         ranks = _default_sweep_ranks(model, args.points)
@@ -333,6 +376,7 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
     )
     rows = evaluate_points(args, model, tokenizer, texts, points)
     baseline = _baseline(args, model, tokenizer, texts)
+    rows = _with_baseline(rows, baseline)
     x = args.x or ("flops" if args.target_flops and not args.ranks else "rank")
     title = args.title or f"{Path(str(ref)).name if ref else 'model'}: perplexity vs {'FLOPs' if x == 'flops' else 'rank'}"
     png = render_plot(rows, baseline, x=x, title=title, log_y=args.log_y)
@@ -340,11 +384,10 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
         "model": ref, "adapter": args.adapter, "data": args.data, "x": x, "results": rows, "baseline_perplexity": baseline,
         "files": {ext: str(out_dir / n) for ext, n in zip(("csv", "png", "json"), names)},
     }
-    # All three files are written to temporary names first and renamed only once all of them succeeded.
-    with contextlib.ExitStack() as stack:
-        tmp_csv, tmp_png, tmp_json = (stack.enter_context(atomic_path(out_dir / n)) for n in names)
-        tmp_csv.write_text(rows_to_csv(rows, baseline), encoding="utf-8")
-        tmp_png.write_bytes(png)
-        tmp_json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    text = _rows_text(rows, baseline) + "\n\nWrote " + ", ".join(data["files"].values())
+    # The three files replace their namesakes in one transaction; other files of the folder are kept.
+    with atomic_directory(out_dir) as staging:
+        (staging / names[0]).write_text(rows_to_csv(rows, baseline), encoding="utf-8")
+        (staging / names[1]).write_bytes(png)
+        (staging / names[2]).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    text = _rows_text(rows, baseline, rows[0].get("tokens") if rows else None) + "\n\nWrote " + ", ".join(data["files"].values())
     return CommandResult(data, text)

@@ -42,14 +42,20 @@ def check_input_path(path: Optional[str], what: str, *, kind: str = "any") -> Op
     return p
 
 
-def check_model_ref(ref: Optional[str], what: str = "model") -> None:
-    """A local-looking model reference must exist (Hub ids are left to transformers)."""
-    from ..hub import DEFAULT_MODEL
+def check_model_ref(ref: Optional[str], what: str = "model", *, allow_compressed: bool = False) -> None:
+    """A local-looking model reference must exist (Hub ids are left to transformers); a compressed export is
+    refused unless the command runs it as it is (it is no transformers model: its factored layers would be random)."""
+    from ..gguf_models import is_embedded_reference
 
-    if ref is None or ref == DEFAULT_MODEL:
+    if is_embedded_reference(ref):
         return
     if looks_like_path(ref):
         check_input_path(ref, what)
+    if not allow_compressed and is_compressed_folder(ref):
+        raise UsageError(
+            f"--{what} {ref} is a compressed export (from `nsn-peft compress`), not a transformers model; "
+            "eval and infer run it with --model, but to adapt or train again start from the adapter it came from (--adapter)"
+        )
 
 
 def check_data_ref(ref: Optional[str]) -> None:
@@ -90,30 +96,41 @@ def check_output_file(path: Optional[str], overwrite: bool, what: str = "--outpu
     return p
 
 
-def load_base(args: argparse.Namespace, *, model: Optional[str] = None, task: Optional[str] = None):
-    """``(model, tokenizer)`` from ``--model``/``--gguf-file``/``--tokenizer``/``--dtype``/``--device``."""
-    from ..hub import load_model_and_tokenizer
+def load_base(args: argparse.Namespace, *, model: Optional[str] = None, task: Optional[str] = None, tokenizer: bool = True):
+    """``(model, tokenizer)`` from ``--model``/``--gguf-file``/``--tokenizer``/``--dtype``/``--device``.
+
+    With ``tokenizer=False`` (commands that need none, e.g. ``adapt``) the tokenizer is ``None`` unless
+    ``--tokenizer`` names one, so a checkpoint folder without tokenizer files works.
+    """
+    from ..hub import load_model, load_tokenizer
 
     ref = model if model is not None else args.model
     check_model_ref(ref)
     if getattr(args, "tokenizer", None) and looks_like_path(args.tokenizer):
         check_input_path(args.tokenizer, "tokenizer")
+    tok = None
+    if tokenizer or getattr(args, "tokenizer", None):
+        try:
+            tok = load_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(ref, gguf_file=args.gguf_file)
+        except ValueError as err:
+            if "holds no tokenizer" in str(err):
+                raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
+            raise
     dtype = None if args.dtype == "auto" else args.dtype
     task = task or getattr(args, "task", "causal-lm")
-    return load_model_and_tokenizer(
-        ref, gguf_file=args.gguf_file, tokenizer=args.tokenizer, task=task, dtype=dtype, device=resolve_device(args.device)
-    )
+    base = load_model(ref, gguf_file=args.gguf_file, task=task, dtype=dtype, device=resolve_device(args.device))
+    return base, tok
 
 
 def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Optional[str] = None):
     """``(peft_model, tokenizer, base_ref)`` from ``--adapter`` (base: ``--model`` or the adapter's own)."""
+    from ..hub import check_adapter_files
     from ..hub import load_adapter as load
-    from ..hub import read_adapter_config
 
     check_input_path(args.adapter, "adapter folder", kind="dir")
     try:
-        read_adapter_config(args.adapter)
-    except ValueError as err:
+        check_adapter_files(args.adapter)
+    except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     if args.model:
         check_model_ref(args.model)
@@ -157,8 +174,8 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
         kwargs["init_device"] = args.init_device
     if args.rank_plan:
         kwargs.update(rank_plan_kwargs(args.rank_plan))
-    # An explicit --init wins over the plan's, which wins over the default (svd).
-    kwargs["init"] = args.init or kwargs.get("init") or "svd"
+    # An explicit --init wins over the plan's, which wins over the default: whitened with --stats, else svd.
+    kwargs["init"] = args.init or kwargs.get("init") or ("whitened" if args.stats else "svd")
     if kwargs["init"] in ("whitened", "projected") and not args.stats:
         origin = "--init" if args.init else "the rank plan's init"
         raise UsageError(f"{origin} {kwargs['init']} needs activation statistics: pass --stats DIR (from `nsn-peft calibrate`)")
@@ -175,11 +192,22 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
 
 def check_stats_dir(path: str) -> Path:
     """Usage error unless ``path`` is an activation-statistics folder written by ``calibrate``."""
-    from ..calibrate.stats import META_FILE, STATS_FILE
+    from ..calibrate.stats import GRADIENT_STATS_SUBDIR, META_FILE, STATS_FILE
+    from ..io import check_safetensors, finish_interrupted_save
 
     folder = check_input_path(path, "stats folder", kind="dir")
+    finish_interrupted_save(folder)
     if not (folder / META_FILE).is_file() or not (folder / STATS_FILE).is_file():
         raise UsageError(f"{path} is not an activation-stats folder (expected {META_FILE} and {STATS_FILE}; create it with `nsn-peft calibrate`)")
+    # Cheap checks of the files now, rather than a failure after the model has loaded.
+    for stats_dir in [folder] + ([folder / GRADIENT_STATS_SUBDIR] if (folder / GRADIENT_STATS_SUBDIR).is_dir() else []):
+        try:
+            json.loads((stats_dir / META_FILE).read_text(encoding="utf-8"))
+            check_safetensors(stats_dir / STATS_FILE)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"corrupt {stats_dir / META_FILE}: {err}") from None
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from None
     return folder
 
 

@@ -83,6 +83,26 @@ def open_unit_fraction(text: str) -> float:
     return value
 
 
+def epsilon_text(text: str) -> str:
+    """A relative tolerance written as a percentage (``"0.5%"``) or a fraction (``"0.005"``); returned as written
+    (validated), :func:`parse_epsilon` gives its value."""
+    parse_epsilon(text)
+    return str(text).strip()
+
+
+def parse_epsilon(text: str) -> tuple[float, bool]:
+    """``("0.5%") -> (0.005, True)``, ``("0.005") -> (0.005, False)``: the fraction, and whether it was a percentage."""
+    raw = str(text).strip()
+    percent = raw.endswith("%")
+    try:
+        value = float(raw[:-1] if percent else raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage like 0.5% or a fraction like 0.005, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return (value / 100 if percent else value), percent
+
+
 def csv_list(text: str) -> list[str]:
     """``"a,b , c"`` -> ``["a", "b", "c"]`` (empty items are an error)."""
     items = [item.strip() for item in str(text).split(",")]
@@ -176,7 +196,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: bool = True, mod
     )
     group.add_argument("--gguf-file", default=None, metavar="NAME", help="GGUF file inside --model (a folder or Hub repo).")
     group.add_argument("--tokenizer", default=None, metavar="ID_OR_PATH", help="Tokenizer to use instead of the model's own.")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu).")
+    group.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, ... (default: auto)."
+    )
     group.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="Weights dtype (default: auto = as saved)."
     )
@@ -205,7 +227,7 @@ def add_adapter_creation_options(parser: argparse.ArgumentParser, *, title: str 
     group.add_argument(
         "--init", default=None, choices=["svd", "whitened", "projected"],
         help="Factor initialisation: svd (weights only), whitened or projected (need --stats). "
-        "Default: the rank plan's init with --rank-plan, else svd.",
+        "Default: the rank plan's init with --rank-plan, else whitened with --stats, else svd.",
     )
     group.add_argument("--stats", default=None, metavar="DIR", help="Activation statistics folder (from `nsn-peft calibrate`).")
     group.add_argument("--rank-plan", default=None, metavar="JSON", help="Rank plan JSON (from `nsn-peft search-ranks`): sets the layers, their ranks and the init.")
@@ -282,13 +304,27 @@ def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
     }
 
 
-def config_to_argv(parser: argparse.ArgumentParser, config: Mapping[str, Any], command: str, commands: Iterable[str]) -> list[str]:
+def config_to_argv(
+    parser: argparse.ArgumentParser, config: Mapping[str, Any], command: str, commands: Iterable[str], source: str = "config file"
+) -> list[str]:
     """Turn a config mapping into option tokens placed *before* the user's flags (so flags override).
 
-    Keys are option dests (``max_rank``; ``max-rank`` is accepted too). A file whose top-level keys are all
-    subcommand names holds one section per command. Lists become comma-separated values.
+    Keys are option dests (``max_rank``; ``max-rank`` is accepted too). A file whose top-level keys are
+    subcommand names holds one section per command (a section named after no command is an error that names
+    it). Lists become comma-separated values.
     """
+    import difflib
+
     commands = set(commands)
+    sections = [key for key, value in config.items() if isinstance(value, Mapping)]
+    if sections and (any(key in commands for key in sections) or len(sections) == len(config)):
+        unknown = [str(key) for key in config if key not in commands]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(commands), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(
+                f"{source}: section '{unknown[0]}' is not a command{hint} (commands: {', '.join(sorted(commands))})"
+            )
     if config and all(key in commands for key in config):
         section = config.get(command) or {}
         if not isinstance(section, Mapping):
@@ -301,7 +337,9 @@ def config_to_argv(parser: argparse.ArgumentParser, config: Mapping[str, Any], c
         action = actions.get(key)
         if action is None:
             known = ", ".join(sorted(actions))
-            raise UsageError(f"unknown key '{raw_key}' in config file (valid keys for '{command}': {known})")
+            close = difflib.get_close_matches(key, sorted(actions), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(f"unknown key '{raw_key}' in {source}{hint} (valid keys for '{command}': {known})")
         option = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
         if value is None:
             continue

@@ -43,6 +43,14 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], align: O
     return "\n".join(out)
 
 
+def clip_rows(rows: Sequence[Sequence[Any]], limit: int = 12) -> tuple[list[Sequence[Any]], str]:
+    """At most ``limit`` rows of a long table, and a line saying how many were left out (``""`` if none)."""
+    rows = list(rows)
+    if len(rows) <= limit:
+        return rows, ""
+    return rows[:limit], f"... {len(rows) - limit} more rows (--json lists them all)"
+
+
 def emit(args: argparse.Namespace, result: CommandResult) -> None:
     """Print ``result`` as JSON (``--json``) or as text on stdout."""
     if args.json:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +13,25 @@ from ..devices import resolve_device
 from ..hub import base_model_reference
 from .inputs import check_output_file, check_stats_dir, check_target_modules, load_base
 from .options import (
+    PROG,
     UsageError,
     add_common_options,
     add_data_options,
     add_model_options,
     add_overwrite_option,
+    epsilon_text,
     module_list,
     new_command,
     open_unit_fraction,
-    positive_float,
+    parse_epsilon,
     positive_int,
     required,
     unit_fraction,
 )
-from .output import CommandResult, format_table
+from .output import CommandResult, clip_rows, format_table
+from .runtime import progress_enabled
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
@@ -36,12 +44,14 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             "(= parameter) budget of the targeted layers over them where it costs least: each layer's whitened "
             "truncation errors, weighted by their effect on the loss when the stats folder holds output-gradient "
             "statistics (`calibrate --gradients`, recommended) (no --data needed; plan init: whitened). "
-            "Epsilon mode (--epsilon) searches, group by group (attention, MLP), the smallest utilized-rank energy that keeps the perplexity on --data within (1+ε) of the dense "
-            "model's (plan init: projected). Writes a rank plan JSON for `adapt --rank-plan` and `compress`."
+            "Epsilon mode (--epsilon, e.g. 0.5%) searches, group by group (attention, MLP), the smallest utilized-rank "
+            "energy that keeps the perplexity on --data within (1+ε) of the dense model's (plan init: projected); it "
+            "runs up to 2 + groups × --max-steps perplexity evaluations of --max-tokens tokens each, and prints the "
+            "time they will take after the first. Writes a rank plan JSON for `adapt --rank-plan` and `compress`."
         ),
         examples=[
             "--stats ./stats --target-fraction 0.5 --output plan.json",
-            "--model HuggingFaceTB/SmolLM2-135M --stats ./stats --data ./valid.txt --epsilon 0.02 --output plan.json",
+            "--stats ./stats --data ./valid.txt --epsilon 2% --max-tokens 8192 --max-steps 4 --output plan.json",
         ],
     )
     add_model_options(parser, task=False)
@@ -52,7 +62,11 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     )
     mode = parser.add_argument_group("mode (exactly one)")
     mode.add_argument("--target-fraction", type=unit_fraction, default=None, help="FLOPs budget of the targeted layers vs dense.")
-    mode.add_argument("--epsilon", type=positive_float, default=None, help="Allowed relative perplexity increase, e.g. 0.02.")
+    mode.add_argument(
+        "--epsilon", type=epsilon_text, default=None, metavar="TOL",
+        help="Allowed perplexity increase over the dense model, as a percentage (0.5%%) or a fraction (0.005); "
+        "a bare number is a fraction: 0.1 means 10%%, not 0.1%%.",
+    )
     tune = parser.add_argument_group("search")
     tune.add_argument("--granularity", type=positive_int, default=None, help="Budget mode: rank step per layer (default: 1).")
     tune.add_argument(
@@ -82,26 +96,47 @@ def run(args: argparse.Namespace) -> CommandResult:
     if args.epsilon is not None:
         if not args.data:
             raise UsageError("--epsilon needs --data to measure perplexity on")
-        from .evaluate import load_texts
+        from .evaluate import check_enough_tokens, load_texts
 
         texts = load_texts(args)
+        check_enough_tokens(args, None, texts)
     elif args.data:
         raise UsageError("--data is only used with --epsilon (budget mode needs only --stats)")
     from .. import planning as rank_search
     model, tokenizer = load_base(args, task="causal-lm")
     check_target_modules(model, args.target_modules)
+    if texts is not None:
+        check_enough_tokens(args, tokenizer, texts)
     stats = ActivationStats.load(args.stats)
     device = resolve_device(args.device)
+    epsilon = None
     if args.epsilon is not None:
         from .. import evaluation
 
+        epsilon, as_percent = parse_epsilon(args.epsilon)
+        if not as_percent and epsilon >= 0.05:
+            logger.warning("--epsilon %s is a fraction: it allows a %g%% perplexity increase (write %s%% for %s percent)",
+                           args.epsilon, epsilon * 100, args.epsilon, args.epsilon)
+        evaluations = rank_search.search_evaluations(model, target_modules=args.target_modules, max_steps=args.max_steps)
+        timer = {"calls": 0}
+
         def eval_fn(m: Any) -> float:
-            return float(evaluation.perplexity(m, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                               batch_size=args.batch_size, device=device))
+            start = time.perf_counter()
+            value = float(evaluation.perplexity(m, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                                batch_size=args.batch_size, device=device))
+            timer["calls"] += 1
+            if timer["calls"] == 1 and progress_enabled():
+                seconds = time.perf_counter() - start
+                sys.stderr.write(
+                    f"{PROG} search-ranks: dense perplexity {value:.4f} in {seconds:.0f} s; up to {evaluations - 1} more "
+                    f"evaluations (plus the factorisations): about {_duration(seconds * (evaluations - 1))} left "
+                    "(fewer: --max-tokens, --max-steps)\n"
+                )
+            return value
 
         plan = rank_search.search_ranks(
-            model, stats, eval_fn, args.epsilon, target_modules=args.target_modules, max_steps=args.max_steps,
-            min_energy=args.min_energy,
+            model, stats, eval_fn, epsilon, target_modules=args.target_modules, max_steps=args.max_steps,
+            min_energy=args.min_energy, show_progress=progress_enabled(),
         )
     else:
         kwargs = {"granularity": args.granularity} if args.granularity else {}
@@ -117,6 +152,7 @@ def run(args: argparse.Namespace) -> CommandResult:
         "output": str(output),
         "model": base_model_reference(args.model, args.gguf_file),
         "mode": "epsilon" if args.epsilon is not None else "budget",
+        "epsilon": epsilon,
         "init": plan.init,
         "factored_layers": len(plan.ranks),
         "dense_layers": len(plan.kept_dense),
@@ -134,11 +170,17 @@ def run(args: argparse.Namespace) -> CommandResult:
     if data["parameter_fraction"] is not None:
         lines.append(f"  parameters (= FLOPs) of the planned layers: {data['parameter_fraction']:.3f} of dense")
     if data["mode"] == "epsilon":
-        lines.append(f"  perplexity: dense {plan.target.get('baseline', float('nan')):.4f}, "
-                     f"planned {plan.target.get('metric', float('nan')):.4f} (epsilon {args.epsilon:g})")
+        dense, planned = plan.target.get("baseline", float("nan")), plan.target.get("metric", float("nan"))
+        lines.append(f"  perplexity: dense {dense:.4f}, planned {planned:.4f} (+{(planned / dense - 1) * 100:.2f}%; "
+                     f"allowed: ε = {epsilon * 100:g}%, i.e. ≤ {dense * (1 + epsilon):.4f})")
     if plan.ranks:
-        lines += ["", format_table(sorted(plan.ranks.items(), key=lambda kv: _natural_key(kv[0])), ["layer", "rank"])]
+        rows, more = clip_rows(sorted(plan.ranks.items(), key=lambda kv: _natural_key(kv[0])))
+        lines += ["", format_table(rows, ["layer", "rank"])] + ([more] if more else [])
     return CommandResult(data, "\n".join(lines))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _natural_key(name: str) -> list[Any]:

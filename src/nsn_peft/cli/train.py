@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 from ..devices import resolve_device
@@ -53,6 +55,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             "--adapter ./nsn-adapter --data ./train.txt --max-steps 200 --output ./nsn-trained",
             "--model HuggingFaceTB/SmolLM2-135M --max-rank 256 --data ./docs --epochs 1 --rank-sampler sandwich "
             "--eval-data ./valid.txt --output ./nsn-trained --bf16",
+            "--adapter ./nsn-adapter --data ./train.txt --max-steps 200 --bf16 --fsdp --output ./nsn-trained   "
+            "(under torchrun --nproc_per_node 2 -m nsn_peft)",
         ],
     )
     add_model_options(parser, task=False)
@@ -81,6 +85,14 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     precision.add_argument("--bf16", action="store_true", default=False, help="bf16 mixed precision.")
     precision.add_argument("--fp16", action="store_true", default=False, help="fp16 mixed precision.")
     tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False, help="Activation checkpointing.")
+
+    sharding = parser.add_argument_group("several GPUs (launch with torchrun --nproc_per_node N or accelerate launch)")
+    shard = sharding.add_mutually_exclusive_group()
+    shard.add_argument("--fsdp", action="store_true", default=False,
+                       help="Shard the model, gradients and optimizer state over the processes with FSDP2 (one shard unit "
+                            "per decoder layer); without it a multi-process run is DDP.")
+    shard.add_argument("--deepspeed", default=None, metavar="CONFIG",
+                       help="DeepSpeed config file for Trainer (e.g. examples/zero3.json for ZeRO-3); needs deepspeed.")
 
     mr = parser.add_argument_group("multi-rank training (NSNTrainer)")
     mr.add_argument("--rank-sampler", default="sandwich", choices=["sandwich", "uniform", "fixed"], help="How ranks are drawn each step.")
@@ -141,12 +153,12 @@ def _sampler(args: argparse.Namespace, model: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from transformers import TrainingArguments, default_data_collator
-
-    from ..io import atomic_directory
     from ..tuner.ranks import get_max_rank
 
     output = check_output_dir(args.output, args.overwrite)
+    device = resolve_device(args.device)
+    if args.fp16 and device == "cpu":  # (bf16 works on CPUs, fp16 mixed precision does not)
+        raise UsageError("--fp16 mixed precision needs a GPU; on CPU use --bf16 or leave it out (fp32)")
     required(args, "data")
     if args.eval_steps and not args.eval_data:
         raise UsageError("--eval-steps needs --eval-data")
@@ -156,6 +168,14 @@ def run(args: argparse.Namespace) -> CommandResult:
         from .inputs import check_input_path
 
         check_input_path(args.resume, "checkpoint", kind="dir")
+    if args.deepspeed:
+        import importlib.util
+
+        from .inputs import check_input_path
+
+        check_input_path(args.deepspeed, "DeepSpeed config", kind="file")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("--deepspeed needs the deepspeed package (pip install deepspeed)")
     if args.adapter:
         read_adapter_config(args.adapter)
         model, tokenizer, ref = load_adapter(args, trainable=True, task="causal-lm")
@@ -172,8 +192,26 @@ def run(args: argparse.Namespace) -> CommandResult:
     if eval_ranks and max(eval_ranks) > top:
         raise UsageError(f"--eval-ranks: {max(eval_ranks)} exceeds the largest max rank ({top})")
 
-    device = resolve_device(args.device)
-    checkpoint_dir = args.checkpoint_dir or f"{str(output).rstrip('/')}-checkpoints"
+    # Checkpoints only when asked for (--save-steps); otherwise Trainer gets a scratch folder that never outlives the run.
+    if args.save_steps:
+        checkpoint_dir = args.checkpoint_dir or f"{str(output).rstrip('/')}-checkpoints"
+        scratch = None
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="nsn-peft-train-")
+        checkpoint_dir = scratch.name
+    try:
+        return _train(args, model, tokenizer, ref, output, train_set, eval_set, eval_ranks, device, checkpoint_dir)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+        elif Path(checkpoint_dir).is_dir() and not any(Path(checkpoint_dir).iterdir()):
+            Path(checkpoint_dir).rmdir()  # a run that failed before its first checkpoint leaves no empty folder
+
+
+def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, output: Path, train_set: Any, eval_set: Any,
+           eval_ranks: Optional[list[int]], device: str, checkpoint_dir: str) -> CommandResult:
+    from transformers import TrainingArguments, default_data_collator
+
     from .. import training
     training_args = TrainingArguments(
         output_dir=checkpoint_dir,
@@ -197,6 +235,7 @@ def run(args: argparse.Namespace) -> CommandResult:
         fp16=args.fp16,
         **training.activation_checkpointing_kwargs(args.gradient_checkpointing),
         use_cpu=device == "cpu",
+        **_sharding_arguments(args),
         report_to="none",
         disable_tqdm=not _progress_enabled(args),
         remove_unused_columns=False,
@@ -220,15 +259,14 @@ def run(args: argparse.Namespace) -> CommandResult:
     if eval_set is not None:
         metrics.update(trainer.evaluate())
     model.eval()
-    with atomic_directory(output) as tmp:
-        model.save_pretrained(str(tmp))
-        if args.save_tokenizer:
-            tokenizer.save_pretrained(str(tmp))
+    # Every process takes part (FSDP2/ZeRO-3 gather the sharded factors); the main process writes.
+    training.save_trained_adapter(trainer, output, tokenizer if args.save_tokenizer else None)
     metrics = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
     data = {
         "output": str(output), "base_model": ref, "train_blocks": len(train_set), "steps": int(result.global_step),
         "training_loss": float(result.training_loss), "metrics": metrics,
         "rank_counts": {str(k): v for k, v in trainer.rank_counts.items()},
+        "processes": int(training_args.world_size), "sharding": training.distributed.sharding_name(trainer),
     }
     per_rank = sorted(
         ((k.split("@r=")[1], v) for k, v in metrics.items() if k.startswith("eval_loss@r=")), key=lambda kv: int(kv[0])
@@ -242,6 +280,15 @@ def run(args: argparse.Namespace) -> CommandResult:
         lines += ["", format_table([(r, round(v, 4), round(math.exp(min(v, 50)), 3)) for r, v in per_rank],
                                    ["rank", "eval loss", "perplexity"])]
     return CommandResult(data, "\n".join(lines))
+
+
+def _sharding_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``TrainingArguments`` keywords of --fsdp / --deepspeed."""
+    if args.fsdp:
+        return {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    if args.deepspeed:
+        return {"deepspeed": args.deepspeed}
+    return {}
 
 
 def _progress_enabled(args: argparse.Namespace) -> bool:

@@ -26,7 +26,14 @@ from safetensors import safe_open
 from torch import nn
 
 from ..devices import resolve_dtype
-from ..io import atomic_directory, write_json, write_safetensors
+from ..io import (
+    atomic_directory,
+    check_folder_destination,
+    check_safetensors,
+    finish_interrupted_save,
+    write_json,
+    write_safetensors,
+)
 from ..naming import canonical_module_name
 from ..tuner.ranks import _adapter, nsn_layers
 
@@ -90,14 +97,16 @@ def save_compressed(
 
     Args:
         model: the adapted model (its adapter layers are read, the model is not modified).
-        path: output folder (replaced if it exists).
+        path: output folder; its files are replaced in one transaction, other files already there are kept.
         tokenizer: saved alongside when given, so the folder is self-contained.
         adapter_name: the NSN adapter to export (default: the active one).
         dtype: cast floating-point weights (e.g. ``"bf16"``) before writing; default: as they are.
 
     Raises:
         ValueError: the model has no NSN layers.
+        NotADirectoryError: a file exists at ``path``.
     """
+    check_folder_destination(path, "compressed model folder")
     layers = nsn_layers(model)
     if not layers:
         raise ValueError("save_compressed needs a model with NSN layers (get_peft_model(model, NSNConfig(...)))")
@@ -186,6 +195,7 @@ def load_compressed(
     from accelerate import init_empty_weights
 
     folder = Path(path)
+    finish_interrupted_save(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder} is not a compressed NSN model (no {META_FILE}); write one with save_compressed()")
@@ -196,6 +206,7 @@ def load_compressed(
     for file in (WEIGHTS_FILE, FACTORS_FILE):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"{folder / file} is missing: the compressed model folder is incomplete")
+        check_safetensors(folder / file)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
     config = transformers.AutoConfig.from_pretrained(folder)

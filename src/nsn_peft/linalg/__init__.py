@@ -15,7 +15,7 @@ from .flops import (
     rank_for_params_fraction,
     rank_grid,
 )
-from .gram import batch_gram
+from .gram import batch_gram, pack_symmetric, unpack_symmetric
 from .spectra import loss_weighted_spectrum, whitened_spectrum
 
 __all__ = [
@@ -27,10 +27,12 @@ __all__ = [
     "factored_params",
     "factoring_saves",
     "loss_weighted_spectrum",
+    "pack_symmetric",
     "projected_factors",
     "rank_for_params_fraction",
     "rank_grid",
     "svd_factors",
+    "unpack_symmetric",
     "whitened_factors",
     "whitened_spectrum",
 ]

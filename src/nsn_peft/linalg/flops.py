@@ -7,6 +7,8 @@ because GEMMs with unaligned inner dimensions run far below peak on GPUs.
 
 from __future__ import annotations
 
+import math
+
 
 def dense_flops(out_features: int, in_features: int, tokens: int = 1) -> int:
     return 2 * out_features * in_features * tokens
@@ -49,6 +51,19 @@ def round_rank_down(rank: float, max_rank: int, granularity: int) -> int:
         if candidate <= rank:
             best = candidate
     return best
+
+
+def fraction_rank(fraction: float, max_rank: int, granularity: int) -> int:
+    """Rank for ``fraction`` of ``max_rank``: rounded down to the grid, so still aligned on large layers.
+
+    A layer whose max rank is not above ``granularity`` has no grid rank below its max; its rank is then
+    ``floor(fraction * max_rank)`` (at least 1), so fractions move small layers too.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if max_rank <= granularity:
+        return max(1, math.floor(fraction * max_rank + 1e-9))
+    return round_rank_down(fraction * max_rank, max_rank, granularity)
 
 
 def rank_for_flops_fraction(

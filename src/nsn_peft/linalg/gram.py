@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_gram"]
+__all__ = ["batch_gram", "pack_symmetric", "unpack_symmetric"]
 
 def batch_gram(x: torch.Tensor) -> torch.Tensor:
     """``xᵀx`` of a ``(tokens, d)`` matrix as a float32 GEMM, whatever the input dtype.
@@ -19,3 +19,25 @@ def batch_gram(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"batch_gram expects a (tokens, features) matrix, got shape {tuple(x.shape)}")
     x = x.float()
     return x.T @ x
+
+
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric ``(d, d)`` matrix, row by row, as a vector of ``d(d+1)/2`` values.
+
+    Gram matrices are symmetric: storing one triangle halves their size without losing anything.
+    """
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"pack_symmetric expects a square matrix, got shape {tuple(matrix.shape)}")
+    rows, cols = torch.triu_indices(matrix.shape[0], matrix.shape[0], device=matrix.device)
+    return matrix[rows, cols]
+
+
+def unpack_symmetric(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``(size, size)`` symmetric matrix whose upper triangle :func:`pack_symmetric` stored in ``packed``."""
+    if packed.dim() != 1 or packed.numel() != size * (size + 1) // 2:
+        raise ValueError(f"a packed {size}×{size} symmetric matrix has {size * (size + 1) // 2} values, got shape {tuple(packed.shape)}")
+    rows, cols = torch.triu_indices(size, size, device=packed.device)
+    matrix = torch.empty(size, size, dtype=packed.dtype, device=packed.device)
+    matrix[rows, cols] = packed
+    matrix[cols, rows] = packed
+    return matrix

@@ -27,7 +27,7 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
     "mlp": [r".*(mlp|ffn|feed_forward|intermediate|output\.dense|fc\d?).*"],
 }
 
-__all__ = ["DEFAULT_GROUPS", "search_ranks"]
+__all__ = ["DEFAULT_GROUPS", "search_evaluations", "search_ranks"]
 
 
 def _assign_groups(names: Sequence[str], groups: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -42,6 +42,19 @@ def _assign_groups(names: Sequence[str], groups: Mapping[str, Sequence[str]]) ->
         else:
             assigned.setdefault("other", []).append(name)
     return {g: n for g, n in assigned.items() if n}
+
+
+def search_evaluations(
+    model: nn.Module,
+    *,
+    groups: Optional[Mapping[str, Sequence[str]]] = None,
+    target_modules: Union[None, str, Sequence[str]] = None,
+    max_steps: int = 8,
+) -> int:
+    """How many times :func:`search_ranks` calls ``eval_fn``: the dense baseline, ``max_steps`` per layer group,
+    and the chosen configuration once more (one fewer when the baseline is given)."""
+    grouped = _assign_groups(list(layer_shapes(model, target_modules)), groups or DEFAULT_GROUPS)
+    return 2 + len(grouped) * max_steps
 
 
 def search_ranks(
@@ -157,9 +170,13 @@ def search_ranks(
     history: list[dict[str, Any]] = []
     chosen: dict[str, float] = {}
     lo_nines, hi_nines = -math.log10(1 - min_energy), -math.log10(1 - max_energy)
-    progress = tqdm(total=len(grouped) * max_steps, desc="Rank search", unit="eval", disable=not show_progress)
+    # Every eval_fn call counts (the baseline and the final check too), so the bar's time left is right from the start.
+    progress = tqdm(total=len(grouped) * max_steps + 1 + (baseline is None), desc="Rank search", unit="eval",
+                    disable=not show_progress)
     try:
         reference = float(eval_fn(model)) if baseline is None else float(baseline)
+        if baseline is None:
+            progress.update(1)
         if not math.isfinite(reference):
             raise ValueError(f"The baseline metric is {reference}; eval_fn must return a finite number")
         history.append({"group": None, "energy": 1.0, "metric": reference})
@@ -184,6 +201,7 @@ def search_ranks(
             if best is not None:
                 chosen.update(dict.fromkeys(names, best))
         final_metric = float(eval_fn(model))
+        progress.update(1)
         history.append({"group": "final", "metric": final_metric})
     finally:
         progress.close()

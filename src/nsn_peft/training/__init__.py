@@ -2,12 +2,15 @@
 
 * :class:`NSNTrainer` — a ``Trainer`` that trains at several ranks per step.
 * :class:`UncertaintyWeightedLoss`, :class:`RankBuckets` — how per-rank losses are combined.
+* :func:`save_trained_adapter` — the trained adapter in the PEFT layout, from one process or a sharded run
+  (FSDP2, DeepSpeed ZeRO-3; ``distributed.py`` holds what sharded runs do differently).
 * Rank samplers — :class:`UniformRankSampler`, :class:`SandwichRankSampler`, :class:`FixedRankSampler`,
   :class:`ScheduledRankSampler`, :class:`StagedRankSampler`.
 """
 
 from __future__ import annotations
 
+from .distributed import save_trained_adapter
 from .loss import RankBuckets, UncertaintyWeightedLoss, distillation_loss
 from .samplers import (
     FixedRankSampler,
@@ -46,4 +49,5 @@ __all__ = [
     "default_eval_ranks",
     "distillation_loss",
     "make_rank_sampler",
+    "save_trained_adapter",
 ]

@@ -26,10 +26,22 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
-from ..io import write_json, write_safetensors
-from ..tuner.ranks import at_rank, nsn_layers, selectable_ranks
+from ..gguf_models import clear_dequantized_gguf_marker
+from ..io import atomic_directory, finish_interrupted_save, write_json, write_safetensors
+from ..tuner.config import budget_key
+from ..tuner.dense import check_dense_weights, dense_model
+from ..tuner.ranks import at_rank, budget_plan, nsn_layers, selectable_ranks
+from .distributed import (
+    LogVarOptimizer,
+    accumulate_without_sync,
+    deepspeed_resume_directory,
+    prepare_sharded_training,
+    save_fsdp2_adapter,
+    schedule_factor,
+    sharding_name,
+)
 from .loss import WEIGHTINGS, RankBuckets, UncertaintyWeightedLoss, Weighting, distillation_loss
-from .samplers import RankSampler, RankSamplerLike, as_rank_sampler
+from .samplers import FixedRankSampler, RankSampler, RankSamplerLike, as_rank_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -48,35 +60,7 @@ STATE_FORMAT_VERSION = 1
 # Evaluation metrics that describe the run, not the model: summed over ranks instead of suffixed with @r=.
 _SPEED_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
 DEFAULT_EVAL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-
-
-def clear_dequantized_gguf_marker(model: nn.Module) -> bool:
-    """Let ``Trainer`` train a model loaded from a GGUF file whose weights transformers dequantized.
-
-    transformers keeps its GGUF quantizer attached after dequantizing the weights on load, and Trainer
-    then refuses the model as "quantized with GGUF". When every parameter is a plain floating-point
-    tensor, the marker is stale: it is removed (``hf_quantizer = None``) and ``True`` returned. Models that
-    really hold quantized weights are left alone. Safe to call on any model.
-    """
-    holders = [m for m in model.modules() if vars(m).get("hf_quantizer") is not None]
-    if not holders or any("gguf" not in type(m.hf_quantizer).__name__.lower() for m in holders):
-        return False
-    if not all(torch.is_floating_point(p) and type(p) in (nn.Parameter, torch.Tensor) for p in model.parameters()):
-        return False
-    for holder in holders:
-        holder.hf_quantizer = None
-        if "is_quantized" in vars(holder):
-            holder.is_quantized = False
-        if "quantization_method" in vars(holder):
-            holder.quantization_method = None
-        config = getattr(holder, "config", None)
-        if config is not None and getattr(config, "quantization_config", None) is not None:
-            try:
-                del config.quantization_config
-            except AttributeError:
-                config.quantization_config = None
-    logger.info("The GGUF weights were dequantized on load: dropped the stale quantizer marker so Trainer can train.")
-    return True
+DISTILL_TEACHERS = ("top", "dense")
 
 
 def default_eval_ranks(grid: Sequence[int], fractions: Sequence[float] = DEFAULT_EVAL_FRACTIONS) -> list[int]:
@@ -120,6 +104,7 @@ class _LogVarGradients(TrainerCallback):
         self.trainer._sync_logvar_gradients()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._step_logvar_optimizer()
         self.trainer.rank_loss.log_vars.grad = None
 
 
@@ -140,9 +125,18 @@ class NSNTrainer(Trainer):
         init_logvar: Initial log-variance of every bucket.
         logvar_learning_rate: Learning rate of the log-variances (they are added to the optimizer as their
             own parameter group without weight decay; the LR schedule applies to them too).
-        distill_alpha: Self-distillation weight: for ranks below the top rank the loss becomes
-            ``(1-α)·CE + α·T²·KL(teacher ‖ student)`` with the top rank's logits (detached) as teacher; 0 = off.
+        distill_alpha: Distillation weight α: the loss of a rank becomes ``(1-α)·CE + α·T²·KL(teacher ‖ student)``
+            (α = 1: pure distillation); 0 = off.
+        distill_teacher: ``"top"`` (self-distillation: ranks below the top rank learn from the top rank's
+            detached logits) or ``"dense"`` (every rank, the top one included, learns from the frozen dense
+            model: the base layers' original weights with the NSN layers bypassed, one extra forward without
+            gradients per micro-batch).
         distill_temperature: Distillation temperature ``T``.
+        budgets: Train FLOPs budgets instead of uniform ranks: each is a key of ``NSNConfig.budget_plans``
+            (nested per-layer ranks, :func:`nsn_peft.plan_budget_schedule`) and every step runs the model at
+            the budgets' plans. The rank sampler then draws budget *levels* ``1..len(budgets)`` (1 = the
+            smallest budget); by default every budget at every step. Logs and metrics read
+            ``loss@flops=0.5``; evaluation runs at every budget.
         eval_ranks: Ranks :meth:`evaluate` reports, as ``eval_loss@r=<rank>``; ``None`` = the grid ranks
             at 25/50/75/100 % of the top rank. ``eval_loss`` is their mean.
         backward_per_rank: Run backward right after each rank's forward (default). Needed with activation
@@ -171,6 +165,8 @@ class NSNTrainer(Trainer):
         distill_temperature: float = 1.0,
         eval_ranks: Optional[Sequence[int]] = None,
         backward_per_rank: bool = True,
+        distill_teacher: str = "top",
+        budgets: Optional[Sequence[float]] = None,
         **trainer_kwargs: Any,
     ) -> None:
         if model is None:
@@ -189,6 +185,21 @@ class NSNTrainer(Trainer):
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature!r}")
         if not logvar_learning_rate >= 0:
             raise ValueError(f"logvar_learning_rate must be >= 0, got {logvar_learning_rate!r}")
+        if distill_teacher not in DISTILL_TEACHERS:
+            raise ValueError(f"distill_teacher must be one of {DISTILL_TEACHERS}, got {distill_teacher!r}")
+        if distill_teacher == "dense":
+            check_dense_weights(model)
+        self.budgets: Optional[list[float]] = None
+        if budgets is not None:
+            self.budgets = sorted({float(b) for b in budgets})
+            if not self.budgets:
+                raise ValueError("budgets must name at least one FLOPs budget")
+            for b in self.budgets:
+                budget_plan(model, b)  # raises, naming the budgets that have a plan
+            if eval_ranks is not None:
+                raise ValueError("NSNTrainer(budgets=...) evaluates at every budget; eval_ranks does not apply")
+            if rank_sampler is None:
+                rank_sampler = FixedRankSampler(list(range(1, len(self.budgets) + 1)))
         clear_dequantized_gguf_marker(model)
         if args is not None and getattr(args, "ddp_find_unused_parameters", None) is None:
             # Every NSN factor takes part in every forward (ranks below max slice views, whose gradient is
@@ -198,7 +209,9 @@ class NSNTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
 
         self._nsn_model = model
-        self.rank_grid: list[int] = selectable_ranks(model)
+        self.distill_teacher = distill_teacher
+        # With budgets the "ranks" are budget levels 1..K, so samplers, buckets and state work unchanged.
+        self.rank_grid: list[int] = list(range(1, len(self.budgets) + 1)) if self.budgets else selectable_ranks(model)
         sampler = as_rank_sampler(rank_sampler, seed=self.args.seed)
         if sampler.is_bound and sampler.grid != self.rank_grid:
             raise ValueError(f"rank_sampler is bound to ranks {sampler.grid}, but the model's selectable ranks are {self.rank_grid}")
@@ -209,22 +222,17 @@ class NSNTrainer(Trainer):
         self.distill_alpha = float(distill_alpha)
         self.distill_temperature = float(distill_temperature)
         self.backward_per_rank = bool(backward_per_rank)
-        if eval_ranks is None:
+        if self.budgets:
+            self.eval_ranks = list(self.rank_grid)
+        elif eval_ranks is None:
             self.eval_ranks = default_eval_ranks(self.rank_grid)
         else:
             self.eval_ranks = sorted({int(r) for r in eval_ranks})
             bad = [r for r in self.eval_ranks if not 1 <= r <= self.rank_grid[-1]]
             if bad or not self.eval_ranks:
                 raise ValueError(f"eval_ranks {list(eval_ranks)} must be non-empty ranks in [1, {self.rank_grid[-1]}] (the top rank)")
-        if self.is_fsdp_enabled and self.rank_loss.learnable:
-            raise ValueError(
-                "NSNTrainer(weighting='uncertainty') does not support FSDP: the log-variances are trainable parameters "
-                "outside the model, and both Accelerate's FSDP2 optimizer preparation and FSDP optimizer-state "
-                "checkpointing map every optimizer parameter to a model parameter (KeyError). Use weighting='sum' "
-                "with FSDP, or DDP."
-            )
-        if self.backward_per_rank and self.is_deepspeed_enabled:
-            raise ValueError("NSNTrainer(backward_per_rank=True) does not support DeepSpeed (its backward also steps); pass backward_per_rank=False.")
+        # FSDP/DeepSpeed: checks, precise mixed precision, and an optimizer of their own for the log-variances.
+        self._logvar_optimizer: Optional[LogVarOptimizer] = prepare_sharded_training(self, model)
         if self.backward_per_rank and "lomo" in str(self.args.optim).lower():
             raise ValueError(f"NSNTrainer(backward_per_rank=True) does not support the {self.args.optim} optimizer")
 
@@ -241,6 +249,22 @@ class NSNTrainer(Trainer):
     def top_rank(self) -> int:
         return self.rank_grid[-1]
 
+    def at_point(self, rank: int):
+        """Context running the model at grid rank ``rank`` (with ``budgets``: at budget level ``rank``)."""
+        if self.budgets:
+            return at_rank(self._nsn_model, flops=self.budgets[rank - 1])
+        return at_rank(self._nsn_model, rank)
+
+    def point_label(self, rank: int) -> str:
+        """``"r=256"``, or ``"flops=0.5"`` with budgets: the suffix of per-rank logs and metrics."""
+        return f"flops={budget_key(self.budgets[rank - 1])}" if self.budgets else f"r={rank}"
+
+    def _bucket_labels(self) -> list[str]:
+        if not self.budgets:
+            return self.rank_buckets.labels
+        names = [[budget_key(self.budgets[r - 1]) for r in m] for m in self.rank_buckets.members]
+        return [f"flops={m[0]}" if len(m) == 1 else f"flops={m[0]}-{m[-1]}" for m in names]
+
     def current_ranks(self) -> list[int]:
         """Ranks of the current optimizer step (``rank_sampler.sample(state.global_step)``), largest first."""
         step = self.state.global_step
@@ -255,17 +279,20 @@ class NSNTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train`` (same arguments); the ranks are drawn afresh from the (restored) global step."""
         self._ranks_cache = None
+        resumed = deepspeed_resume_directory(self, args[0] if args else kwargs.get("resume_from_checkpoint"))
+        if resumed is not None:  # Trainer resumes DeepSpeed without calling _load_from_checkpoint
+            self._load_multirank_state_or_warn(resumed)
         return super().train(*args, **kwargs)
 
     def rank_weights(self) -> dict[str, float]:
         """Current effective weight of each rank bucket, ``{bucket label: weight}``."""
-        return dict(zip(self.rank_buckets.labels, self.rank_loss.weights().tolist()))
+        return dict(zip(self._bucket_labels(), self.rank_loss.weights().tolist()))
 
     # -- optimizer -----------------------------------------------------------------------------------
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer plus one parameter group for the log-variances (no weight decay)."""
         optimizer = super().create_optimizer(model)
-        if self.rank_loss.learnable and optimizer is not None:
+        if self.rank_loss.learnable and optimizer is not None and self._logvar_optimizer is None:
             present = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if id(self.rank_loss.log_vars) not in present:
                 optimizer.add_param_group(
@@ -281,6 +308,10 @@ class NSNTrainer(Trainer):
         if world > 1:
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
             grad.div_(world)
+
+    def _step_logvar_optimizer(self) -> None:
+        if self._logvar_optimizer is not None:
+            self._logvar_optimizer.step(schedule_factor(self.optimizer, self.lr_scheduler, self.args.learning_rate))
 
     # -- losses --------------------------------------------------------------------------------------
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
@@ -334,8 +365,10 @@ class NSNTrainer(Trainer):
 
     @torch.no_grad()
     def _teacher_logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """The distillation teacher's logits: the frozen dense model (``distill_teacher="dense"``) or the top rank."""
         batch = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-        with at_rank(self._nsn_model, self.top_rank), self.compute_loss_context_manager():
+        context = dense_model(self._nsn_model) if self.distill_teacher == "dense" else self.at_point(self.top_rank)
+        with context, self.compute_loss_context_manager():
             outputs = model(**batch)
         return _logits(outputs).detach()
 
@@ -351,19 +384,21 @@ class NSNTrainer(Trainer):
         else:
             # Trainer.training_step divides the returned loss by `divisor`: the regulariser must end up at 1/ga.
             loss_div, regularizer = 1.0, (1.0 / ga if scaled else 1.0)
-        distill = self.distill_alpha > 0 and len(self.rank_grid) > 1
+        dense_teacher = self.distill_teacher == "dense"
+        distill = self.distill_alpha > 0 and (len(self.rank_grid) > 1 or dense_teacher)
         teacher = None
-        if distill and ranks[0] != self.top_rank and any(r < self.top_rank for r in ranks):
+        if distill and (dense_teacher or (ranks[0] != self.top_rank and any(r < self.top_rank for r in ranks))):
             teacher = self._teacher_logits(model, inputs)
         total: Optional[torch.Tensor] = None
         outputs = None
         for i, rank in enumerate(ranks):
             last = i == len(ranks) - 1
-            sync = contextlib.nullcontext() if (last or not backward) else self.accelerator.no_sync(model)
-            with at_rank(self._nsn_model, rank), sync:
+            sync = contextlib.nullcontext() if (last or not backward) else accumulate_without_sync(self.accelerator, model)
+            with self.at_point(rank), sync:
                 with self.compute_loss_context_manager():
                     task, kd, outputs = self.compute_rank_loss(
-                        model, inputs, num_items_in_batch, teacher if (distill and rank < self.top_rank) else None
+                        model, inputs, num_items_in_batch,
+                        teacher if (distill and (dense_teacher or rank < self.top_rank)) else None,
                     )
                 if self.args.n_gpu > 1:
                     task = task.mean()
@@ -373,7 +408,7 @@ class NSNTrainer(Trainer):
                 if backward:
                     self.accelerator.backward(objective)
                     objective = objective.detach()
-            if distill and rank == self.top_rank:
+            if distill and not dense_teacher and rank == self.top_rank:
                 teacher = _logits(outputs).detach()
             index = self._rank_index[rank]
             self._rank_loss_sums[index] += (task.detach() / divisor).to(self._rank_loss_sums)
@@ -451,12 +486,13 @@ class NSNTrainer(Trainer):
                 )
             for i, rank in enumerate(self.rank_grid):
                 if self._rank_log_counts[i]:
-                    logs[f"loss@r={rank}"] = sums[i] / (world * self._rank_log_counts[i])
-                    if self.distill_alpha > 0 and rank < self.top_rank:
-                        logs[f"distill@r={rank}"] = distill[i] / (world * self._rank_log_counts[i])
+                    label = self.point_label(rank)
+                    logs[f"loss@{label}"] = sums[i] / (world * self._rank_log_counts[i])
+                    if self.distill_alpha > 0 and (self.distill_teacher == "dense" or rank < self.top_rank):
+                        logs[f"distill@{label}"] = distill[i] / (world * self._rank_log_counts[i])
             if self.rank_loss.learnable:
-                for label, value in zip(self.rank_buckets.labels, self.rank_loss.log_vars.detach().tolist()):
-                    logs[f"logvar@r={label}"] = value
+                for label, value in zip(self._bucket_labels(), self.rank_loss.log_vars.detach().tolist()):
+                    logs[f"logvar@{label}" if self.budgets else f"logvar@r={label}"] = value
             self._rank_loss_sums.zero_()
             self._distill_sums.zero_()
             self._rank_log_counts = [0] * n
@@ -485,6 +521,8 @@ class NSNTrainer(Trainer):
                     )
                 )
             return metrics
+        if eval_ranks is not None and self.budgets:
+            raise ValueError("NSNTrainer(budgets=...) evaluates at every budget; eval_ranks does not apply")
         ranks = self.eval_ranks if eval_ranks is None else sorted({int(r) for r in eval_ranks})
         self._memory_tracker.start()
         dataloader = self.get_eval_dataloader(dataset)
@@ -494,10 +532,10 @@ class NSNTrainer(Trainer):
         losses = []
         num_samples = 0
         for rank in ranks:
-            with at_rank(self._nsn_model, rank):
+            with self.at_point(rank):
                 output = self.evaluation_loop(
                     dataloader,
-                    description=f"Evaluation at rank {rank}",
+                    description=f"Evaluation at {self.point_label(rank)}",
                     prediction_loss_only=True if self.compute_metrics is None else None,
                     ignore_keys=ignore_keys,
                     metric_key_prefix=metric_key_prefix,
@@ -507,7 +545,7 @@ class NSNTrainer(Trainer):
                 name = key[len(prefix):] if key.startswith(prefix) else key
                 if name in _SPEED_METRICS:
                     continue
-                metrics[f"{prefix}{name}@r={rank}"] = value
+                metrics[f"{prefix}{name}@{self.point_label(rank)}"] = value
             if f"{prefix}loss" in output.metrics:
                 losses.append(output.metrics[f"{prefix}loss"])
         if losses:
@@ -530,12 +568,16 @@ class NSNTrainer(Trainer):
             "log_vars": self.rank_loss.log_vars.detach().float().cpu(),
             "fixed_weights": self.rank_loss.fixed_weights.detach().float().cpu(),
         }
+        if self._logvar_optimizer is not None:
+            tensors.update(self._logvar_optimizer.state_tensors())
         meta = {
             "format_version": STATE_FORMAT_VERSION,
             "weighting": self.rank_loss.weighting,
             "grid": list(self.rank_grid),
             "buckets": self.rank_buckets.to_dict(),
-            "bucket_labels": self.rank_buckets.labels,
+            "bucket_labels": self._bucket_labels(),
+            "budgets": self.budgets,
+            "distill_teacher": self.distill_teacher,
             "log_vars": self.rank_loss.log_vars.detach().tolist(),
             "sampler": self.rank_sampler.state_dict(),
             "rank_counts": {str(r): n for r, n in self.rank_counts.items()},
@@ -546,15 +588,16 @@ class NSNTrainer(Trainer):
         return tensors, meta
 
     def save_multirank_state(self, directory: Union[str, os.PathLike]) -> None:
-        """Write ``nsn_multirank_state.safetensors`` + ``.json`` into ``directory`` (atomically, no pickle)."""
+        """Write ``nsn_multirank_state.safetensors`` + ``.json`` into ``directory`` (one transaction, no pickle)."""
         tensors, meta = self.multirank_state()
-        directory = Path(directory)
-        write_safetensors(directory / MULTIRANK_STATE_TENSORS, tensors, metadata={"format": "nsn-peft-multirank-state"})
-        write_json(directory / MULTIRANK_STATE_JSON, meta)
+        with atomic_directory(directory) as staging:
+            write_safetensors(staging / MULTIRANK_STATE_TENSORS, tensors, metadata={"format": "nsn-peft-multirank-state"})
+            write_json(staging / MULTIRANK_STATE_JSON, meta)
 
     def load_multirank_state(self, directory: Union[str, os.PathLike]) -> None:
         """Restore the state written by :meth:`save_multirank_state` (log-variances, sampler, counts)."""
         directory = Path(directory)
+        finish_interrupted_save(directory)
         tensor_path, json_path = directory / MULTIRANK_STATE_TENSORS, directory / MULTIRANK_STATE_JSON
         if not tensor_path.is_file() or not json_path.is_file():
             raise FileNotFoundError(f"'{directory}' holds no multi-rank state ({MULTIRANK_STATE_TENSORS} and {MULTIRANK_STATE_JSON})")
@@ -564,11 +607,13 @@ class NSNTrainer(Trainer):
             raise ValueError(f"Corrupt {json_path}: {err}") from err
         if meta.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(f"{json_path} has format_version {meta.get('format_version')!r}; this version reads {STATE_FORMAT_VERSION}")
+        if meta.get("budgets") != self.budgets:
+            raise ValueError(f"{json_path} was saved for FLOPs budgets {meta.get('budgets')}, this trainer trains {self.budgets}")
         if meta.get("grid") != self.rank_grid:
             raise ValueError(f"{json_path} was saved for selectable ranks {meta.get('grid')}, this model has {self.rank_grid}")
         if meta.get("buckets", {}).get("members") != self.rank_buckets.members:
             raise ValueError(
-                f"{json_path} has rank buckets {meta.get('bucket_labels')}, this trainer {self.rank_buckets.labels}: "
+                f"{json_path} has rank buckets {meta.get('bucket_labels')}, this trainer {self._bucket_labels()}: "
                 "pass the same num_rank_buckets as the run that saved it"
             )
         if meta.get("weighting") != self.rank_loss.weighting:
@@ -579,19 +624,32 @@ class NSNTrainer(Trainer):
             raise ValueError(f"{tensor_path}: log_vars missing or of the wrong shape (expected {tuple(self.rank_loss.log_vars.shape)})")
         with torch.no_grad():
             self.rank_loss.log_vars.copy_(log_vars.to(self.rank_loss.log_vars))
+        if self._logvar_optimizer is not None and not self._logvar_optimizer.load_state_tensors(tensors):
+            logger.warning("%s holds no log-variance optimizer state (saved by an unsharded run): it starts afresh", tensor_path)
         self.rank_sampler.load_state_dict(meta["sampler"])
         self.rank_counts = {r: int(meta.get("rank_counts", {}).get(str(r), 0)) for r in self.rank_grid}
         self._ranks_cache = None
         logger.info("Restored multi-rank state from %s (log-variances %s)", directory, [round(v, 4) for v in log_vars.tolist()])
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` plus the multi-rank state (so every checkpoint folder carries it)."""
-        super().save_model(output_dir, _internal_call=_internal_call)
+        """``Trainer.save_model`` plus the multi-rank state (so every checkpoint folder carries it).
+
+        Under FSDP2 the adapter is gathered from the shards (a collective call) and written in the ordinary
+        single-file PEFT layout, loadable in one process on any device."""
+        if sharding_name(self) == "fsdp2":
+            save_fsdp2_adapter(self, output_dir if output_dir is not None else self.args.output_dir)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             self.save_multirank_state(output_dir if output_dir is not None else self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_multirank_state_or_warn(resume_from_checkpoint)
+
+    def _load_multirank_state_or_warn(self, resume_from_checkpoint: str) -> None:
         if (Path(resume_from_checkpoint) / MULTIRANK_STATE_JSON).is_file():
             self.load_multirank_state(resume_from_checkpoint)
         else:

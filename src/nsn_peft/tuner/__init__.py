@@ -1,7 +1,7 @@
 """The NSN PEFT method, laid out like PEFT's own tuners.
 
 ``config.py`` (what is configurable), ``layer.py`` (what an adapted layer does), ``model.py`` (how a model is
-rewritten), ``ranks.py`` (rank control and FLOPs accounting), ``model_card.py``, and ``registration.py`` (how
+rewritten), ``targeting.py`` (which modules are adapted), ``ranks.py`` (rank control and FLOPs accounting), ``model_card.py``, and ``registration.py`` (how
 PEFT learns about the method).
 """
 
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from .compile import RankCompilation, compile_for_ranks
 from .config import NSNConfig
+from .dense import dense_model
 from .layer import NSNLayer, NSNLinear
 from .model import NSNModel
 from .ranks import (
     FlopsReport,
     at_rank,
+    budget_plan,
+    budget_plans,
     estimate_flops,
     get_max_rank,
     get_rank,
@@ -33,6 +36,9 @@ __all__ = [
     "NSNLinear",
     "NSNModel",
     "at_rank",
+    "budget_plan",
+    "budget_plans",
+    "dense_model",
     "estimate_flops",
     "get_max_rank",
     "get_rank",

@@ -44,7 +44,8 @@ class NSNConfig(PeftConfig):
         rank_granularity: Ranks offered by selection helpers (FLOPs budgets, samplers, search) are
             multiples of this (plus each layer's max rank): unaligned ranks run far slower on GPUs.
         init: ``"svd"`` (weights only), ``"whitened"`` (activation-aware SVD, needs stats) or ``"projected"``
-            (utilized-rank projection ``P_T W P_S``, needs stats).
+            (utilized-rank projection ``P_T W P_S``, needs stats). Default: ``"whitened"`` when statistics are
+            given (``stats`` or ``stats_path``), else ``"svd"``.
         stats_path: Folder written by :meth:`ActivationStats.save` (needed by the data-aware inits).
         stats: An in-memory :class:`~nsn_peft.ActivationStats` instead of ``stats_path`` (not serialised).
         energy_input / energy_output: Energy kept by the input / output subspaces of ``init="projected"``.
@@ -54,6 +55,11 @@ class NSNConfig(PeftConfig):
         whitening_damp: Relative diagonal damping of the activation Gram before its Cholesky factor.
         active_rank: Rank(s) the adapter runs at after creation or loading (``None`` = max); kept up to date
             by ``set_rank`` so that a saved adapter comes back at the rank it was saved at.
+        budget_plans: Per-layer ranks for FLOPs budgets, ``{"0.5": {layer name: rank}}``: keys are fractions of
+            the targeted layers' dense matmul FLOPs (written as strings, e.g. ``"0.25"``), values give every
+            NSN layer (plain base-model names) its rank at that budget. The plans must be nested (a layer's
+            rank never decreases as the budget grows), so one set of factors serves every budget;
+            ``model.set_rank(flops=0.5)`` switches to one. Made by :func:`nsn_peft.plan_budget_schedule`.
         init_device: Device to decompose on (e.g. ``"cuda"`` for a model still on CPU); default: the weight's.
         modules_to_save: Extra modules to train and save in full (e.g. a classifier head).
         bias: ``"none"``, ``"all"`` or ``"nsn_only"``: which biases are trained.
@@ -78,7 +84,10 @@ class NSNConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     rank_pattern: dict = field(default_factory=dict)
     rank_granularity: int = field(default=64)
-    init: str = field(default="svd", metadata={"help": "One of 'svd', 'projected', 'whitened'."})
+    init: Optional[str] = field(
+        default=None,
+        metadata={"help": "One of 'svd', 'projected', 'whitened'; default: 'whitened' with stats/stats_path, else 'svd'."},
+    )
     stats_path: Optional[str] = field(default=None)
     stats: Optional[Any] = field(default=None, repr=False)
     energy_input: float = field(default=1.0)
@@ -87,6 +96,9 @@ class NSNConfig(PeftConfig):
     keep_dense_if_no_savings: bool = field(default=True)
     whitening_damp: float = field(default=1e-6)
     active_rank: Optional[Union[int, dict]] = field(default=None)
+    budget_plans: dict = field(
+        default_factory=dict, metadata={"help": "Nested per-layer ranks per FLOPs budget: {'0.5': {layer: rank}}."}
+    )
     init_device: Optional[str] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
     bias: str = field(default="none")
@@ -112,6 +124,8 @@ class NSNConfig(PeftConfig):
             raise ValueError(f"NSNConfig.keep_base_weights must be a bool, got {self.keep_base_weights!r}")
         if not isinstance(self.rank_granularity, int) or self.rank_granularity < 1:
             raise ValueError(f"NSNConfig.rank_granularity must be a positive int, got {self.rank_granularity!r}")
+        if self.init is None:  # data-aware factors whenever the statistics they need are at hand
+            self.init = "whitened" if self.stats is not None or self.stats_path is not None else "svd"
         if self.init not in INIT_METHODS:
             raise ValueError(f"NSNConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
         for pattern, rank in self.rank_pattern.items():
@@ -131,6 +145,7 @@ class NSNConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        self.budget_plans = normalize_budget_plans(self.budget_plans)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("NSNConfig.layers_pattern requires layers_to_transform to be set as well.")
 
@@ -145,6 +160,10 @@ class NSNConfig(PeftConfig):
     def needs_stats(self) -> bool:
         return self.init in ("projected", "whitened")
 
+    def budgets(self) -> list[float]:
+        """The FLOPs budgets that have a plan in :attr:`budget_plans`, ascending."""
+        return sorted(float(key) for key in self.budget_plans)
+
     def to_dict(self) -> dict:
         # In-memory statistics are large tensors and never part of the serialised config.
         stats, self.stats = self.stats, None
@@ -154,3 +173,49 @@ class NSNConfig(PeftConfig):
             self.stats = stats
         data.pop("stats", None)
         return data
+
+
+def budget_key(budget: float) -> str:
+    """The :attr:`NSNConfig.budget_plans` key of a FLOPs budget (``0.5`` -> ``"0.5"``; rounding noise ignored)."""
+    return f"{round(float(budget), 6):g}"
+
+
+def normalize_budget_plans(plans: Any) -> dict[str, dict[str, int]]:
+    """Validate budget plans and key them by :func:`budget_key`; raise ``ValueError`` naming the bad entry.
+
+    Checks: budgets in (0, 1], ranks positive ints, every plan covering the same layers, and nesting (a
+    layer's rank never decreases as the budget grows).
+    """
+    if plans is None:
+        return {}
+    if not isinstance(plans, dict):
+        raise ValueError(f"NSNConfig.budget_plans must be a mapping {{budget: {{layer: rank}}}}, got {type(plans).__name__}")
+    normalized: dict[str, dict[str, int]] = {}
+    for key, plan in plans.items():
+        try:
+            budget = float(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"NSNConfig.budget_plans key {key!r} is not a number (a FLOPs fraction in (0, 1])") from None
+        if not 0 < budget <= 1:
+            raise ValueError(f"NSNConfig.budget_plans key {key!r} must be a FLOPs fraction in (0, 1]")
+        if not isinstance(plan, dict) or not plan:
+            raise ValueError(f"NSNConfig.budget_plans[{key!r}] must be a non-empty mapping {{layer: rank}}")
+        for name, rank in plan.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ValueError(f"NSNConfig.budget_plans[{key!r}][{name!r}] must be a positive int, got {rank!r}")
+        if budget_key(budget) in normalized:
+            raise ValueError(f"NSNConfig.budget_plans has two keys for the budget {budget_key(budget)}")
+        normalized[budget_key(budget)] = {str(n): int(r) for n, r in plan.items()}
+    ordered = sorted(normalized, key=float)
+    for lower, upper in zip(ordered, ordered[1:]):
+        small, large = normalized[lower], normalized[upper]
+        if set(small) != set(large):
+            diff = sorted(set(small) ^ set(large))
+            raise ValueError(f"NSNConfig.budget_plans {lower} and {upper} cover different layers (e.g. {diff[:3]})")
+        for name, rank in small.items():
+            if rank > large[name]:
+                raise ValueError(
+                    f"NSNConfig.budget_plans are not nested: '{name}' has rank {rank} at budget {lower} but "
+                    f"{large[name]} at the larger budget {upper} (ranks must not decrease as the budget grows)"
+                )
+    return {key: normalized[key] for key in ordered}

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -291,6 +291,21 @@ class NSNLayer(BaseTunerLayer):
             if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
                 raise ValueError(f"Rank {rank!r} is invalid for '{self.module_name}' (adapter '{name}'): must be in [1, {limit}]")
             self.nsn_rank[name] = rank
+        self.refresh_merged_weight()
+
+    @torch.no_grad()
+    def refresh_merged_weight(self) -> None:
+        """After a rank change, make a merged layer compute its adapter's *current* rank again.
+
+        ``merge()`` writes ``B[:, :r] @ A[:r]`` into the base weight; without this a later ``set_rank`` would change
+        ``get_rank()`` and the saved config while the model kept computing the old rank.
+        """
+        if not self.merged or (self._original_weight is None and not getattr(self, "_merged_from_factors", False)):
+            return
+        name = self.merged_adapters[0]
+        base = self.get_base_layer()
+        merged = self.effective_weight(name).to(base.weight.dtype)
+        base.weight.data.copy_(merged.T if self.is_conv1d else merged)
 
     def _single_active_adapter(self) -> Optional[str]:
         active = [name for name in self.active_adapters if name in self.nsn_A]
@@ -310,7 +325,7 @@ class NSNLayer(BaseTunerLayer):
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         if self.merged:
-            warnings.warn(f"'{self.module_name}' is already merged ({self.merged_adapters}); nothing to do.", stacklevel=2)
+            check_adapters_to_merge(self, adapter_names)  # PEFT's warning: already merged, nothing to do
             return
         names = adapter_names if adapter_names is not None else self.active_adapters
         names = [n for n in names if n in self.nsn_A]
@@ -321,7 +336,10 @@ class NSNLayer(BaseTunerLayer):
         base = self.get_base_layer()
         merged = self.effective_weight(names[0]).to(base.weight.dtype)
         if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs/Infs in the merged weight of '{self.module_name}' (adapter '{names[0]}')")
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {names[0]} seems to be broken "
+                f"(NaN/Inf in the merged weight of '{self.module_name}')"
+            )
         if self.base_weight_dropped:
             # Factors only: the merged weight is new memory; unmerge frees it again (nothing to restore).
             self.rebuild_base_weight(names[0], self.nsn_rank[names[0]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import Any, Optional
@@ -14,13 +15,15 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..calibrate.stats import ActivationStats
+from ..devices import resolve_device
 from ..linalg import decompose
 from ..linalg.flops import factoring_saves, rank_for_params_fraction
 from ..naming import canonical_module_name, lookup_pattern
 from . import ranks as _ranks
+from . import targeting
 from .config import NSNConfig
 from .layer import NSNLayer, NSNLinear, check_supported_module
-from .peft_type import keep_base_weights_override, loading_checkpoint
+from .peft_type import keep_base_weights_override, loading_checkpoint, loading_source
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +46,15 @@ class NSNModel(BaseTuner):
 
     # -- injection -----------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: NSNConfig, model_config: dict) -> NSNConfig:
-        if peft_config.target_modules is None:
+        all_linear = targeting.is_all_linear(peft_config.target_modules)
+        if all_linear:
             peft_config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
+        targeting.remember_layer_filter(peft_config, all_linear)
         return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: NSNConfig, key: str):
+        return targeting.check_target_module_exists(peft_config, key)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # NSN factors *replace* the dense weight, so they keep its dtype: upcasting bf16 factors to fp32 (as
@@ -117,6 +126,7 @@ class NSNModel(BaseTuner):
     ) -> None:
         self._pending_init: list[tuple[str, NSNLayer]] = []
         self._layer_index = None
+        targeting.check_layers_to_transform(model, self.peft_config[adapter_name])
         self._loading = loading_checkpoint() or low_cpu_mem_usage or state_dict is not None
         try:
             super().inject_adapter(
@@ -137,6 +147,7 @@ class NSNModel(BaseTuner):
         config.keep_base_weights = self._keep_base_weights(config)
         if not self._loading:
             self._initialize_factors(config, adapter_name, pending)
+        targeting.record_adapted_modules(model, config, adapter_name)
         self._layer_index = None
         if config.active_rank is not None:
             _ranks.set_rank(self, config.active_rank, adapter_name=adapter_name)
@@ -156,19 +167,24 @@ class NSNModel(BaseTuner):
         result = None
         for name, layer in tqdm(pending, desc=f"NSN init ({config.init})", unit="layer", disable=not pending):
             weight = layer.dense_weight().detach()
-            device = torch.device(config.init_device) if config.init_device else weight.device
+            device = torch.device(resolve_device(config.init_device)) if config.init_device else weight.device
             weight = weight.to(device)
             decompose.check_finite(weight, name)
             limit = layer.nsn_max_rank[adapter_name]
-            if config.init == "svd":
-                b, a = decompose.svd_factors(weight, limit)
-            elif config.init == "whitened":
-                b, a = decompose.whitened_factors(weight, stats.gram(name).to(device), limit, damp=config.whitening_damp)
-            else:
-                key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
-                e_in, e_out = config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
-                result = decompose.projected_factors(weight, stats.gram(name).to(device), e_in, e_out, rank=limit)
-                b, a = result.b, result.a
+            try:
+                if config.init == "svd":
+                    b, a = decompose.svd_factors(weight, limit)
+                elif config.init == "whitened":
+                    b, a = decompose.whitened_factors(weight, stats.gram(name).to(device), limit, damp=config.whitening_damp)
+                else:
+                    key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
+                    e_in, e_out = config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
+                    result = decompose.projected_factors(weight, stats.gram(name).to(device), e_in, e_out, rank=limit)
+                    b, a = result.b, result.a
+            except (ValueError, RuntimeError) as err:  # torch.linalg.LinAlgError is a RuntimeError
+                origin = f" with statistics from {config.stats_path}" if config.needs_stats and config.stats_path else ""
+                raise ValueError(f"NSN init={config.init!r} failed for layer '{name}'{origin}: {err}") from err
+            if config.init == "projected":
                 if config.keep_dense_if_no_savings and not factoring_saves(layer.out_features, layer.in_features, b.shape[1]):
                     kept_dense.append(name)
                     continue
@@ -232,6 +248,17 @@ class NSNModel(BaseTuner):
         super().delete_adapter(adapter_name)
         self._layer_index = None
 
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        # PeftModel drops `adapter_names` before calling the model: without this the batch would silently run the
+        # active adapter for every row.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "NSN does not support mixed-adapter batches (adapter_names=...): its factors replace the dense weight, "
+                "so one forward pass runs one adapter; call set_adapter() per batch instead."
+            )
+        yield
+
     def _unload_and_optionally_merge(
         self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
     ):
@@ -267,6 +294,8 @@ class NSNModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        source = loading_source()
+        origin = f" ({source})" if source else ""
         expected = {
             k: tuple(v.shape)
             for k, v in model.state_dict().items()
@@ -276,22 +305,28 @@ class NSNModel(BaseTuner):
             module = canonical_module_name(key.rsplit(".nsn_", 1)[0])
             factor = "nsn_A" if ".nsn_A." in key else "nsn_B"
             if key not in remapped:
-                raise ValueError(f"NSN checkpoint has no {factor} for module '{module}' of this base model; was it saved from another model?")
+                raise ValueError(f"NSN checkpoint{origin} has no {factor} for module '{module}' of this base model; was it saved from another model?")
             found = tuple(remapped[key].shape)
             if found != shape:
                 raise ValueError(
-                    f"NSN checkpoint does not match the base model: module '{module}' {factor} has shape {found} in the "
-                    f"checkpoint but {shape} in the model (first mismatch)."
+                    f"NSN checkpoint{origin} does not match the base model: module '{module}' {factor} has shape {found} in "
+                    f"the checkpoint but {shape} in the model (first mismatch)."
                 )
+            tensor = remapped[key]
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+                bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                raise ValueError(f"NSN checkpoint{origin}: the {factor} factor of module '{module}' holds {bad} values")
         unexpected = [k for k in remapped if (".nsn_A" in k or ".nsn_B" in k) and k not in expected]
         if unexpected:
             module = canonical_module_name(unexpected[0].rsplit(".nsn_", 1)[0])
-            raise ValueError(f"NSN checkpoint holds factors for module '{module}', which this base model lacks or does not target.")
+            raise ValueError(f"NSN checkpoint{origin} holds factors for module '{module}', which this base model lacks or does not target.")
         return remapped
 
     # -- rank API -------------------------------------------------------------------------------------
-    def set_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None) -> None:
-        _ranks.set_rank(self, rank, fraction=fraction)
+    def set_rank(
+        self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None
+    ) -> None:
+        _ranks.set_rank(self, rank, fraction=fraction, flops=flops)
 
     def get_rank(self) -> dict[str, int]:
         return _ranks.get_rank(self)
@@ -299,8 +334,11 @@ class NSNModel(BaseTuner):
     def get_max_rank(self) -> dict[str, int]:
         return _ranks.get_max_rank(self)
 
-    def at_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None):
-        return _ranks.at_rank(self, rank, fraction=fraction)
+    def at_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None):
+        return _ranks.at_rank(self, rank, fraction=fraction, flops=flops)
+
+    def budget_plans(self) -> dict[float, dict[str, int]]:
+        return _ranks.budget_plans(self)
 
     def estimate_flops(self, rank: Optional[_ranks.RankSpec] = None, tokens: int = 1) -> _ranks.FlopsReport:
         return _ranks.estimate_flops(self, rank, tokens)

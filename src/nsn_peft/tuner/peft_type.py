@@ -21,18 +21,26 @@ NSN_PEFT_TYPE_NAME = "NSN"
 # True while PEFT is loading a saved adapter: the factors then come from the checkpoint, so injection must
 # not spend time decomposing weights that are about to be overwritten.
 _LOADING_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("nsn_loading_checkpoint", default=False)
+# The adapter file or folder being loaded, so that errors about its contents can name it.
+_LOADING_SOURCE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("nsn_loading_source", default=None)
 
 
 def loading_checkpoint() -> bool:
     return _LOADING_CHECKPOINT.get()
 
 
+def loading_source() -> Optional[str]:
+    return _LOADING_SOURCE.get()
+
+
 @contextlib.contextmanager
-def checkpoint_load_scope() -> Iterator[None]:
+def checkpoint_load_scope(source: Optional[str] = None) -> Iterator[None]:
     token = _LOADING_CHECKPOINT.set(True)
+    source_token = _LOADING_SOURCE.set(source)
     try:
         yield
     finally:
+        _LOADING_SOURCE.reset(source_token)
         _LOADING_CHECKPOINT.reset(token)
 
 

@@ -12,7 +12,15 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from .ranks import at_rank, estimate_flops, get_max_rank, get_rank, select_rank_for_target_flops
+from .ranks import (
+    at_rank,
+    budget_plan,
+    budget_plans,
+    estimate_flops,
+    get_max_rank,
+    get_rank,
+    select_rank_for_target_flops,
+)
 
 FULL = "full"
 
@@ -48,7 +56,10 @@ def resolve_rank_points(
 ) -> list[RankPoint]:
     """:class:`RankPoint` objects for ranks (``"full"`` = each layer's max), fractions and FLOPs budgets.
 
-    Raises ``ValueError`` for a rank above the largest max rank of the model.
+    A FLOPs budget uses the adapter's stored plan (``NSNConfig.budget_plans``) when it has plans; then every
+    budget must have one. Otherwise the largest uniform grid rank within the budget (``flops_scope``) is chosen.
+
+    Raises ``ValueError`` for a rank above the largest max rank of the model, or a budget without a plan.
     """
     maxima = get_max_rank(model)
     top = max(maxima.values())
@@ -62,7 +73,13 @@ def resolve_rank_points(
             points.append(RankPoint(str(r), "rank", int(r), rank=int(r)))
     for f in fractions or []:
         points.append(RankPoint(f"fraction={f:g}", "fraction", float(f), fraction=float(f)))
+    planned = bool(target_flops) and bool(budget_plans(model))
     for f in target_flops or []:
+        if planned:
+            # The adapter stores nested per-layer plans: a budget names one of them (targeted-layer FLOPs).
+            plan = budget_plan(model, float(f))
+            points.append(RankPoint(f"flops={f:g} (plan)", "flops", float(f), rank=dict(plan), extra={"budget_plan": float(f)}))
+            continue
         chosen = select_rank_for_target_flops(model, float(f), scope=flops_scope)
         points.append(RankPoint(f"flops<={f:g}", "flops", float(f), rank=chosen, extra={"selected_rank": chosen}))
     if not points and default_full:

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..linalg import flops as F
 from ..naming import canonical_module_name, lookup_pattern
+from .config import budget_key
 from .layer import NSNLayer
 
 RankSpec = Union[int, Mapping[str, int]]
@@ -23,6 +24,8 @@ RankSpec = Union[int, Mapping[str, int]]
 __all__ = [
     "FlopsReport",
     "at_rank",
+    "budget_plan",
+    "budget_plans",
     "estimate_flops",
     "get_rank",
     "nsn_layers",
@@ -71,6 +74,55 @@ def _granularity(model: nn.Module, adapter: str) -> int:
     return tuner.peft_config[adapter].rank_granularity if tuner is not None else 64
 
 
+def budget_plans(model: nn.Module, adapter_name: Optional[str] = None) -> dict[float, dict[str, int]]:
+    """The adapter's nested per-layer plans, ``{FLOPs budget: {module name: rank}}`` (``NSNConfig.budget_plans``)."""
+    tuner = _tuner(model)
+    if tuner is None:
+        return {}
+    adapter = _adapter(model, nsn_layers(model), adapter_name)
+    return {float(key): dict(plan) for key, plan in tuner.peft_config[adapter].budget_plans.items()}
+
+
+def budget_plan(model: nn.Module, flops: float, adapter_name: Optional[str] = None) -> dict[str, int]:
+    """The stored per-layer ranks of FLOPs budget ``flops`` (a fraction of the targeted layers' dense FLOPs).
+
+    Raises ``ValueError`` naming the budgets that have a plan when ``flops`` has none.
+    """
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1:
+        raise ValueError(f"flops must be a FLOPs fraction in (0, 1], got {flops!r}")
+    plans = budget_plans(model, adapter_name)
+    by_key = {budget_key(b): plan for b, plan in plans.items()}
+    plan = by_key.get(budget_key(flops))
+    if plan is None:
+        if not plans:
+            raise ValueError(
+                f"No budget plan for flops={flops:g}: this adapter stores none (NSNConfig.budget_plans is empty). "
+                "Create plans with nsn_peft.plan_budget_schedule(...), or pick uniform ranks with "
+                "select_rank_for_target_flops(model, fraction)."
+            )
+        available = ", ".join(budget_key(b) for b in sorted(plans))
+        raise ValueError(f"No budget plan for flops={flops:g}; this adapter has plans for the FLOPs budgets {available}")
+    return plan
+
+
+def _set_budget(model: nn.Module, layers: Mapping[str, NSNLayer], adapter: str, flops: float) -> None:
+    plan = budget_plan(model, flops, adapter)
+    missing = [n for n in layers if n not in plan]
+    extra = [n for n in plan if n not in layers]
+    if missing or extra:
+        raise ValueError(
+            f"Budget plan {budget_key(flops)} does not match the model's NSN layers: "
+            + (f"no rank for {missing[:3]}" if missing else f"ranks for unknown layers {extra[:3]}")
+        )
+    for name, layer in layers.items():
+        limit = layer.nsn_max_rank[adapter]
+        if not 1 <= plan[name] <= limit:
+            raise ValueError(f"Budget plan {budget_key(flops)} gives '{name}' rank {plan[name]}, outside [1, {limit}] (its max rank)")
+    for name, layer in layers.items():
+        layer.nsn_rank[adapter] = plan[name]
+    _record(model, adapter, dict(plan))
+
+
 
 
 def set_rank(
@@ -78,6 +130,7 @@ def set_rank(
     rank: Optional[RankSpec] = None,
     *,
     fraction: Optional[float] = None,
+    flops: Optional[float] = None,
     adapter_name: Optional[str] = None,
 ) -> None:
     """Switch the active rank of NSN layers (no tensor is copied: forward slices views).
@@ -86,19 +139,26 @@ def set_rank(
         rank: an int for every layer (clamped to each layer's max rank, so ``set_rank(m, 10**9)`` means
             "full"); or a dict ``{module name or pattern: rank}`` — strict: a rank above a layer's max or a
             key that matches no layer raises ``ValueError``; layers not named keep their rank.
-        fraction: instead of ``rank``, a fraction of each layer's max rank, rounded down to the grid.
+        fraction: instead of ``rank``, a fraction of each layer's max rank, rounded down to the grid (a layer
+            whose max rank is not above ``rank_granularity`` is rounded down to an integer rank instead).
+        flops: instead of ``rank``, a FLOPs budget with a stored plan (``NSNConfig.budget_plans``): every layer
+            takes its planned rank. A budget without a plan raises ``ValueError`` naming those available.
+
+    On a merged model (``merge_adapter()``) the merged weights are recomputed at the new ranks, so the
+    model always computes the ranks that :func:`get_rank` reports and that ``save_pretrained`` records.
     """
     layers = nsn_layers(model)
     adapter = _adapter(model, layers, adapter_name)
-    if (rank is None) == (fraction is None):
-        raise ValueError("Pass exactly one of `rank` or `fraction=`.")
+    if sum(x is not None for x in (rank, fraction, flops)) != 1:
+        raise ValueError("Pass exactly one of `rank`, `fraction=` or `flops=`.")
+    if flops is not None:
+        _set_budget(model, layers, adapter, flops)
+        return
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         g = _granularity(model, adapter)
-        for layer in layers.values():
-            limit = layer.nsn_max_rank[adapter]
-            layer.nsn_rank[adapter] = F.round_rank_down(fraction * limit, limit, g)
+        _assign(layers, adapter, {n: F.fraction_rank(fraction, layer.nsn_max_rank[adapter], g) for n, layer in layers.items()})
         _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
         return
     if isinstance(rank, Mapping):
@@ -117,15 +177,24 @@ def set_rank(
                 if not isinstance(layer_rank, int) or isinstance(layer_rank, bool) or not 1 <= layer_rank <= limit:
                     raise ValueError(f"Rank {layer_rank!r} for '{name}' is outside [1, {limit}] (its max rank)")
                 assignments[name] = layer_rank
-        for name, layer_rank in assignments.items():
-            layers[name].nsn_rank[adapter] = layer_rank
+        _assign(layers, adapter, assignments)
         _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
         return
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive int (or a dict of them), got {rank!r}")
-    for layer in layers.values():
-        layer.nsn_rank[adapter] = min(rank, layer.nsn_max_rank[adapter])
+    _assign(layers, adapter, {n: min(rank, layer.nsn_max_rank[adapter]) for n, layer in layers.items()})
     _record(model, adapter, rank)
+
+
+def _assign(layers: Mapping[str, NSNLayer], adapter: str, ranks: Mapping[str, int]) -> None:
+    """Set the ranks; a merged layer whose rank changed is re-merged at its new rank (it computes what
+    ``get_rank`` reports)."""
+    for name, rank in ranks.items():
+        layer = layers[name]
+        if layer.nsn_rank[adapter] != rank:
+            layer.nsn_rank[adapter] = rank
+            if adapter in layer.merged_adapters:
+                layer.refresh_merged_weight()
 
 
 def _record(model: nn.Module, adapter: str, spec: RankSpec) -> None:
@@ -162,7 +231,12 @@ def get_max_rank(model: nn.Module, adapter_name: Optional[str] = None) -> dict[s
 
 @contextlib.contextmanager
 def at_rank(
-    model: nn.Module, rank: Optional[RankSpec] = None, *, fraction: Optional[float] = None, adapter_name: Optional[str] = None
+    model: nn.Module,
+    rank: Optional[RankSpec] = None,
+    *,
+    fraction: Optional[float] = None,
+    flops: Optional[float] = None,
+    adapter_name: Optional[str] = None,
 ) -> Iterator[nn.Module]:
     """Run temporarily at ``rank`` (same arguments as :func:`set_rank`); the previous ranks come back after."""
     layers = nsn_layers(model)
@@ -170,12 +244,11 @@ def at_rank(
     previous = {name: layer.nsn_rank[adapter] for name, layer in layers.items()}
     tuner = _tuner(model)
     previous_spec = tuner.peft_config[adapter].active_rank if tuner is not None else None
-    set_rank(model, rank, fraction=fraction, adapter_name=adapter)
+    set_rank(model, rank, fraction=fraction, flops=flops, adapter_name=adapter)
     try:
         yield model
     finally:
-        for name, layer in layers.items():
-            layer.nsn_rank[adapter] = previous[name]
+        _assign(layers, adapter, previous)
         if tuner is not None:
             tuner.peft_config[adapter].active_rank = previous_spec
 
