@@ -30,6 +30,8 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
+from ..naming import strip_wrapper_names
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,11 +51,6 @@ __all__ = [
     "sharding_name",
     "use_precise_fsdp2_mixed_precision",
 ]
-
-# Name pieces that wrappers insert into parameter names (activation checkpointing, torch.compile, FSDP1).
-_WRAPPER_NAME_PARTS = ("._checkpoint_wrapped_module", "_checkpoint_wrapped_module.", "._orig_mod", "_orig_mod.",
-                       "._fsdp_wrapped_module", "_fsdp_wrapped_module.")
-
 
 def sharding_name(trainer: Any) -> Optional[str]:
     """``"fsdp2"``, ``"fsdp1"``, ``"deepspeed"`` or ``None`` (not sharded: single process, DDP)."""
@@ -149,9 +146,7 @@ def broadcast_trainable_parameters(model: nn.Module, src: int = 0) -> bool:
 
 def canonical_parameter_name(name: str) -> str:
     """``name`` without the pieces wrappers (activation checkpointing, compile, FSDP1) insert."""
-    for part in _WRAPPER_NAME_PARTS:
-        name = name.replace(part, "")
-    return name
+    return strip_wrapper_names(name)
 
 
 @torch.no_grad()

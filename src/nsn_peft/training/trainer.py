@@ -4,7 +4,8 @@ Each optimizer step draws ranks from a :class:`~nsn_peft.training.RankSampler` (
 sampling is a pure function of seed and step), runs forward and backward at each rank and combines the
 per-rank losses with :class:`~nsn_peft.training.UncertaintyWeightedLoss`. Everything else is the ordinary
 Trainer: ``TrainingArguments`` (bf16/fp16, gradient accumulation, activation checkpointing, save/eval
-strategies, ``resume_from_checkpoint``), DDP under ``torchrun``/``accelerate launch``.
+strategies, ``resume_from_checkpoint``), DDP, FSDP2 and DeepSpeed ZeRO-3 under ``torchrun``/``accelerate launch``
+(what sharded runs need besides lives in :mod:`nsn_peft.training.distributed`).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ class NSNTrainer(Trainer):
             at 25/50/75/100 % of the top rank. ``eval_loss`` is their mean.
         backward_per_rank: Run backward right after each rank's forward (default). Needed with activation
             checkpointing (recomputation must see the same rank) and keeps one graph in memory instead of
-            one per rank. ``False`` builds one graph for all ranks in :meth:`compute_loss` (for DeepSpeed,
-            whose backward also steps the optimizer; without checkpointing).
+            one per rank. ``False`` builds one graph for all ranks in :meth:`compute_loss` (without
+            checkpointing).
 
     Logged during training: ``loss`` (the combined objective), ``loss@r=<rank>`` (mean task loss of each
     rank trained since the last log), ``distill@r=<rank>`` (with distillation) and ``logvar@r=<bucket>``. Checkpoints hold

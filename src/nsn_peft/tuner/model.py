@@ -18,7 +18,7 @@ from ..calibrate.stats import ActivationStats
 from ..devices import resolve_device
 from ..linalg import decompose
 from ..linalg.flops import factoring_saves, rank_for_params_fraction
-from ..naming import canonical_module_name, lookup_pattern
+from ..naming import canonical_module_name, lookup_pattern, strip_wrapper_names
 from . import ranks as _ranks
 from . import targeting
 from .config import NSNConfig
@@ -290,7 +290,17 @@ class NSNModel(BaseTuner):
             for layer in dropped:
                 layer.rebuild_base_weight(next(n for n in names if n in layer.nsn_A))
 
-    # -- checkpoint loading ------------------------------------------------------------------------------
+    # -- checkpoint saving / loading -------------------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of the adapter's entries, which matches keys against module names. Wrappers around
+        decoder layers (FSDP/Accelerate activation checkpointing, torch.compile) put a piece into every module
+        name that a gathered state dict (plain names) lacks; the factors are then picked by their names."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if selected or all(strip_wrapper_names(name) == name for name, _ in model.named_modules()):
+            return selected
+        return {k: v for k, v in state_dict.items() if re.search(r"\.nsn_[AB]\.[^.]+$", k)}
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
