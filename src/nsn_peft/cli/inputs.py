@@ -145,8 +145,12 @@ def keep_base_weights(args: argparse.Namespace) -> Optional[bool]:
     """``--keep-base-weights`` resolved: inference serves from the factors only unless the dense model is needed."""
     if not hasattr(args, "keep_base_weights"):
         return None  # commands without the option (train, compress, ...) keep what the adapter says
-    baseline = bool(getattr(args, "baseline", False))
+    # eval/sweep score the dense model beside every rank unless --no-baseline (None = the default, on).
+    baseline = hasattr(args, "baseline") and args.baseline is not False
     if args.keep_base_weights is False and baseline:
+        if args.baseline is None:
+            args.baseline = False  # factors only asked for explicitly: skip the default dense baseline
+            return False
         raise UsageError("--baseline evaluates the dense model and needs its weights: drop --no-keep-base-weights")
     return baseline if args.keep_base_weights is None else args.keep_base_weights
 
