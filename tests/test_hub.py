@@ -267,6 +267,7 @@ def test_real_embedded_model_converts_exactly_and_trains_and_saves_like_any_mode
         torch.testing.assert_close(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")(input_ids=ids).logits, expected)
 
     lora_free = get_peft_model(from_gguf, nsn_peft.NSNConfig(max_rank=64, target_modules=["down_proj"]))
+    assert lora_free.peft_config["default"].base_model_name_or_path == str(gguf)  # the file, not only its folder
     transformers.Trainer(model=lora_free, args=transformers.TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none"))
     lora_free.merge_and_unload().save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -125,6 +125,10 @@ def load_model(
     _check_loading_info(model, info, shown, task, allow_missing_weights)
     if gguf_file is not None:
         clear_dequantized_gguf_marker(model)
+        # Name the file, not just its folder: adapters record this, and the folder alone does not load.
+        model.config._name_or_path = shown
+        if "name_or_path" in vars(model):
+            model.name_or_path = shown
     if device is not None:
         model = model.to(resolve_device(device))
     model.eval()
