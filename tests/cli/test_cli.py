@@ -494,3 +494,22 @@ def test_target_flops_uses_the_budget_plans(ws, tmp_path):
     rows = json.loads(proc.stdout)["results"]
     assert [r["mean_rank"] for r in rows] == [8, 16]
     assert nsn_peft.get_rank(model) == dict.fromkeys(names, 16)
+
+
+def test_serving_from_factors_only(ws, adapter, tmp_path):
+    """eval without the dense baseline runs from factors only; the baseline needs the dense weights."""
+    proc = run_cli("eval", "--adapter", adapter, "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
+                   "--max-tokens", "256", "--ranks", "8", "--no-keep-base-weights", "--json", cwd=ws)
+    data = json.loads(proc.stdout)
+    assert data["baseline_perplexity"] is None and data["results"][0]["perplexity"] > 1  # skipped, not an error
+    kept = run_cli("eval", "--adapter", adapter, "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
+                   "--max-tokens", "256", "--ranks", "8", "--json", cwd=ws)
+    assert json.loads(kept.stdout)["results"][0]["perplexity"] == pytest.approx(data["results"][0]["perplexity"], rel=1e-5)
+    proc = run_cli("eval", "--adapter", adapter, "--model", "tiny", "--data", "valid.txt", "--baseline",
+                   "--no-keep-base-weights", cwd=ws, expect=2)
+    assert_one_line_error(proc.stderr, "eval", "--baseline evaluates the dense model")
+    proc = run_cli("adapt", "--model", "tiny", "--max-rank", "break-even", "--granularity", "8", "--output",
+                   tmp_path / "be", "--json", cwd=ws)
+    assert json.loads(proc.stdout)["max_rank"] == "break-even"
+    config = json.loads((tmp_path / "be" / "adapter_config.json").read_text())
+    assert config["max_rank"] == "break-even"

@@ -213,8 +213,21 @@ def _baseline(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[
         if args.baseline:
             raise UsageError("--baseline needs an NSN model (a compressed model has no dense weights left)")
         return None
+    if args.baseline is None and _dense_weights_unavailable(model):
+        logger.info("Dense baseline skipped: the model runs from its factors only (--no-keep-base-weights)")
+        return None
     with model.disable_adapter():
         return _perplexity(args, model, tokenizer, texts)["perplexity"]
+
+
+def _dense_weights_unavailable(model: Any) -> bool:
+    """Whether some adapted layer dropped a dense weight that its factors cannot rebuild exactly."""
+    for layer in nsn_layers(model).values():
+        try:
+            layer.check_base_weight_recoverable(next((n for n in layer.active_adapters if n in layer.nsn_A), None))
+        except RuntimeError:
+            return True
+    return False
 
 
 def _with_baseline(rows: list[dict[str, Any]], baseline: Optional[float]) -> list[dict[str, Any]]:

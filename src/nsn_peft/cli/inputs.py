@@ -142,17 +142,19 @@ def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Opt
 
 
 def keep_base_weights(args: argparse.Namespace) -> Optional[bool]:
-    """``--keep-base-weights`` resolved: inference serves from the factors only unless the dense model is needed."""
+    """``--keep-base-weights`` resolved: serve from the factors only unless the dense model is evaluated too.
+
+    ``infer`` runs from the factors only; ``eval``/``sweep`` keep the dense weights while their dense baseline is
+    on (the default) and drop them with ``--no-baseline`` or ``--no-keep-base-weights`` (baseline then skipped).
+    """
     if not hasattr(args, "keep_base_weights"):
         return None  # commands without the option (train, compress, ...) keep what the adapter says
-    # eval/sweep score the dense model beside every rank unless --no-baseline (None = the default, on).
-    baseline = hasattr(args, "baseline") and args.baseline is not False
-    if args.keep_base_weights is False and baseline:
-        if args.baseline is None:
-            args.baseline = False  # factors only asked for explicitly: skip the default dense baseline
-            return False
+    baseline = getattr(args, "baseline", False)
+    if args.keep_base_weights is False and baseline is True:
         raise UsageError("--baseline evaluates the dense model and needs its weights: drop --no-keep-base-weights")
-    return baseline if args.keep_base_weights is None else args.keep_base_weights
+    if args.keep_base_weights is None:
+        return baseline is not False
+    return args.keep_base_weights
 
 
 def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None):

@@ -241,8 +241,8 @@ def add_serving_options(parser: argparse.ArgumentParser) -> None:
     """``--keep-base-weights``: inference commands serve from the factors only unless asked otherwise."""
     parser.add_argument(
         "--keep-base-weights", action=argparse.BooleanOptionalAction, default=None,
-        help="Keep the dense weights of adapted layers beside the factors (default: factors only, except with "
-        "--baseline, which needs them).",
+        help="Keep the dense weights of adapted layers beside the factors (default: factors only, except while "
+        "eval/sweep compute their dense baseline, which needs them).",
     )
 
 
