@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Optional
 
 from .options import add_common_options, new_command
 from .output import CommandResult
@@ -30,11 +30,14 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from ..gguf_models import embedded_gguf_path, fetch_embedded_model
+    from ..gguf_models import EMBEDDED_GGUF, embedded_gguf_path, fetch_embedded_model
 
     folder = fetch_embedded_model(force=args.force)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    gguf = embedded_gguf_path(fetch=False)
-    data = {"model": str(folder), "gguf_file": str(gguf), "bytes": size}
-    text = f"Embedded model ready: {folder} ({size / 1e6:.0f} MB; from {gguf.name})"
+    try:  # the GGUF may be gone once converted (a cleaned cache): the folder is all that is needed
+        gguf: Optional[str] = str(embedded_gguf_path(fetch=False))
+    except FileNotFoundError:
+        gguf = None
+    data = {"model": str(folder), "gguf_file": gguf, "bytes": size}
+    text = f"Embedded model ready: {folder} ({size / 1e6:.0f} MB; from {EMBEDDED_GGUF})"
     return CommandResult(data, text)
