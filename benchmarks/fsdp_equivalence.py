@@ -174,14 +174,14 @@ def worker(args) -> None:
     from transformers import TrainerCallback, TrainingArguments
 
     from nsn_peft.io import write_safetensors
-    from nsn_peft.training import NSNTrainer, SandwichRankSampler, activation_checkpointing_kwargs
+    from nsn_peft.training import NSNTrainer, SandwichRankSampler, activation_checkpointing_kwargs, save_trained_adapter
     from nsn_peft.training.distributed import sharding_name
 
     if args.device == "cpu":
         enable_accelerate_sharding_on_cpu()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.global_batch % world:
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by the {world} processes")
+    if args.global_batch % (world * args.grad_accum):
+        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {world} processes x {args.grad_accum} micro-batches")
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -192,8 +192,8 @@ def worker(args) -> None:
     targs = TrainingArguments(
         output_dir=args.run_dir,
         max_steps=args.steps,
-        per_device_train_batch_size=args.global_batch // world,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=args.global_batch // (world * args.grad_accum),
+        gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -236,6 +236,7 @@ def worker(args) -> None:
     trainer.train(resume_from_checkpoint=args.resume_from)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+    save_trained_adapter(trainer, run_dir / "final_adapter")  # every process: the library's own final save
     peaks = [peak]
     if torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1:
         peaks = [None] * world
@@ -251,7 +252,7 @@ def worker(args) -> None:
             "strategy": args.strategy if sharded else "none",
             "sharding": sharding_name(trainer),
             "device": str(trainer.args.device),
-            "per_device_batch": args.global_batch // world,
+            "per_device_batch": args.global_batch // (world * args.grad_accum),
             "wrapped_model": type(trainer.model_wrapped).__name__,
             "nsn_param_type": type(param.data).__name__,
             "mixed_precision": getattr(trainer.accelerator.state, "mixed_precision", None),
@@ -268,7 +269,7 @@ def worker(args) -> None:
 
 
 # -- driver --------------------------------------------------------------------------------------------------
-WORKER_FLAGS = ("device", "model", "targets", "steps", "global_batch", "seq_len", "hidden", "layers", "vocab",
+WORKER_FLAGS = ("device", "model", "targets", "steps", "global_batch", "grad_accum", "seq_len", "hidden", "layers", "vocab",
                 "granularity", "lr", "seed", "num_random", "distill_alpha", "weighting", "strategy", "gc",
                 "max_grad_norm", "optim", "fixed_ranks")
 WORKER_SWITCHES = ("bf16", "single_graph", "no_reshard", "shard_reference")
@@ -389,8 +390,10 @@ def compare_adapters(args, reference: dict, others: dict[str, dict]) -> dict:
     for name, run in others.items():
         logits = adapter_logits(args, run["checkpoint"])
         layout = check_adapter_folder(run["checkpoint"])
+        final = adapter_logits(args, str(Path(run["checkpoint"]).parent / "final_adapter"))
         out[name] = {
             **{f"max_abs_logit_diff@r={r}": (logits[r] - ref[r]).abs().max().item() for r in ref},
+            "save_trained_adapter_matches_checkpoint": all(torch.equal(final[r], logits[r]) for r in ref),
             "logit_scale": max(v.abs().max().item() for v in ref.values()),
             "adapter_files": layout["adapter_files"],
             "same_tensor_shapes_as_reference": layout["shapes"] == ref_layout["shapes"] and bool(layout["shapes"]),
@@ -442,6 +445,7 @@ def main() -> None:
     parser.add_argument("--targets", choices=["mlp", "all"], default="mlp", help="NSN on the MLP or on all linears")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (every run)")
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=64, help="tiny model width")
     parser.add_argument("--layers", type=int, default=2, help="tiny model depth")

@@ -77,6 +77,7 @@ def _assert_sharded_run_matches(result: dict, sharding: str, tol: float = 1e-5) 
     assert params["params"] > 0 and not params["missing"] and params["max_rel_diff"] < 10 * tol
     adapter = result["adapter_check"]["sharded"]
     assert adapter["adapter_files"] == ["adapter_model.safetensors"] and adapter["same_tensor_shapes_as_reference"]
+    assert adapter["save_trained_adapter_matches_checkpoint"]
     assert all(v < 1e-4 for k, v in adapter.items() if k.startswith("max_abs"))
 
 

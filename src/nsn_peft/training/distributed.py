@@ -124,9 +124,12 @@ def broadcast_trainable_parameters(model: nn.Module, src: int = 0) -> bool:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return False
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not params or any(p.is_meta for p in params):
+        # Nothing to compare, or Accelerate's cpu_ram_efficient_loading: only process 0 holds the weights and
+        # Accelerate broadcasts them after sharding.
         return False
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on_gpu = torch.cuda.is_available() and "nccl" in str(dist.get_backend())
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     differed = torch.zeros(1, device=backend_device)
     for param in params:
         mine = param.detach().to(backend_device)
