@@ -270,6 +270,10 @@ def worker(args) -> None:
                          "accelerate": accelerate.__version__},
         }
         (run_dir / "curve.json").write_text(json.dumps(result, indent=2))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # An orderly shutdown: a process group torn down at interpreter exit can abort the process (gloo).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # -- driver --------------------------------------------------------------------------------------------------

@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> CommandResult:
         "rank_counts": {str(k): v for k, v in trainer.rank_counts.items()},
         "processes": int(training_args.world_size), "sharding": training.distributed.sharding_name(trainer),
     }
+    training.distributed.end_distributed()
     per_rank = sorted(
         ((k.split("@r=")[1], v) for k, v in metrics.items() if k.startswith("eval_loss@r=")), key=lambda kv: int(kv[0])
     )

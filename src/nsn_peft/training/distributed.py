@@ -40,6 +40,7 @@ __all__ = [
     "broadcast_trainable_parameters",
     "check_supported_sharding",
     "deepspeed_resume_directory",
+    "end_distributed",
     "canonical_parameter_name",
     "full_trainable_state_dict",
     "gathered_adapter_state",
@@ -349,3 +350,16 @@ def save_trained_adapter(trainer: Any, directory: Union[str, os.PathLike], token
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
     trainer.accelerator.wait_for_everyone()
+
+
+def end_distributed() -> None:
+    """Wait for every process, then tear the process group down (no-op without one).
+
+    For scripts that own their processes (the ``nsn-peft`` command under ``torchrun``): a process group left to
+    interpreter exit can abort the process with gloo.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
