@@ -270,6 +270,22 @@ def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
     check_supported_sharding(_fake_trainer())
 
 
+def test_sharded_uncertainty_weighting_refuses_fp16():
+    from nsn_peft.training.distributed import prepare_sharded_training
+
+    trainer = _fake_trainer(deepspeed=True)
+    trainer.rank_loss = SimpleNamespace(learnable=True, log_vars=torch.nn.Parameter(torch.zeros(2)))
+    trainer.logvar_learning_rate = 0.01
+    trainer.args = SimpleNamespace(fp16=True, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    with pytest.raises(ValueError, match="bf16"):
+        prepare_sharded_training(trainer, torch.nn.Linear(2, 2))
+    trainer.args.fp16 = False
+    assert isinstance(prepare_sharded_training(trainer, torch.nn.Linear(2, 2)), LogVarOptimizer)
+    trainer.rank_loss.learnable = False
+    assert prepare_sharded_training(trainer, torch.nn.Linear(2, 2)) is None
+    assert prepare_sharded_training(_fake_trainer(), torch.nn.Linear(2, 2)) is None
+
+
 def test_fsdp2_mixed_precision_reduces_in_float32():
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

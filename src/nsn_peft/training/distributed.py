@@ -251,6 +251,13 @@ def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarO
     if not rank_loss.learnable:
         return None
     args = trainer.args
+    if getattr(args, "fp16", False):
+        # fp16 scales the loss; the sharded runs' log-variance optimizer sits outside the loss scaler that would
+        # unscale its gradients and skip overflowing steps. bf16 needs no scaling.
+        raise ValueError(
+            "NSNTrainer(weighting='uncertainty') with fp16 is not supported under FSDP/DeepSpeed (the log-variances' "
+            "gradients would stay loss-scaled); use bf16, or weighting='sum'."
+        )
     return LogVarOptimizer(rank_loss.log_vars, trainer.logvar_learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
 
 
