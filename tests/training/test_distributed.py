@@ -118,6 +118,21 @@ def test_zero3_two_processes_match_one_and_resume(tmp_path):
     assert result["resume_check"]["max_rel_loss_diff_vs_uninterrupted"] < 1e-6
 
 
+@needs_gloo
+@pytest.mark.slow
+def test_scale_benchmark_runs_every_strategy_on_cpu(tmp_path):
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(BENCH / "bench_fsdp_scale.py"), "--device", "cpu", "--nproc", "2", "--sizes", "tiny",
+           "--steps", "1", "--warmup", "1", "--seq-len", "16", "--vocab", "64", "--granularity", "16", "--out", str(out),
+           "--work-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]["tiny"]
+    assert {k: v["status"] for k, v in results.items()} == {"nsn-fsdp2": "ok", "nsn-ddp": "ok", "dense-fsdp2": "ok"}
+    assert results["nsn-fsdp2"]["wrapped_model"] == "FSDPPeftModel" and results["nsn-ddp"]["wrapped_model"] == "DistributedDataParallel"
+    assert results["nsn-fsdp2"]["trainable_parameters"] > results["dense-fsdp2"]["trainable_parameters"]  # full-rank factors
+
+
 CLI_WRAPPER = textwrap.dedent(
     f"""
     import sys
