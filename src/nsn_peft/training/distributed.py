@@ -38,13 +38,12 @@ __all__ = [
     "LogVarOptimizer",
     "accumulate_without_sync",
     "broadcast_trainable_parameters",
+    "canonical_parameter_name",
     "check_supported_sharding",
     "deepspeed_resume_directory",
     "end_distributed",
-    "canonical_parameter_name",
     "full_trainable_state_dict",
     "gathered_adapter_state",
-    "is_sharded_run",
     "prepare_sharded_training",
     "save_fsdp2_adapter",
     "save_trained_adapter",
@@ -52,6 +51,7 @@ __all__ = [
     "sharding_name",
     "use_precise_fsdp2_mixed_precision",
 ]
+
 
 def sharding_name(trainer: Any) -> Optional[str]:
     """``"fsdp2"``, ``"fsdp1"``, ``"deepspeed"`` or ``None`` (not sharded: single process, DDP)."""
@@ -61,11 +61,6 @@ def sharding_name(trainer: Any) -> Optional[str]:
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         return "fsdp2" if getattr(plugin, "fsdp_version", 1) == 2 else "fsdp1"
     return None
-
-
-def is_sharded_run(trainer: Any) -> bool:
-    """Whether the Trainer shards the model (FSDP or DeepSpeed), so parameters outside it need their own optimizer."""
-    return sharding_name(trainer) is not None
 
 
 def check_supported_sharding(trainer: Any) -> None:
