@@ -178,6 +178,10 @@ def worker(args) -> None:
             "step_seconds": timer.times,
         }
         (Path(args.run_dir) / "result.json").write_text(json.dumps(result, indent=2))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # An orderly shutdown: a process group torn down at interpreter exit can abort the process (gloo).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def launch(args, size: str, strategy: str, run_dir: Path) -> dict:

@@ -10,7 +10,7 @@ Usage (the driver launches both runs itself through ``python -m torch.distribute
 
     python benchmarks/ddp_equivalence.py --device cpu --nproc 2 --steps 20 --out ddp_cpu.json   # gloo
     python benchmarks/ddp_equivalence.py --device cuda --nproc 2 --steps 50 --out ddp_cuda.json  # nccl
-    python benchmarks/ddp_equivalence.py --device cuda --nproc 2 --steps 50 --fsdp --weighting sum --out fsdp.json
+    python benchmarks/ddp_equivalence.py --device cuda --nproc 2 --steps 50 --fsdp --out fsdp.json
 
 The worker (``--worker``) can also be started by hand, e.g. under ``accelerate launch``.
 """
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--distill-alpha", type=float, default=0.0)
     parser.add_argument("--fsdp", action="store_true",
                         help="shard the multi-process run with FSDP2 (needs GPUs: Accelerate enables FSDP only on them; "
-                             "NSNTrainer refuses FSDP with uncertainty weighting: add --weighting sum)")
+                             "fsdp_equivalence.py compares FSDP2 and ZeRO-3 in more depth, on CPU too)")
     parser.add_argument("--single-graph", action="store_true", help="NSNTrainer(backward_per_rank=False)")
     parser.add_argument("--weighting", choices=["uncertainty", "sum"], default="uncertainty")
     parser.add_argument("--tol", type=float, default=1e-3, help="max relative difference of the loss curves to pass")

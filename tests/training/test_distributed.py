@@ -77,6 +77,7 @@ def _assert_sharded_run_matches(result: dict, sharding: str, tol: float = 1e-5) 
     assert params["params"] > 0 and not params["missing"] and params["max_rel_diff"] < 10 * tol
     adapter = result["adapter_check"]["sharded"]
     assert adapter["adapter_files"] == ["adapter_model.safetensors"] and adapter["same_tensor_shapes_as_reference"]
+    assert adapter["save_trained_adapter_matches_checkpoint"]
     assert all(v < 1e-4 for k, v in adapter.items() if k.startswith("max_abs"))
 
 
@@ -115,6 +116,21 @@ def test_zero3_two_processes_match_one_and_resume(tmp_path):
     _assert_sharded_run_matches(result, "deepspeed")
     assert result["sharded"]["wrapped_model"] == "DeepSpeedEngine"
     assert result["resume_check"]["max_rel_loss_diff_vs_uninterrupted"] < 1e-6
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_scale_benchmark_runs_every_strategy_on_cpu(tmp_path):
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(BENCH / "bench_fsdp_scale.py"), "--device", "cpu", "--nproc", "2", "--sizes", "tiny",
+           "--steps", "1", "--warmup", "1", "--seq-len", "16", "--vocab", "64", "--granularity", "16", "--out", str(out),
+           "--work-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]["tiny"]
+    assert {k: v["status"] for k, v in results.items()} == {"nsn-fsdp2": "ok", "nsn-ddp": "ok", "dense-fsdp2": "ok"}
+    assert results["nsn-fsdp2"]["wrapped_model"] == "FSDPPeftModel" and results["nsn-ddp"]["wrapped_model"] == "DistributedDataParallel"
+    assert results["nsn-fsdp2"]["trainable_parameters"] > results["dense-fsdp2"]["trainable_parameters"]  # full-rank factors
 
 
 CLI_WRAPPER = textwrap.dedent(
@@ -267,6 +283,22 @@ def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
     check_supported_sharding(_fake_trainer(fsdp_version=2))
     check_supported_sharding(_fake_trainer(deepspeed=True))
     check_supported_sharding(_fake_trainer())
+
+
+def test_sharded_uncertainty_weighting_refuses_fp16():
+    from nsn_peft.training.distributed import prepare_sharded_training
+
+    trainer = _fake_trainer(deepspeed=True)
+    trainer.rank_loss = SimpleNamespace(learnable=True, log_vars=torch.nn.Parameter(torch.zeros(2)))
+    trainer.logvar_learning_rate = 0.01
+    trainer.args = SimpleNamespace(fp16=True, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    with pytest.raises(ValueError, match="bf16"):
+        prepare_sharded_training(trainer, torch.nn.Linear(2, 2))
+    trainer.args.fp16 = False
+    assert isinstance(prepare_sharded_training(trainer, torch.nn.Linear(2, 2)), LogVarOptimizer)
+    trainer.rank_loss.learnable = False
+    assert prepare_sharded_training(trainer, torch.nn.Linear(2, 2)) is None
+    assert prepare_sharded_training(_fake_trainer(), torch.nn.Linear(2, 2)) is None
 
 
 def test_fsdp2_mixed_precision_reduces_in_float32():

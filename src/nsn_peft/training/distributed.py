@@ -38,12 +38,12 @@ __all__ = [
     "LogVarOptimizer",
     "accumulate_without_sync",
     "broadcast_trainable_parameters",
+    "canonical_parameter_name",
     "check_supported_sharding",
     "deepspeed_resume_directory",
-    "canonical_parameter_name",
+    "end_distributed",
     "full_trainable_state_dict",
     "gathered_adapter_state",
-    "is_sharded_run",
     "prepare_sharded_training",
     "save_fsdp2_adapter",
     "save_trained_adapter",
@@ -51,6 +51,7 @@ __all__ = [
     "sharding_name",
     "use_precise_fsdp2_mixed_precision",
 ]
+
 
 def sharding_name(trainer: Any) -> Optional[str]:
     """``"fsdp2"``, ``"fsdp1"``, ``"deepspeed"`` or ``None`` (not sharded: single process, DDP)."""
@@ -60,11 +61,6 @@ def sharding_name(trainer: Any) -> Optional[str]:
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         return "fsdp2" if getattr(plugin, "fsdp_version", 1) == 2 else "fsdp1"
     return None
-
-
-def is_sharded_run(trainer: Any) -> bool:
-    """Whether the Trainer shards the model (FSDP or DeepSpeed), so parameters outside it need their own optimizer."""
-    return sharding_name(trainer) is not None
 
 
 def check_supported_sharding(trainer: Any) -> None:
@@ -124,9 +120,12 @@ def broadcast_trainable_parameters(model: nn.Module, src: int = 0) -> bool:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return False
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not params or any(p.is_meta for p in params):
+        # Nothing to compare, or Accelerate's cpu_ram_efficient_loading: only process 0 holds the weights and
+        # Accelerate broadcasts them after sharding.
         return False
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on_gpu = torch.cuda.is_available() and "nccl" in str(dist.get_backend())
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     differed = torch.zeros(1, device=backend_device)
     for param in params:
         mine = param.detach().to(backend_device)
@@ -247,6 +246,13 @@ def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarO
     if not rank_loss.learnable:
         return None
     args = trainer.args
+    if getattr(args, "fp16", False):
+        # fp16 scales the loss; the sharded runs' log-variance optimizer sits outside the loss scaler that would
+        # unscale its gradients and skip overflowing steps. bf16 needs no scaling.
+        raise ValueError(
+            "NSNTrainer(weighting='uncertainty') with fp16 is not supported under FSDP/DeepSpeed (the log-variances' "
+            "gradients would stay loss-scaled); use bf16, or weighting='sum'."
+        )
     return LogVarOptimizer(rank_loss.log_vars, trainer.logvar_learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
 
 
@@ -346,3 +352,16 @@ def save_trained_adapter(trainer: Any, directory: Union[str, os.PathLike], token
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
     trainer.accelerator.wait_for_everyone()
+
+
+def end_distributed() -> None:
+    """Wait for every process, then tear the process group down (no-op without one).
+
+    For scripts that own their processes (the ``nsn-peft`` command under ``torchrun``): a process group left to
+    interpreter exit can abort the process with gloo.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

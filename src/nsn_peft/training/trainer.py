@@ -291,7 +291,8 @@ class NSNTrainer(Trainer):
 
     # -- optimizer -----------------------------------------------------------------------------------
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer plus one parameter group for the log-variances (no weight decay)."""
+        """The Trainer's optimizer plus one parameter group for the log-variances (no weight decay; sharded runs
+        give them an optimizer of their own instead)."""
         optimizer = super().create_optimizer(model)
         if self.rank_loss.learnable and optimizer is not None and self._logvar_optimizer is None:
             present = {id(p) for group in optimizer.param_groups for p in group["params"]}
