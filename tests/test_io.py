@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from nsn_peft import io
 
@@ -244,3 +246,28 @@ def test_relative_destinations_keep_temporaries_outside_the_folder(tmp_path, mon
     assert _read(tmp_path / "out", V1) == V1
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
     assert _temporaries(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_read_safetensors_equals_the_reference_reader_and_owns_its_memory(tmp_path, dtype):
+    tensors = {"w": (torch.randn(7, 5) * 3).to(dtype), "b": torch.arange(4).to(dtype), "empty": torch.zeros(0, 3, dtype=dtype),
+               "scalar": torch.tensor(2).to(dtype)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    read = io.read_safetensors(tmp_path / "t.safetensors", column_major=lambda key: key == "w")
+    expected = load_file(str(tmp_path / "t.safetensors"))
+    assert read.keys() == expected.keys()
+    for key, value in expected.items():
+        assert read[key].dtype == value.dtype and torch.equal(read[key], value), key
+    assert read["w"].t().is_contiguous() and not read["w"].is_contiguous()  # column-major as asked
+    assert read["b"].is_contiguous()
+    # Each tensor has its own storage, none a view into a file mapping or into a shared scratch buffer.
+    pointers = [t.untyped_storage().data_ptr() for t in read.values() if t.numel()]
+    assert len(set(pointers)) == len(pointers)
+
+
+def test_read_safetensors_names_a_truncated_file(tmp_path):
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="t.safetensors is truncated"):
+        io.read_safetensors(tmp_path / "t.safetensors")

@@ -32,7 +32,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -50,6 +50,7 @@ __all__ = [
     "check_folder_destination",
     "check_safetensors",
     "finish_interrupted_save",
+    "read_safetensors",
     "write_json",
     "write_safetensors",
     "write_text",
@@ -307,6 +308,50 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     if size > expected:
         raise ValueError(f"{path} is corrupt: {size - expected:,} unexpected bytes after the tensors")
     return header
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu", column_major: Optional[Callable[[str], bool]] = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read with plain reads into memory each tensor owns.
+
+    ``safetensors.torch.load_file`` maps the file and returns views into the mapping: every page read stays
+    resident as long as any one tensor lives, so re-laying out or dropping a tensor does not give its memory
+    back. Here memory grows by the tensors' size and nothing else. Matrices whose key ``column_major`` accepts
+    are returned with column-major storage (``t.t().is_contiguous()``), transposed through one reused scratch
+    buffer so that no per-tensor temporary is left for the allocator to hoard. Validates the file first
+    (see :func:`check_safetensors`).
+    """
+    path = Path(path)
+    header = check_safetensors(path)
+    tensors: dict[str, torch.Tensor] = {}
+    scratch = torch.empty(0, dtype=torch.uint8)
+    with open(path, "rb") as handle:
+        start = 8 + int.from_bytes(handle.read(8), "little")
+        for begin, name in sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__"):
+            info = header[name]
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which this reader does not know")
+            size, shape = info["data_offsets"][1] - begin, info["shape"]
+            transpose = column_major is not None and len(shape) == 2 and column_major(name)
+            if transpose and scratch.numel() < size:
+                scratch = torch.empty(size, dtype=torch.uint8)
+            raw = scratch[:size] if transpose else torch.empty(size, dtype=torch.uint8)
+            handle.seek(start + begin)
+            if size and handle.readinto(raw.numpy()) != size:
+                raise ValueError(f"{path} is truncated inside tensor {name!r}")
+            value = raw.view(dtype).reshape(shape)
+            if transpose:
+                value = torch.empty(shape[1], shape[0], dtype=dtype).t().copy_(value)
+            tensors[name] = value.to(device)
+    return tensors
 
 
 # -- folder artifacts -------------------------------------------------------------------------------------

@@ -77,10 +77,12 @@ def test_factors_only_save_load_round_trip(tmp_path, input_ids):
         assert loaded.get_rank() == model.get_rank()
         with torch.no_grad():
             torch.testing.assert_close(loaded(input_ids).logits, expected, atol=0, rtol=0)
-    kept = PeftModel.from_pretrained(tiny_llama(), tmp_path, keep_base_weights=True)
-    assert not any(layer.base_weight_dropped for layer in _nsn_layers(kept))
-    with torch.no_grad():
-        torch.testing.assert_close(kept(input_ids).logits, expected, atol=0, rtol=0)
+    for kwargs in ({}, {"low_cpu_mem_usage": True}):  # training loads keep contiguous factors (FSDP needs them)
+        kept = PeftModel.from_pretrained(tiny_llama(), tmp_path, keep_base_weights=True, is_trainable=True, **kwargs)
+        assert not any(layer.base_weight_dropped for layer in _nsn_layers(kept))
+        assert all(layer.nsn_B["default"].is_contiguous() for layer in _nsn_layers(kept))
+        with torch.no_grad():
+            torch.testing.assert_close(kept(input_ids).logits, expected, atol=0, rtol=0)
 
 
 def test_keep_base_weights_false_overrides_a_saved_training_adapter(tmp_path, input_ids):
@@ -274,7 +276,9 @@ _PEAK_SCRIPT = textwrap.dedent(
 def test_factors_only_loading_peak_memory_stays_near_the_final_size(tmp_path):
     import transformers
 
-    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
+    # Layers large enough (64 MiB dense) that the interpreter's own ~10-30 MB of objects and allocator slack,
+    # which RSS also counts, stay under the one-layer bound.
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
                                       num_key_value_heads=4, vocab_size=128)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     char_tokenizer().save_pretrained(tmp_path / "base")
@@ -291,11 +295,10 @@ def test_factors_only_loading_peak_memory_stays_near_the_final_size(tmp_path):
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "adapter"), str(tmp_path / "base")],
                          capture_output=True, text=True, check=True, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     run = json.loads(out.stdout.strip().splitlines()[-1])
-    largest_layer_kib = 1024 * 4096 * 4 / 1024
+    largest_layer_kib = 2048 * 8192 * 4 / 1024
     assert run["held_kib"] < 0.4 * dense_kib  # the served model is far smaller than the dense one ...
-    # ... and loading it never came near the dense size. RSS also counts ~10 MB of Python objects and the
-    # allocator's slack, so the bound is three dense layers rather than one (measured: 1.75 + 10 MB).
-    assert run["peak_kib"] <= run["held_kib"] + 3 * largest_layer_kib, run
+    # ... and loading it never exceeded its final size by more than one dense layer (measured: 0.7 layer).
+    assert run["peak_kib"] <= run["held_kib"] + largest_layer_kib, run
     assert run["peak_kib"] < 0.5 * dense_kib, run
 
 

@@ -230,15 +230,22 @@ class NSNLayer(BaseTunerLayer):
     def _materialise_meta_factors(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Load-state-dict pre-hook: factors created on the meta device take the checkpoint's tensors as they are.
 
-        Factors-only loading thus allocates each factor once (no zero tensor to copy into). ``nsn_B`` arrives
-        row-major; :meth:`make_rank_major` re-lays it out after loading, once the checkpoint's tensors are
-        released, so that memory peaks at one layer above the final size.
+        Factors-only loading thus allocates each factor once (no zero tensor to copy into). NSN's reader
+        (:func:`nsn_peft.io.read_safetensors`) delivers ``nsn_B`` rank-major already; a row-major one from
+        elsewhere is re-laid out by :meth:`make_rank_major` after loading, once the checkpoint's tensors are
+        released.
         """
         for factor in ("nsn_A", "nsn_B"):
             params = getattr(self, factor)
             for adapter, param in list(params.items()):
                 key = f"{prefix}{factor}.{adapter}"
-                if not param.is_meta or key not in state_dict:
+                if key not in state_dict:
+                    continue
+                if not self.rank_major_storage and not state_dict[key].is_contiguous():
+                    # The NSN reader hands nsn_B over rank-major; a load that assigns (low_cpu_mem_usage)
+                    # must still leave training's contiguous factors, which FSDP requires.
+                    state_dict[key] = state_dict[key].contiguous()
+                if not param.is_meta:
                     continue
                 value = state_dict[key].to(device=self.get_base_layer().weight.device, dtype=param.dtype)
                 params[adapter] = nn.Parameter(value, requires_grad=param.requires_grad)
