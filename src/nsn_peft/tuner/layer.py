@@ -17,12 +17,9 @@ __all__ = ["NSNLayer", "NSNLinear", "check_supported_module", "rank_major"]
 
 
 def rank_major(b: torch.Tensor) -> torch.Tensor:
-    """``b`` (m×R) stored column-major, i.e. as the contiguous rows of ``bᵀ`` (R×m).
-
-    Then ``b[:, :r]`` is one contiguous block for every r, and its strides do not depend on r: a compiled
-    graph need not specialise on the rank (row-major storage makes "is ``b[:, :r]`` contiguous" a question
-    about r, which torch.compile answers by guarding on r == R).
-    """
+    """``b`` (m×R) stored column-major (the contiguous rows of ``bᵀ``): ``b[:, :r]`` is then one contiguous block
+    whose strides do not depend on r, so a compiled graph need not specialise on the rank (with row-major
+    storage, "is ``b[:, :r]`` contiguous" is a question about r, which torch.compile guards on)."""
     return b if b.dim() != 2 or b.t().is_contiguous() else b.t().contiguous().t()
 
 
@@ -230,10 +227,8 @@ class NSNLayer(BaseTunerLayer):
     def _materialise_meta_factors(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Load-state-dict pre-hook: factors created on the meta device take the checkpoint's tensors as they are.
 
-        Factors-only loading thus allocates each factor once (no zero tensor to copy into). NSN's reader
-        (:func:`nsn_peft.io.read_safetensors`) delivers ``nsn_B`` rank-major already; a row-major one from
-        elsewhere is re-laid out by :meth:`make_rank_major` after loading, once the checkpoint's tensors are
-        released.
+        Factors-only loading thus allocates each factor once. NSN's reader (:func:`nsn_peft.io.read_safetensors`)
+        delivers ``nsn_B`` rank-major; a row-major one is re-laid out by :meth:`make_rank_major` after loading.
         """
         for factor in ("nsn_A", "nsn_B"):
             params = getattr(self, factor)
@@ -241,9 +236,7 @@ class NSNLayer(BaseTunerLayer):
                 key = f"{prefix}{factor}.{adapter}"
                 if key not in state_dict:
                     continue
-                if not self.rank_major_storage and not state_dict[key].is_contiguous():
-                    # The NSN reader hands nsn_B over rank-major; a load that assigns (low_cpu_mem_usage)
-                    # must still leave training's contiguous factors, which FSDP requires.
+                if not self.rank_major_storage:  # nsn_B may arrive rank-major; training (FSDP) needs contiguous
                     state_dict[key] = state_dict[key].contiguous()
                 if not param.is_meta:
                     continue
