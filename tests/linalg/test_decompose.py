@@ -101,3 +101,17 @@ def test_flops_helpers():
     assert flops.break_even_rank(100, 100) == 49
     with pytest.raises(ValueError):
         flops.rank_grid(0, 64)
+
+
+def test_projected_factors_from_precomputed_bases_are_the_same():
+    torch.manual_seed(0)
+    weight, x = torch.randn(12, 20, dtype=torch.float64), torch.randn(50, 20, dtype=torch.float64)
+    gram = x.T @ x
+    bases = decompose.projection_bases(weight, gram)
+    for energy in (0.5, 0.9, 0.999):
+        direct = decompose.projected_factors(weight, gram, energy, energy)
+        reused = decompose.projected_factors(weight, gram, energy, energy, bases=bases)
+        assert reused.utilized_rank == direct.utilized_rank
+        torch.testing.assert_close(reused.b @ reused.a, direct.b @ direct.a)
+    with pytest.raises(ValueError, match="does not match"):
+        decompose.projected_factors(weight, gram[:5, :5], bases=bases)

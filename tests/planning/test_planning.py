@@ -242,3 +242,21 @@ def test_gradient_weighted_allocation_meets_budget_and_beats_uniform(calibrated,
         allocate_ranks_for_budget(base, stats, fraction, target_modules=["q_proj"], gradient_stats=grads)
     with pytest.raises(ValueError, match="gradient_stats holds activation statistics, not output_gradient statistics"):
         allocate_ranks_for_budget(base, stats, fraction, target_modules=targets, gradient_stats=stats)
+
+
+@pytest.mark.parametrize("init", ["projected", "whitened"])
+def test_decomposition_cache_changes_only_the_time(calibrated, init):
+    """A step reuses each layer's energy-independent decomposition; the search it makes is the one without."""
+    base, _, stats = calibrated
+    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+    def search(cache_bytes):
+        return search_ranks(base, stats, lambda m: _output_error(m, stats, reference), 0.2, init=init, max_steps=4,
+                            min_energy=0.3, show_progress=False, cache_bytes=cache_bytes)
+
+    cached, uncached, partial = search(2**30), search(0), search(40_000)  # partial: only the first layers fit
+    for plan in (uncached, partial):
+        assert plan.ranks == cached.ranks and plan.kept_dense == cached.kept_dense
+        assert [h["metric"] for h in plan.history] == pytest.approx([h["metric"] for h in cached.history], rel=1e-9)
+    with pytest.raises(ValueError, match="cache_bytes"):
+        search(-1)

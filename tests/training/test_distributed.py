@@ -360,3 +360,19 @@ def test_save_trained_adapter_in_one_process(tmp_path):
     for name, param in loaded.named_parameters():
         if "nsn_" in name:
             torch.testing.assert_close(param, state[name])
+
+
+def test_a_model_laid_out_for_serving_trains_contiguous_factors(tmp_path):
+    """compile_for_ranks and factors-only loading store nsn_B rank-major; FSDP2/ZeRO-3 shard only contiguous
+    parameters, so the trainer restores the training layout, without changing what the model computes."""
+    model = get_peft_model(tiny_llama(0), nsn_peft.NSNConfig(target_modules=["up_proj", "down_proj"], rank_granularity=8))
+    layers = [m for m in model.modules() if isinstance(m, nsn_peft.NSNLinear)]
+    assert all(layer.make_rank_major() for layer in layers)
+    ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1)
+    NSNTrainer(model, args)
+    assert all(layer.nsn_B["default"].is_contiguous() and not layer.rank_major_storage for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)

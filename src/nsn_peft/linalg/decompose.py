@@ -23,10 +23,12 @@ import torch
 
 __all__ = [
     "ProjectedFactors",
+    "ProjectionBases",
     "balance_factors",
     "check_finite",
     "energy_rank",
     "projected_factors",
+    "projection_bases",
     "svd_factors",
     "whitened_factors",
 ]
@@ -160,20 +162,26 @@ class ProjectedFactors:
     utilized_rank: int  # rank of W' = P_T W P_S
 
 
-def projected_factors(
-    weight: torch.Tensor,
-    gram: torch.Tensor,
-    energy_input: float = 1.0,
-    energy_output: float = 1.0,
-    rank: int | None = None,
-    compute_dtype: torch.dtype = torch.float64,
-) -> ProjectedFactors:
-    """Factor ``W' = P_T W P_S`` (utilized-rank projection) into nested factors.
+@dataclass
+class ProjectionBases:
+    """The eigendecompositions behind :func:`projected_factors`, which do not depend on the energies.
 
-    ``P_S`` spans the top eigenvectors of ``C = XᵀX`` holding ``energy_input`` of the input energy;
-    ``P_T`` spans those of ``W C Wᵀ`` (the Gram of the outputs, obtained without storing outputs)
-    holding ``energy_output``. ``W'`` has rank ≤ min(k_S, k_T); its SVD orders the components.
+    ``in_values``/``in_vectors``: of ``C = XᵀX`` (descending); ``out_values``/``out_vectors``: of the output
+    Gram ``W C Wᵀ`` (descending, numerically zero directions dropped when m > d). Computing them once lets a
+    search try many energies at the cost of one small SVD each.
     """
+
+    in_values: torch.Tensor
+    in_vectors: torch.Tensor
+    out_values: torch.Tensor
+    out_vectors: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.in_values, self.in_vectors, self.out_values, self.out_vectors))
+
+
+def projection_bases(weight: torch.Tensor, gram: torch.Tensor, compute_dtype: torch.dtype = torch.float64) -> ProjectionBases:
+    """Input and output bases of ``weight`` under the activation Gram ``gram`` (see :class:`ProjectionBases`)."""
     out_features, in_features = weight.shape
     if gram.shape != (in_features, in_features):
         raise ValueError(f"Gram matrix shape {tuple(gram.shape)} does not match weight in_features {in_features}")
@@ -181,20 +189,45 @@ def projected_factors(
     c = gram.to(device=w.device, dtype=compute_dtype)
     c = (c + c.T) / 2
     in_values, in_vectors = _descending_eigh(c)
-    k_s = max(1, energy_rank(in_values, energy_input))
-    v_s = in_vectors[:, :k_s]
     # Output Gram W C Wᵀ = (W C^½)(W C^½)ᵀ; its eigenvectors are the left singular vectors of W C^½.
-    root = in_vectors * in_values.sqrt()
+    root = in_vectors * in_values.clamp_min(0).sqrt()
     wr = w @ root
     if out_features <= in_features:
-        out_values, u_t = _descending_eigh(wr @ wr.T)
+        out_values, out_vectors = _descending_eigh(wr @ wr.T)
     else:
         values, v = _descending_eigh(wr.T @ wr)
         keep = values > values[0] * in_features * torch.finfo(values.dtype).eps if values[0] > 0 else values > 0
         sigma = values[keep].sqrt()
-        out_values, u_t = values[keep], (wr @ v[:, keep]) / sigma
+        out_values, out_vectors = values[keep], (wr @ v[:, keep]) / sigma
+    return ProjectionBases(in_values, in_vectors, out_values, out_vectors)
+
+
+def projected_factors(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    energy_input: float = 1.0,
+    energy_output: float = 1.0,
+    rank: int | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    bases: ProjectionBases | None = None,
+) -> ProjectedFactors:
+    """Factor ``W' = P_T W P_S`` (utilized-rank projection) into nested factors.
+
+    ``P_S`` spans the top eigenvectors of ``C = XᵀX`` holding ``energy_input`` of the input energy;
+    ``P_T`` spans those of ``W C Wᵀ`` (the Gram of the outputs, obtained without storing outputs)
+    holding ``energy_output``. ``W'`` has rank ≤ min(k_S, k_T); its SVD orders the components.
+    ``bases`` (from :func:`projection_bases` on the same weight and Gram) skips both eigendecompositions.
+    """
+    if bases is None:
+        bases = projection_bases(weight, gram, compute_dtype)
+    elif gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"Gram matrix shape {tuple(gram.shape)} does not match weight in_features {weight.shape[1]}")
+    w = weight.to(device=bases.in_vectors.device, dtype=bases.in_vectors.dtype)
+    k_s = max(1, energy_rank(bases.in_values, energy_input))
+    v_s = bases.in_vectors[:, :k_s]
+    out_values = bases.out_values
     k_t = max(1, energy_rank(out_values, energy_output)) if out_values.numel() else 1
-    u_t = u_t[:, :k_t]
+    u_t = bases.out_vectors[:, :k_t]
     core = u_t.T @ w @ v_s
     uc, sc, vch = torch.linalg.svd(core, full_matrices=False)
     tol = (sc[0] * max(core.shape) * torch.finfo(sc.dtype).eps) if sc.numel() else 0

@@ -76,6 +76,7 @@ def search_ranks(
     damp: float = 1e-6,
     device: Optional[Union[str, torch.device]] = None,
     show_progress: bool = True,
+    cache_bytes: int = 2 * 1024**3,
 ) -> RankPlan:
     """Lowest energy thresholds per layer group whose factorisation keeps the metric within ε of the dense model.
 
@@ -104,6 +105,10 @@ def search_ranks(
             first group cannot spend the whole budget); ``"greedy"`` allows ε for every group.
         max_steps: bisection steps per group (each is one ``eval_fn`` call).
         min_energy / max_energy: search interval; the group stays dense when even ``max_energy`` fails.
+        cache_bytes: memory for keeping each layer's energy-independent decomposition (eigenbases, or
+            full-rank whitened factors) across the steps of its group's search, so a step costs one small SVD
+            per layer instead of two eigendecompositions; layers beyond it are decomposed again each step.
+            ``0`` disables the cache.
 
     Returns:
         A :class:`RankPlan` (``init`` as given) whose ``target`` holds ε, the baseline, the metric of the
@@ -120,6 +125,8 @@ def search_ranks(
         raise ValueError(f"need 0 < min_energy < max_energy < 1, got {min_energy!r} and {max_energy!r}")
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    if not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
     layers = layer_shapes(model, target_modules)
     stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
     grouped = _assign_groups(list(layers), groups or DEFAULT_GROUPS)
@@ -131,12 +138,31 @@ def search_ranks(
         module = layers[name][0]
         return originals[name].to(device if device is not None else module.weight.device)
 
+    # Energy-independent decompositions of the group being searched, kept while they fit in cache_bytes.
+    cache: dict[str, Any] = {}
+    cached_bytes = 0
+
+    def remember(name: str, value: Any, nbytes: int) -> Any:
+        nonlocal cached_bytes
+        if cached_bytes + nbytes <= cache_bytes:
+            cache[name], cached_bytes = value, cached_bytes + nbytes
+        return value
+
+    def forget() -> None:
+        nonlocal cached_bytes
+        cache.clear()
+        cached_bytes = 0
+
     def low_rank(name: str, energy: float) -> tuple[int, Optional[torch.Tensor]]:
         """(rank, W' or None when the layer stays dense) of one layer at ``energy``."""
         _, m, d = layers[name]
         weight = weight_of(name)
         if init == "projected":
-            result = decompose.projected_factors(weight, stats.gram(name), energy, energy)
+            bases = cache.get(name)
+            if bases is None:
+                bases = decompose.projection_bases(weight, stats.gram(name))
+                remember(name, bases, bases.nbytes())
+            result = decompose.projected_factors(weight, stats.gram(name), energy, energy, bases=bases)
             r, product = result.utilized_rank, None
             if factoring_saves(m, d, r):
                 product = result.b @ result.a
@@ -146,8 +172,13 @@ def search_ranks(
             r = max(1, decompose.energy_rank(spectra[name], energy))
             product = None
             if factoring_saves(m, d, r):
-                b, a = decompose.whitened_factors(weight, stats.gram(name), r, damp=damp)
-                product = b @ a
+                # Whitened factors are nested: rank r is a prefix of the full-rank ones.
+                factors = cache.get(name)
+                if factors is None:
+                    factors = decompose.whitened_factors(weight, stats.gram(name), None, damp=damp)
+                    remember(name, factors, sum(t.numel() * t.element_size() for t in factors))
+                b, a = factors
+                product = b[:, :r] @ a[:r]
         ranks_at[(name, energy)] = r
         return r, product
 
@@ -198,6 +229,7 @@ def search_ranks(
                 else:
                     lo = mid
             apply_group(names, best)
+            forget()  # the next group's layers take the cache
             if best is not None:
                 chosen.update(dict.fromkeys(names, best))
         final_metric = float(eval_fn(model))

@@ -40,6 +40,7 @@ __all__ = [
     "broadcast_trainable_parameters",
     "canonical_parameter_name",
     "check_supported_sharding",
+    "contiguous_factors",
     "deepspeed_resume_directory",
     "end_distributed",
     "full_trainable_state_dict",
@@ -226,6 +227,25 @@ class LogVarOptimizer:
             "exp_avg_sq": found["exp_avg_sq"].to(device=device, dtype=self.log_vars.dtype).reshape(shape).clone(),
         }
         return True
+
+
+def contiguous_factors(model: nn.Module) -> int:
+    """Give every ``nsn_B`` stored rank-major for serving (factors-only loading, ``compile_for_ranks``) back its
+    contiguous training layout; returns how many were re-laid out.
+
+    FSDP2 and ZeRO-3 shard flat views of contiguous parameters (they refuse others), and DDP's gradient
+    buckets are laid out like the parameters. Outputs do not depend on the layout.
+    """
+    changed = 0
+    for module in model.modules():
+        if not getattr(module, "rank_major_storage", False):
+            continue
+        module.rank_major_storage = False
+        for adapter, param in list(module.nsn_B.items()):
+            if not param.is_meta and not param.is_contiguous():
+                module.nsn_B[adapter] = nn.Parameter(param.data.contiguous(), requires_grad=param.requires_grad)
+                changed += 1
+    return changed
 
 
 def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarOptimizer]:

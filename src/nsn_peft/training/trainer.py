@@ -35,6 +35,7 @@ from ..tuner.ranks import at_rank, budget_plan, nsn_layers, selectable_ranks
 from .distributed import (
     LogVarOptimizer,
     accumulate_without_sync,
+    contiguous_factors,
     deepspeed_resume_directory,
     prepare_sharded_training,
     save_fsdp2_adapter,
@@ -232,6 +233,7 @@ class NSNTrainer(Trainer):
             bad = [r for r in self.eval_ranks if not 1 <= r <= self.rank_grid[-1]]
             if bad or not self.eval_ranks:
                 raise ValueError(f"eval_ranks {list(eval_ranks)} must be non-empty ranks in [1, {self.rank_grid[-1]}] (the top rank)")
+        contiguous_factors(model)  # a model compiled or loaded for serving trains (and shards) contiguous factors
         # FSDP/DeepSpeed: checks, precise mixed precision, and an optimizer of their own for the log-variances.
         self._logvar_optimizer: Optional[LogVarOptimizer] = prepare_sharded_training(self, model)
         if self.backward_per_rank and "lomo" in str(self.args.optim).lower():
