@@ -140,29 +140,31 @@ def worker(args) -> None:
         (Path(args.run_dir) / "curve.json").write_text(json.dumps(result, indent=2))
 
 
-def _launch(args, nproc: int, run_dir: Path) -> dict:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__, "--worker",
-        "--run-dir", str(run_dir),
-    ]
-    for key in ("device", "steps", "global_batch", "seq_len", "hidden", "layers", "vocab", "granularity", "lr",
-                "seed", "num_random", "distill_alpha", "weighting"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    if args.fsdp:
-        cmd.append("--fsdp")
-    if args.single_graph:
-        cmd.append("--single-graph")
-    env = dict(os.environ)
+def run_workers(script: str, nproc: int, flags: list[str], run_dir: Path, env: dict | None = None, label: str = "") -> dict:
+    """Run ``script --worker --run-dir run_dir *flags`` in ``nproc`` processes (torchrun); its ``curve.json`` plus
+    the wall time. Shared by the DDP and FSDP/ZeRO-3 equivalence scripts."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, "--worker",
+           "--run-dir", str(run_dir), *flags]
+    env = {**os.environ, **(env or {})}
     env.setdefault("OMP_NUM_THREADS", "1")
     logger.info("Launching: %s", " ".join(cmd))
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{nproc}-process run failed with exit code {proc.returncode}")
+        raise SystemExit(f"{nproc}-process run{f' ({label})' if label else ''} failed with exit code {proc.returncode}")
     result = json.loads((run_dir / "curve.json").read_text())
     result["wall_seconds"] = time.perf_counter() - start
     return result
+
+
+def _launch(args, nproc: int, run_dir: Path) -> dict:
+    flags = []
+    for key in ("device", "steps", "global_batch", "seq_len", "hidden", "layers", "vocab", "granularity", "lr",
+                "seed", "num_random", "distill_alpha", "weighting"):
+        flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    flags += ["--fsdp"] * bool(args.fsdp) + ["--single-graph"] * bool(args.single_graph)
+    return run_workers(__file__, nproc, flags, run_dir)
 
 
 def _series(log: list[dict]) -> dict[str, list[float]]:

@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddp_equivalence import MarkovDataset, tiny_model  # noqa: E402
+from ddp_equivalence import MarkovDataset, run_workers, tiny_model  # noqa: E402
 
 logger = logging.getLogger("fsdp_equivalence")
 
@@ -287,28 +286,16 @@ def launch(args, nproc: int, run_dir: Path, resume_from: Optional[str] = None, o
     settings = copy.copy(args)
     for key, value in (overrides or {}).items():
         setattr(settings, key, value)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           "--worker", "--run-dir", str(run_dir)]
+    flags = []
     for key in WORKER_FLAGS:
         value = getattr(settings, key)
         if value is not None:
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-    cmd += [f"--{key.replace('_', '-')}" for key in WORKER_SWITCHES if getattr(settings, key)]
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    flags += [f"--{key.replace('_', '-')}" for key in WORKER_SWITCHES if getattr(settings, key)]
     if resume_from:
-        cmd += ["--resume-from", resume_from]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if args.device == "cpu" and settings.strategy == "zero3":
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    logger.info("Launching: %s", " ".join(cmd))
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{nproc}-process run ({run_dir.name}) failed with exit code {proc.returncode}")
-    result = json.loads((run_dir / "curve.json").read_text())
-    result["wall_seconds"] = time.perf_counter() - start
-    return result
+        flags += ["--resume-from", resume_from]
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")} if args.device == "cpu" and settings.strategy == "zero3" else {}
+    return run_workers(__file__, nproc, flags, run_dir, env=env, label=run_dir.name)
 
 
 def series(log: list[dict]) -> dict[str, dict[int, float]]:
