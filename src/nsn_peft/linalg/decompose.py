@@ -28,6 +28,7 @@ __all__ = [
     "check_finite",
     "energy_rank",
     "projected_factors",
+    "projected_weight",
     "projection_bases",
     "svd_factors",
     "whitened_factors",
@@ -237,3 +238,23 @@ def projected_factors(
     b = (u_t @ uc[:, :r]) * root_s
     a = root_s[:, None] * (vch[:r] @ v_s.T)
     return ProjectedFactors(b=b, a=a, input_rank=k_s, output_rank=k_t, utilized_rank=utilized)
+
+
+def projected_weight(
+    weight: torch.Tensor, gram: torch.Tensor, energy_input: float, energy_output: float, bases: ProjectionBases | None = None
+) -> tuple[torch.Tensor, int]:
+    """``(W' = P_T W P_S, its utilized rank)`` without factoring it: what a search needs to try an energy.
+
+    Equals ``b @ a`` of :func:`projected_factors` at the utilized rank (it drops only numerically zero singular
+    values), for singular values only instead of a full SVD.
+    """
+    if bases is None:
+        bases = projection_bases(weight, gram)
+    w = weight.to(device=bases.in_vectors.device, dtype=bases.in_vectors.dtype)
+    v_s = bases.in_vectors[:, : max(1, energy_rank(bases.in_values, energy_input))]
+    k_t = max(1, energy_rank(bases.out_values, energy_output)) if bases.out_values.numel() else 1
+    u_t = bases.out_vectors[:, :k_t]
+    core = u_t.T @ w @ v_s
+    sc = torch.linalg.svdvals(core)
+    tol = (sc[0] * max(core.shape) * torch.finfo(sc.dtype).eps) if sc.numel() else 0
+    return u_t @ core @ v_s.T, max(1, int((sc > tol).sum().item()))

@@ -162,10 +162,9 @@ def search_ranks(
             if bases is None:
                 bases = decompose.projection_bases(weight, stats.gram(name))
                 remember(name, bases, bases.nbytes())
-            result = decompose.projected_factors(weight, stats.gram(name), energy, energy, bases=bases)
-            r, product = result.utilized_rank, None
-            if factoring_saves(m, d, r):
-                product = result.b @ result.a
+            product, r = decompose.projected_weight(weight, stats.gram(name), energy, energy, bases=bases)
+            if not factoring_saves(m, d, r):
+                product = None
         else:
             if name not in spectra:
                 spectra[name] = whitened_spectrum(weight, stats.gram(name), damp).cpu()
