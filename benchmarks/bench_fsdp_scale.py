@@ -37,6 +37,9 @@ from typing import Optional
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_equivalence import exit_worker  # noqa: E402
+
 logger = logging.getLogger("bench_fsdp_scale")
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -178,10 +181,6 @@ def worker(args) -> None:
             "step_seconds": timer.times,
         }
         (Path(args.run_dir) / "result.json").write_text(json.dumps(result, indent=2))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # An orderly shutdown: a process group torn down at interpreter exit can abort the process (gloo).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def launch(args, size: str, strategy: str, run_dir: Path) -> dict:
@@ -253,6 +252,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.worker:
         worker(args)
+        exit_worker()
         return
     sizes = [s for s in args.sizes.split(",") if s]
     strategies = [s for s in args.strategies.split(",") if s]

@@ -49,7 +49,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddp_equivalence import MarkovDataset, run_workers, tiny_model  # noqa: E402
+from ddp_equivalence import MarkovDataset, exit_worker, run_workers, tiny_model  # noqa: E402
 
 logger = logging.getLogger("fsdp_equivalence")
 
@@ -269,10 +269,6 @@ def worker(args) -> None:
                          "accelerate": accelerate.__version__},
         }
         (run_dir / "curve.json").write_text(json.dumps(result, indent=2))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # An orderly shutdown: a process group torn down at interpreter exit can abort the process (gloo).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 # -- driver --------------------------------------------------------------------------------------------------
@@ -479,6 +475,7 @@ def main() -> None:
 
     if args.worker:
         worker(args)
+        exit_worker()
         return
     if args.gc == "fsdp" and args.strategy != "fsdp2":
         raise SystemExit("--gc fsdp needs --strategy fsdp2")

@@ -139,8 +139,8 @@ CLI_WRAPPER = textwrap.dedent(
     sys.path.insert(0, {str(BENCH)!r})
     from fsdp_equivalence import enable_accelerate_sharding_on_cpu
     enable_accelerate_sharding_on_cpu()
-    from nsn_peft.cli import main
-    raise SystemExit(main())
+    from nsn_peft.cli import console_main
+    console_main()  # what the nsn-peft console script runs
     """
 )
 
@@ -169,7 +169,7 @@ def test_cli_train_fsdp_writes_a_single_process_adapter(tmp_path):
 
 BROADCAST_WORKER = textwrap.dedent(
     """
-    import json, sys, torch, torch.distributed as dist
+    import json, os, sys, torch, torch.distributed as dist
     from tiny_models import tiny_llama
     from peft import get_peft_model
     import nsn_peft
@@ -187,8 +187,10 @@ BROADCAST_WORKER = textwrap.dedent(
     dist.all_gather(gathered, a.detach())
     second = broadcast_trainable_parameters(model)
     if rank == 0:
-        json.dump({"first": first, "second": second, "equal": torch.equal(gathered[0], gathered[1])}, open(sys.argv[1], "w"))
+        with open(sys.argv[1], "w") as f:
+            json.dump({"first": first, "second": second, "equal": torch.equal(gathered[0], gathered[1])}, f)
     dist.destroy_process_group()
+    os._exit(0)  # gloo's threads can abort interpreter finalization (see benchmarks/ddp_equivalence.exit_worker)
     """
 )
 

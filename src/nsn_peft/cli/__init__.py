@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from typing import Optional
 
 from .options import PROG, UsageError, config_to_argv, load_config_file
 from .output import CommandResult, emit, one_line
-from .runtime import setup_runtime
+from .runtime import exit_without_finalization_requested, setup_runtime
 
 __all__ = ["build_parser", "main"]
 
@@ -119,3 +120,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = f"out of memory: {message}"
         sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
         return 1
+
+
+def console_main() -> None:
+    """The ``nsn-peft`` console script: :func:`main`, then exit with its code.
+
+    After a command that tore down a gloo process group it leaves without interpreter finalization (see
+    :func:`nsn_peft.cli.runtime.exit_without_finalization`), once every stream and log handler is flushed.
+    """
+    code = main()
+    if exit_without_finalization_requested():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -82,3 +82,18 @@ def progress(iterable: Iterable, **kwargs: Any) -> Iterable:
     if not _PROGRESS["enabled"]:
         kwargs["disable"] = True
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+# Set by a command that tore down a gloo process group (``train`` under torchrun on CPUs): gloo's C++ worker
+# threads can abort the process (SIGABRT) during interpreter finalization, after all the work is done and
+# saved, and torchrun would then report the run as failed. The console entry point then exits without
+# finalization.
+_EXIT_WITHOUT_FINALIZATION = {"requested": False}
+
+
+def exit_without_finalization(requested: bool = True) -> None:
+    _EXIT_WITHOUT_FINALIZATION["requested"] = requested
+
+
+def exit_without_finalization_requested() -> bool:
+    return _EXIT_WITHOUT_FINALIZATION["requested"]

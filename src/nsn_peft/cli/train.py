@@ -36,6 +36,7 @@ from .options import (
     required,
 )
 from .output import CommandResult, format_table
+from .runtime import exit_without_finalization
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,8 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
         "rank_counts": {str(k): v for k, v in trainer.rank_counts.items()},
         "processes": int(training_args.world_size), "sharding": training.distributed.sharding_name(trainer),
     }
-    training.distributed.end_distributed()
+    if training.distributed.end_distributed() == "gloo":
+        exit_without_finalization()
     per_rank = sorted(
         ((k.split("@r=")[1], v) for k, v in metrics.items() if k.startswith("eval_loss@r=")), key=lambda kv: int(kv[0])
     )

@@ -374,14 +374,17 @@ def save_trained_adapter(trainer: Any, directory: Union[str, os.PathLike], token
     trainer.accelerator.wait_for_everyone()
 
 
-def end_distributed() -> None:
-    """Wait for every process, then tear the process group down (no-op without one).
+def end_distributed() -> Optional[str]:
+    """Wait for every process, then tear the process group down; returns its backend (``None`` without one).
 
     For scripts that own their processes (the ``nsn-peft`` command under ``torchrun``): a process group left to
     interpreter exit can abort the process with gloo.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backend = str(dist.get_backend())
+    dist.barrier()
+    dist.destroy_process_group()
+    return backend
