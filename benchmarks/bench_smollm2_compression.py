@@ -94,7 +94,8 @@ def main() -> None:
     held = max(1, round(calibration.shape[0] / 16))
     train, valid = calibration[:-held], calibration[-held:]
     tests = {name: token_stream(docs(name), tok, args.eval_tokens) for name in TEST_SETS}
-    config = RefineConfig(e2e_tokens=args.e2e_tokens,
+    # One --gradient-tokens for the training-free mixed rows and the recipe's own allocation.
+    config = RefineConfig(e2e_tokens=args.e2e_tokens, gradient_tokens=args.gradient_tokens,
                           **({"blockwise_tokens": args.blockwise_tokens} if args.blockwise_tokens is not None else {}))
 
     def sync() -> None:
