@@ -210,19 +210,14 @@ def projected_factors(
     energy_output: float = 1.0,
     rank: int | None = None,
     compute_dtype: torch.dtype = torch.float64,
-    bases: ProjectionBases | None = None,
 ) -> ProjectedFactors:
     """Factor ``W' = P_T W P_S`` (utilized-rank projection) into nested factors.
 
     ``P_S`` spans the top eigenvectors of ``C = XᵀX`` holding ``energy_input`` of the input energy;
     ``P_T`` spans those of ``W C Wᵀ`` (the Gram of the outputs, obtained without storing outputs)
     holding ``energy_output``. ``W'`` has rank ≤ min(k_S, k_T); its SVD orders the components.
-    ``bases`` (from :func:`projection_bases` on the same weight and Gram) skips both eigendecompositions.
     """
-    if bases is None:
-        bases = projection_bases(weight, gram, compute_dtype)
-    elif gram.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"Gram matrix shape {tuple(gram.shape)} does not match weight in_features {weight.shape[1]}")
+    bases = projection_bases(weight, gram, compute_dtype)
     w = weight.to(device=bases.in_vectors.device, dtype=bases.in_vectors.dtype)
     k_s = max(1, energy_rank(bases.in_values, energy_input))
     v_s = bases.in_vectors[:, :k_s]
@@ -240,16 +235,13 @@ def projected_factors(
     return ProjectedFactors(b=b, a=a, input_rank=k_s, output_rank=k_t, utilized_rank=utilized)
 
 
-def projected_weight(
-    weight: torch.Tensor, gram: torch.Tensor, energy_input: float, energy_output: float, bases: ProjectionBases | None = None
-) -> tuple[torch.Tensor, int]:
-    """``(W' = P_T W P_S, its utilized rank)`` without factoring it: what a search needs to try an energy.
+def projected_weight(bases: ProjectionBases, weight: torch.Tensor, energy_input: float, energy_output: float) -> tuple[torch.Tensor, int]:
+    """``(W' = P_T W P_S, its utilized rank)`` from precomputed bases, without factoring: what a search needs
+    to try an energy.
 
     Equals ``b @ a`` of :func:`projected_factors` at the utilized rank (it drops only numerically zero singular
     values), for singular values only instead of a full SVD.
     """
-    if bases is None:
-        bases = projection_bases(weight, gram)
     w = weight.to(device=bases.in_vectors.device, dtype=bases.in_vectors.dtype)
     v_s = bases.in_vectors[:, : max(1, energy_rank(bases.in_values, energy_input))]
     k_t = max(1, energy_rank(bases.out_values, energy_output)) if bases.out_values.numel() else 1

@@ -162,7 +162,7 @@ def search_ranks(
             if bases is None:
                 bases = decompose.projection_bases(weight, stats.gram(name))
                 remember(name, bases, bases.nbytes())
-            product, r = decompose.projected_weight(weight, stats.gram(name), energy, energy, bases=bases)
+            product, r = decompose.projected_weight(bases, weight, energy, energy)
             if not factoring_saves(m, d, r):
                 product = None
         else:
