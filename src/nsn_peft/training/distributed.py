@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from ..naming import strip_wrapper_names
+from ..tuner.ranks import nsn_layers
 
 logger = logging.getLogger(__name__)
 
@@ -236,16 +237,7 @@ def contiguous_factors(model: nn.Module) -> int:
     FSDP2 and ZeRO-3 shard flat views of contiguous parameters (they refuse others), and DDP's gradient
     buckets are laid out like the parameters. Outputs do not depend on the layout.
     """
-    changed = 0
-    for module in model.modules():
-        if not getattr(module, "rank_major_storage", False):
-            continue
-        module.rank_major_storage = False
-        for adapter, param in list(module.nsn_B.items()):
-            if not param.is_meta and not param.is_contiguous():
-                module.nsn_B[adapter] = nn.Parameter(param.data.contiguous(), requires_grad=param.requires_grad)
-                changed += 1
-    return changed
+    return sum(layer.make_rank_major(False) for layer in nsn_layers(model).values())
 
 
 def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarOptimizer]:

@@ -244,19 +244,17 @@ class NSNLayer(BaseTunerLayer):
                 params[adapter] = nn.Parameter(value, requires_grad=param.requires_grad)
 
     @torch.no_grad()
-    def make_rank_major(self) -> bool:
-        """Store every ``nsn_B`` column-major from now on (see :func:`rank_major`); True if a factor was re-laid out.
-
-        Outputs do not depend on the layout; compiled rank switching does. Called by :func:`compile_for_ranks`, and
-        after loading a factors-only adapter (once the checkpoint's tensors are released). FSDP refuses
-        non-contiguous parameters: do not call it on a model about to be sharded.
-        """
-        self.rank_major_storage = True
+    def make_rank_major(self, enabled: bool = True) -> bool:
+        """Store every ``nsn_B`` column-major (:func:`rank_major`; for compiled rank switching and serving), or with
+        ``enabled=False`` contiguous (FSDP2/ZeRO-3 shard only those); True if a factor was re-laid out."""
+        self.rank_major_storage = enabled
         changed = False
         for adapter, param in list(self.nsn_B.items()):
-            if not param.is_meta and param.dim() == 2 and not param.t().is_contiguous():
-                self.nsn_B[adapter] = nn.Parameter(rank_major(param.data), requires_grad=param.requires_grad)
-                changed = True
+            if param.is_meta or param.dim() != 2 or (param.t().is_contiguous() if enabled else param.is_contiguous()):
+                continue
+            laid_out = rank_major(param.data) if enabled else param.data.contiguous()
+            self.nsn_B[adapter] = nn.Parameter(laid_out, requires_grad=param.requires_grad)
+            changed = True
         return changed
 
     @torch.no_grad()
