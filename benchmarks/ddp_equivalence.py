@@ -83,9 +83,9 @@ def exit_worker() -> None:
     "terminate called without an active exception") while the interpreter shuts down, after all the work is
     done and written; the launcher would report the run as failed (seen in about 1 of 4 CPU runs).
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    from nsn_peft.training.distributed import end_distributed
+
+    end_distributed()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

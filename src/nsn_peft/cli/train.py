@@ -269,7 +269,7 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
         "rank_counts": {str(k): v for k, v in trainer.rank_counts.items()},
         "processes": int(training_args.world_size), "sharding": training.distributed.sharding_name(trainer),
     }
-    if training.distributed.end_distributed() == "gloo":
+    if "gloo" in (training.distributed.end_distributed() or ""):  # also "cpu:gloo,cuda:nccl"
         exit_without_finalization()
     per_rank = sorted(
         ((k.split("@r=")[1], v) for k, v in metrics.items() if k.startswith("eval_loss@r=")), key=lambda kv: int(kv[0])
