@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import atomic_directory, write_json, write_safetensors
+from ..io import atomic_directory, finish_interrupted_save, write_json, write_safetensors
 
 __all__ = ["STATE_FORMAT", "RefineState", "data_fingerprint", "load_state", "save_state"]
 
@@ -93,6 +93,8 @@ def save_state(
 def load_state(directory: Union[str, os.PathLike]) -> Optional[tuple[RefineState, dict[str, Any]]]:
     """``(state, raw json)`` of a state folder, or ``None`` when ``directory`` holds none yet."""
     directory = Path(directory)
+    if directory.is_dir():
+        finish_interrupted_save(directory)  # a save killed after its commit point: its files, not a mix
     path = directory / STATE_JSON
     if not path.is_file():
         return None
