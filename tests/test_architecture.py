@@ -23,7 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "tuner": {"linalg", "calibrate", "naming", "io", "devices"},
     "planning": {"tuner", "calibrate", "linalg", "naming", "io"},
     "export": {"tuner", "linalg", "naming", "io", "devices"},
-    "evaluation": {"data", "devices"},
+    # task accuracy loads adapters and exports (hub), runs operating points (tuner) and reads the packaged tasks
+    "evaluation": {"data", "devices", "io", "gguf_models", "benchmark_data", "tuner", "export", "linalg", "hub"},
+    "lm_eval_cli": {"evaluation"},
     "training": {"tuner", "planning", "linalg", "naming", "io", "data", "gguf_models"},
     "refine": {"tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
     "hub": {"tuner", "export", "io", "devices", "data", "gguf_models"},

@@ -125,3 +125,24 @@ def test_python_docs_dir_names_the_package(tmp_path, monkeypatch):
         python_docs_dir("tutorial")
     (tmp_path / "howto").mkdir()
     assert python_docs_dir("howto") == tmp_path / "howto"
+
+
+def test_standard_protocol_joins_documents_with_blank_lines_and_drops_the_partial_window():
+    from nsn_peft.evaluation import PERPLEXITY_PROTOCOLS
+
+    model, tok = tiny_llama(), char_tokenizer()
+    docs = ["abc def. " * 4, "ghi jkl! " * 4, "mno pqr? " * 3]  # 36 + 2 + 36 + 2 + 27 = 103 characters
+    result = evaluate_perplexity(model, docs, tokenizer=tok, seq_len=20, protocol="standard")
+    assert result["protocol"] == "standard" and result["windows"] == 5 and result["tokens"] == 5 * 19
+    ids = torch.tensor(tok("\n\n".join(docs))["input_ids"])
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(model(input_ids=ids[None, b : b + 20]).logits[0, :-1], ids[b + 1 : b + 20])
+               for b in range(0, 100, 20)]
+    assert math.isclose(result["nll"], float(torch.stack(nll).mean()), rel_tol=1e-5)
+    eos = evaluate_perplexity(model, docs, tokenizer=tok, seq_len=20)
+    assert eos["protocol"] == "nsn" and eos["windows"] == 6  # EOS-joined stream (104 ids), last partial window scored
+    assert PERPLEXITY_PROTOCOLS["standard"]["seq_len"] == 2048
+    with pytest.raises(ValueError, match="whole windows of 2048"):
+        evaluate_perplexity(model, docs, tokenizer=tok, protocol="standard")
+    with pytest.raises(ValueError, match="unknown perplexity protocol"):
+        evaluate_perplexity(model, docs, tokenizer=tok, protocol="gptq")

@@ -39,9 +39,9 @@ Run '{PROG} <command> --help' for the options of each command.
 
 
 def _command_modules():
-    from . import adapt, calibrate, compress, evaluate, fetch, infer, info, search, train
+    from . import adapt, calibrate, compress, evaluate, fetch, infer, info, search, sweep, train
 
-    return [adapt, calibrate, search, compress, train, evaluate, infer, info, fetch]
+    return [adapt, calibrate, search, compress, train, evaluate, sweep, infer, info, fetch]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

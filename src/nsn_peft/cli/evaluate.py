@@ -1,13 +1,12 @@
-"""``nsn-peft eval`` (perplexity at one or several ranks) and ``nsn-peft sweep`` (metric vs rank/FLOPs + plot)."""
+"""``nsn-peft eval``: perplexity or task accuracy at one or several ranks, the dense model beside.
+
+The task-accuracy path lives in :mod:`.evaluate_tasks`; ``sweep`` (:mod:`.sweep`) shares the options and the
+perplexity helpers defined here."""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
-import math
-from pathlib import Path
 from typing import Any, Optional
 
 from ..devices import resolve_device
@@ -31,13 +30,8 @@ from .runtime import progress, progress_enabled
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = [
-    "label", "kind", "value", "mean_rank", "min_rank", "max_rank",
-    "targeted_flops_fraction", "model_flops_fraction", "flops_per_token", "perplexity", "vs_dense",
-]
 
-
-def _add_model_source(parser: argparse.ArgumentParser) -> None:
+def add_model_source(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, task=False)
     parser.add_argument(
         "--adapter", default=None, metavar="DIR",
@@ -47,7 +41,7 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     add_serving_options(parser)
 
 
-def _add_rank_options(parser: argparse.ArgumentParser) -> None:
+def add_rank_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ranks")
     group.add_argument("--ranks", type=rank_list, default=None, metavar="LIST", help="Ranks, e.g. 64,128,full.")
     group.add_argument(
@@ -59,6 +53,10 @@ def _add_rank_options(parser: argparse.ArgumentParser) -> None:
         help="FLOPs budgets as fractions of the dense model, e.g. 0.5,0.75: the largest grid rank within each.",
     )
     group.add_argument(
+        "--budgets", type=csv_floats, default=None, metavar="LIST",
+        help="Stored budget plans of the adapter (FLOPs fractions of its targeted layers), e.g. 0.5,0.8.",
+    )
+    group.add_argument(
         "--flops-scope", default="model", choices=["model", "targeted"],
         help="What --target-flops budgets: all matmuls of the model or only the factored layers.",
     )
@@ -68,12 +66,15 @@ def _add_rank_options(parser: argparse.ArgumentParser) -> None:
         "(default: on, except for a compressed model, which has no dense weights left; --no-baseline skips it).",
     )
     group.add_argument("--stride", type=positive_int, default=None, help="Sliding-window stride (default: --seq-len).")
+    group.add_argument(
+        "--ppl-protocol", default="nsn", choices=["nsn", "standard"],
+        help="Perplexity protocol: nsn (EOS between documents, --seq-len windows, default) or standard (the papers': "
+        "documents joined with blank lines, no EOS, 2048-token windows unless --seq-len, partial last window dropped).",
+    )
 
 
 def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
-    ev = _new_eval(subparsers)
-    sw = _new_sweep(subparsers)
-    return {"eval": ev, "sweep": sw}
+    return {"eval": _new_eval(subparsers)}
 
 
 def _new_eval(subparsers: Any) -> argparse.ArgumentParser:
@@ -82,57 +83,37 @@ def _new_eval(subparsers: Any) -> argparse.ArgumentParser:
     parser = new_command(
         subparsers,
         "eval",
-        summary="Perplexity at one or several ranks.",
+        summary="Perplexity on text (--data) or zero-shot task accuracy (--tasks) at one or several ranks.",
         description=(
-            "Evaluate the perplexity of an NSN model on text data at one or several ranks (--ranks), rank "
-            "fractions (--fractions) or FLOPs budgets (--target-flops). Without --adapter the base model is "
-            "adapted on the fly (SVD, exact at full rank)."
+            "Evaluate an NSN model at one or several ranks (--ranks), rank fractions (--fractions), FLOPs budgets "
+            "(--target-flops) or stored budget plans (--budgets), with the dense model beside every row: perplexity "
+            "on --data, or zero-shot accuracy on --tasks scored by lm-eval-harness (acc, acc_norm, standard errors, "
+            "the mean, and the share of the dense model's above-chance accuracy kept). Without --adapter the base "
+            "model is adapted on the fly for rank options (SVD, exact at full rank); with --tasks and no rank "
+            "option the model (or a compressed export) is scored as it is."
         ),
         examples=[
             "--adapter ./nsn-adapter --data ./valid.txt --ranks 64,128,full",
-            "--model HuggingFaceTB/SmolLM2-135M --data wikitext:wikitext-2-raw-v1 --target-flops 0.5,0.75 --baseline",
+            "--model HuggingFaceTB/SmolLM2-135M --data wikitext:wikitext-2-raw-v1 --ppl-protocol standard",
+            "--adapter ./nsn-adapter --tasks arc_easy,hellaswag,piqa --limit 500 --ranks 128,full --plot acc.png",
+            "--tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa --limit 500",
         ],
     )
-    _add_model_source(parser)
+    add_model_source(parser)
     add_data_options(parser)
-    _add_rank_options(parser)
+    parser.set_defaults(seq_len=None)  # 512, or 2048 under --ppl-protocol standard
+    for action in parser._actions:
+        if action.dest == "seq_len":
+            action.help = "Tokens per window (default: 512; 2048 with --ppl-protocol standard)."
+    add_rank_options(parser)
+    from .evaluate_tasks import add_task_options
+
+    add_task_options(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="FILE", help="Also write the results to this JSON file.")
     add_overwrite_option(out)
     add_common_options(parser)
     parser.set_defaults(func=run_eval)
-    return parser
-
-
-def _new_sweep(subparsers: Any) -> argparse.ArgumentParser:
-    from .options import new_command
-
-    parser = new_command(
-        subparsers,
-        "sweep",
-        summary="Perplexity vs rank or FLOPs fraction: CSV, PNG plot and JSON.",
-        description=(
-            "Evaluate an NSN model over a grid of ranks (default: up to --points ranks of the rank grid) or FLOPs "
-            "budgets, and write <prefix>.csv, <prefix>.png (perplexity vs rank or FLOPs) and <prefix>.json."
-        ),
-        examples=[
-            "--adapter ./nsn-adapter --data ./valid.txt --output-dir ./sweep",
-            "--model ./model.gguf --data ./docs --target-flops 0.25,0.5,0.75,1 --x flops --output-dir ./sweep",
-        ],
-    )
-    _add_model_source(parser)
-    add_data_options(parser)
-    _add_rank_options(parser)
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", "-o", default=None, metavar="DIR", help="Folder for the CSV, PNG and JSON (required).")
-    out.add_argument("--prefix", default="sweep", help="File name stem of the outputs.")
-    out.add_argument("--points", type=positive_int, default=8, help="Grid ranks evaluated when no ranks are given.")
-    out.add_argument("--x", default=None, choices=["rank", "flops"], help="Plot x axis (default: flops for --target-flops, else rank).")
-    out.add_argument("--log-y", action=argparse.BooleanOptionalAction, default=None, help="Log-scale y axis (default: auto).")
-    out.add_argument("--title", default=None, help="Plot title.")
-    add_overwrite_option(out)
-    add_common_options(parser)
-    parser.set_defaults(func=run_sweep)
     return parser
 
 
@@ -160,6 +141,7 @@ def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: lis
     result = evaluation.evaluate_perplexity(
         model, texts, tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
         batch_size=args.batch_size, device=resolve_device(args.device), show_progress=progress_enabled(),
+        protocol=getattr(args, "ppl_protocol", "nsn"),
     )
     return {"perplexity": float(result["perplexity"]), "nll": float(result["nll"]), "tokens": int(result["tokens"])}
 
@@ -188,7 +170,7 @@ def check_enough_tokens(args: argparse.Namespace, tokenizer: Any, texts: list[st
     return count
 
 
-def _check_source(args: argparse.Namespace) -> None:
+def check_source(args: argparse.Namespace) -> None:
     if args.adapter:
         read_adapter_config(args.adapter)
 
@@ -205,7 +187,7 @@ def evaluate_points(args: argparse.Namespace, model: Any, tokenizer: Any, texts:
     return rows
 
 
-def _baseline(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> Optional[float]:
+def dense_baseline(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> Optional[float]:
     """Perplexity of the dense model (adapter disabled): on by default, skipped where there is none."""
     if args.baseline is False:
         return None
@@ -230,14 +212,14 @@ def _dense_weights_unavailable(model: Any) -> bool:
     return False
 
 
-def _with_baseline(rows: list[dict[str, Any]], baseline: Optional[float]) -> list[dict[str, Any]]:
+def with_baseline(rows: list[dict[str, Any]], baseline: Optional[float]) -> list[dict[str, Any]]:
     """Each row gets ``vs_dense``: its perplexity divided by the dense model's (``None`` without a baseline)."""
     for row in rows:
         row["vs_dense"] = row["perplexity"] / baseline if baseline else None
     return rows
 
 
-def _rows_text(rows: list[dict[str, Any]], baseline: Optional[float], tokens: Optional[int] = None) -> str:
+def rows_text(rows: list[dict[str, Any]], baseline: Optional[float], tokens: Optional[int] = None) -> str:
     table_rows = [(r["label"], round(r["mean_rank"], 1), round(r["model_flops_fraction"], 4), round(r["perplexity"], 4))
                   + ((f"{r['vs_dense']:.3f}×",) if baseline else ()) for r in rows]
     headers = ["rank", "mean rank", "FLOPs vs dense", "perplexity"] + (["vs dense"] if baseline else [])
@@ -249,158 +231,68 @@ def _rows_text(rows: list[dict[str, Any]], baseline: Optional[float], tokens: Op
     return table
 
 
+def resolve_window(args: argparse.Namespace) -> None:
+    """``--seq-len`` left out: the protocol's window (512, or 2048 for the standard protocol)."""
+    if getattr(args, "seq_len", None) is None:
+        args.seq_len = 2048 if getattr(args, "ppl_protocol", "nsn") == "standard" else 512
+
+
+def flops_budgets(args: argparse.Namespace) -> Optional[list[float]]:
+    """``--target-flops`` and ``--budgets`` together (both go to the rank points; budgets need stored plans)."""
+    budgets = list(args.target_flops or []) + list(getattr(args, "budgets", None) or [])
+    return budgets or None
+
+
+def check_budgets(args: argparse.Namespace, model: Any) -> None:
+    from ..tuner.ranks import budget_plans
+
+    if getattr(args, "budgets", None) and not budget_plans(model):
+        raise UsageError("--budgets needs an adapter with stored budget plans (trained or refined for several budgets); "
+                         "--target-flops picks a uniform rank within a FLOPs budget instead")
+
+
 def run_eval(args: argparse.Namespace) -> CommandResult:
     from ..io import write_json
 
+    if args.tasks:
+        from .evaluate_tasks import run_task_eval
+
+        return run_task_eval(args)
+    if not args.data:
+        raise UsageError("eval needs --data (perplexity on text) or --tasks (accuracy on benchmarks)")
+    for option in ("limit", "plot", "include_path"):
+        if getattr(args, option, None):
+            raise UsageError(f"--{option.replace('_', '-')} goes with --tasks")
+    resolve_window(args)
     output = check_output_file(args.output, args.overwrite) if args.output else None
-    _check_source(args)
+    check_source(args)
     texts = load_texts(args)
     check_enough_tokens(args, None, texts)  # obviously too short: said before the model loads
     model, tokenizer, ref = model_for_inference(args, allow_compressed=True)
     check_enough_tokens(args, tokenizer, texts)
     if not nsn_layers(model):  # a compressed model: fixed ranks
-        if args.ranks or args.fractions or args.target_flops:
-            raise UsageError("--ranks/--fractions/--target-flops need an NSN model; a compressed model runs at fixed ranks")
+        if args.ranks or args.fractions or flops_budgets(args):
+            raise UsageError("--ranks/--fractions/--target-flops/--budgets need an NSN model; a compressed model runs at fixed ranks")
         rows = [{"label": "compressed", "kind": "compressed", "value": None, **fixed_rank_flops(model),
                  **_perplexity(args, model, tokenizer, texts)}]
     else:
+        check_budgets(args, model)
         points = resolve_rank_points(
-            model, ranks=args.ranks, fractions=args.fractions, target_flops=args.target_flops, flops_scope=args.flops_scope
+            model, ranks=args.ranks, fractions=args.fractions, target_flops=flops_budgets(args), flops_scope=args.flops_scope
         )
         rows = evaluate_points(args, model, tokenizer, texts, points)
-    baseline = _baseline(args, model, tokenizer, texts)
-    rows = _with_baseline(rows, baseline)
-    data = {"model": ref, "adapter": args.adapter, "data": args.data, "results": rows, "baseline_perplexity": baseline}
+    baseline = dense_baseline(args, model, tokenizer, texts)
+    rows = with_baseline(rows, baseline)
+    data = {"model": ref, "adapter": args.adapter, "data": args.data, "results": rows, "baseline_perplexity": baseline,
+            "perplexity_protocol": args.ppl_protocol, "seq_len": args.seq_len}
     if output is not None:
         write_json(output, data)
-    return CommandResult(data, _rows_text(rows, baseline, rows[0].get("tokens") if rows else None))
+    return CommandResult(data, rows_text(rows, baseline, rows[0].get("tokens") if rows else None))
 
 
 # ---------------------------------------------------------------------------------------------------------
 def fixed_rank_flops(model: Any) -> dict[str, Any]:
-    """Ranks and FLOPs of a compressed model (its :class:`~nsn_peft.export.FactoredLinear` layers)."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
+    """Ranks and FLOPs of a compressed model (:func:`nsn_peft.evaluation.flops.compressed_flops`)."""
+    from ..evaluation.flops import compressed_flops
 
-    from ..export.compressed import FactoredLinear
-    from ..linalg.flops import dense_flops, factored_flops
-
-    ranks, factored, dense_of_factored, other = [], 0, 0, 0
-    for module in model.modules():
-        if isinstance(module, FactoredLinear):
-            ranks.append(module.rank)
-            factored += factored_flops(module.out_features, module.in_features, module.rank)
-            dense_of_factored += dense_flops(module.out_features, module.in_features)
-        elif isinstance(module, nn.Linear):
-            other += dense_flops(module.out_features, module.in_features)
-        elif isinstance(module, Conv1D):
-            other += dense_flops(module.weight.shape[1], module.weight.shape[0])
-    if not ranks:
-        raise ValueError("the model has neither NSN nor factored layers")
-    return {
-        "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks), "max_rank": max(ranks),
-        "targeted_flops_fraction": factored / dense_of_factored,
-        "model_flops_fraction": (factored + other) / (dense_of_factored + other),
-        "flops_per_token": factored + other,
-    }
-
-
-def _default_sweep_ranks(model: Any, points: int) -> list[int]:
-    from ..tuner.ranks import selectable_ranks
-
-    grid = selectable_ranks(model)
-    if len(grid) <= points:
-        return grid
-    if points == 1:
-        return [grid[-1]]
-    picks = {grid[round(i * (len(grid) - 1) / (points - 1))] for i in range(points)}
-    return sorted(picks)
-
-
-def render_plot(rows: list[dict[str, Any]], baseline: Optional[float], *, x: str, title: str, log_y: Optional[bool]) -> bytes:
-    """PNG bytes of perplexity against mean rank (``x="rank"``) or whole-model FLOPs fraction (``x="flops"``)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    key = "mean_rank" if x == "rank" else "model_flops_fraction"
-    ordered = sorted(rows, key=lambda r: r[key])
-    xs = [r[key] for r in ordered]
-    ys = [r["perplexity"] for r in ordered]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    try:
-        ax.plot(xs, ys, marker="o", label="NSN")
-        if baseline is not None:
-            ax.axhline(baseline, color="gray", linestyle="--", label=f"dense ({baseline:.3g})")
-            if x == "flops":
-                ax.plot([1.0], [baseline], marker="s", color="gray", linestyle="none")
-        finite = [y for y in ys + ([baseline] if baseline else []) if y and math.isfinite(y) and y > 0]
-        if log_y or (log_y is None and finite and max(finite) / min(finite) > 10):
-            ax.set_yscale("log")
-        ax.set_xlabel("mean rank of factored layers" if x == "rank" else "FLOPs vs dense model (all matmuls)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        return buffer.getvalue()
-    finally:
-        plt.close(fig)
-
-
-def rows_to_csv(rows: list[dict[str, Any]], baseline: Optional[float]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    if baseline is not None:
-        writer.writerow({"label": "dense", "kind": "baseline", "value": "", "perplexity": baseline,
-                         "targeted_flops_fraction": 1.0, "model_flops_fraction": 1.0, "vs_dense": 1.0})
-    return buffer.getvalue()
-
-
-def run_sweep(args: argparse.Namespace) -> CommandResult:
-    import json
-
-    from ..io import atomic_directory
-
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    required(args, "output_dir")
-    names = [f"{args.prefix}.{ext}" for ext in ("csv", "png", "json")]
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output-dir {out_dir} is not a folder")
-    existing = [n for n in names if (out_dir / n).exists()]
-    if existing and not args.overwrite:
-        raise UsageError(f"{out_dir / existing[0]} exists; pass --overwrite to replace it")
-    _check_source(args)
-    texts = load_texts(args)
-    check_enough_tokens(args, None, texts)
-    model, tokenizer, ref = model_for_inference(args)
-    check_enough_tokens(args, tokenizer, texts)
-    ranks = args.ranks
-    if not ranks and not args.fractions and not args.target_flops:
-        ranks = _default_sweep_ranks(model, args.points)
-    points = resolve_rank_points(
-        model, ranks=ranks, fractions=args.fractions, target_flops=args.target_flops, flops_scope=args.flops_scope
-    )
-    rows = evaluate_points(args, model, tokenizer, texts, points)
-    baseline = _baseline(args, model, tokenizer, texts)
-    rows = _with_baseline(rows, baseline)
-    x = args.x or ("flops" if args.target_flops and not args.ranks else "rank")
-    title = args.title or f"{Path(str(ref)).name if ref else 'model'}: perplexity vs {'FLOPs' if x == 'flops' else 'rank'}"
-    png = render_plot(rows, baseline, x=x, title=title, log_y=args.log_y)
-    data = {
-        "model": ref, "adapter": args.adapter, "data": args.data, "x": x, "results": rows, "baseline_perplexity": baseline,
-        "files": {ext: str(out_dir / n) for ext, n in zip(("csv", "png", "json"), names)},
-    }
-    # The three files replace their namesakes in one transaction; other files of the folder are kept.
-    with atomic_directory(out_dir) as staging:
-        (staging / names[0]).write_text(rows_to_csv(rows, baseline), encoding="utf-8")
-        (staging / names[1]).write_bytes(png)
-        (staging / names[2]).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    text = _rows_text(rows, baseline, rows[0].get("tokens") if rows else None) + "\n\nWrote " + ", ".join(data["files"].values())
-    return CommandResult(data, text)
+    return compressed_flops(model)

@@ -97,7 +97,9 @@ def search_ranks(
 
     Args:
         model: the dense model (not yet adapted).
-        eval_fn: ``model -> float``, e.g. perplexity on validation text or exact-match accuracy.
+        eval_fn: ``model -> float``, e.g. perplexity on validation text, or the mean zero-shot accuracy of
+            lm-eval tasks on a validation subset (:func:`nsn_peft.evaluation.accuracy_metric`; then
+            ``higher_is_better=True, relative=False``, and ``epsilon=0.01`` allows one point of accuracy).
         epsilon: allowed drop: ``(metric − baseline)/|baseline|`` (reversed when ``higher_is_better``;
             absolute difference when ``relative=False``).
         baseline: the dense metric, if already known (otherwise measured first).

@@ -1,8 +1,13 @@
-"""Perplexity of causal language models over text, with a sliding window.
+"""Perplexity of causal language models over text, with a sliding window, under one of two protocols.
 
-Documents are tokenised and concatenated into one stream (EOS between documents,
-:func:`nsn_peft.data.token_stream`); windows of ``seq_len`` tokens advance by ``stride``. With
-``stride < seq_len`` a window scores only the tokens no earlier window scored, so every token after the
+* ``"nsn"`` (default): documents are tokenised and concatenated into one stream with EOS between them
+  (:func:`nsn_peft.data.token_stream`); windows of ``seq_len`` (default 512) tokens advance by ``stride``; a
+  last partial window is scored too.
+* ``"standard"``: the protocol of GPTQ, SparseGPT, SVD-LLM and most compression papers (WikiText-2 perplexity):
+  documents joined with ``"\n\n"`` into one text tokenised once (no EOS), disjoint windows of 2048 tokens, the
+  last partial window dropped. Numbers under it compare with published tables when the text is the same.
+
+With ``stride < seq_len`` a window scores only the tokens no earlier window scored, so every token after the
 first is predicted exactly once, with at least ``seq_len - stride`` tokens of context (except at the start).
 """
 
@@ -18,15 +23,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import load_texts, token_stream
-from .devices import resolve_device
+from ..data import load_texts, token_stream
+from ..devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_perplexity", "perplexity", "sliding_windows"]
+__all__ = ["PERPLEXITY_PROTOCOLS", "evaluate_perplexity", "perplexity", "sliding_windows"]
+
+# protocol -> its default window length, how documents are joined, what happens to a last partial window
+PERPLEXITY_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "nsn": {"seq_len": 512, "join": "EOS between documents", "partial_window": "scored"},
+    "standard": {"seq_len": 2048, "join": "documents joined with \\n\\n, no EOS", "partial_window": "dropped"},
+}
 
 
-def _stream(data: Any, tokenizer: Any, max_tokens: Optional[int]) -> torch.Tensor:
+def _stream(data: Any, tokenizer: Any, max_tokens: Optional[int], protocol: str = "nsn") -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         if data.is_floating_point() or data.is_complex():
             raise TypeError(f"A token tensor must hold integer ids, got dtype {data.dtype}")
@@ -34,8 +45,18 @@ def _stream(data: Any, tokenizer: Any, max_tokens: Optional[int]) -> torch.Tenso
     else:
         if tokenizer is None:
             raise ValueError("Text data needs a tokenizer: perplexity(model, texts, tokenizer=tok)")
-        ids = token_stream(load_texts(data), tokenizer, max_tokens)
+        if protocol == "standard":
+            # One text, tokenised once: the tokenizer's own special tokens (e.g. a leading BOS) as it adds them.
+            ids = torch.tensor(tokenizer("\n\n".join(load_texts(data)))["input_ids"], dtype=torch.long)
+        else:
+            ids = token_stream(load_texts(data), tokenizer, max_tokens)
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def _check_protocol(protocol: str) -> dict[str, Any]:
+    if protocol not in PERPLEXITY_PROTOCOLS:
+        raise ValueError(f"unknown perplexity protocol {protocol!r}; choose one of {sorted(PERPLEXITY_PROTOCOLS)}")
+    return PERPLEXITY_PROTOCOLS[protocol]
 
 
 def sliding_windows(num_tokens: int, seq_len: int, stride: Optional[int] = None) -> list[tuple[int, int, int]]:
@@ -76,13 +97,14 @@ def evaluate_perplexity(
     data: Any,
     *,
     tokenizer: Any = None,
-    seq_len: int = 512,
+    seq_len: Optional[int] = None,
     stride: Optional[int] = None,
     max_tokens: Optional[int] = None,
     batch_size: int = 4,
     device: Optional[Union[str, torch.device]] = None,
     show_progress: bool = False,
-) -> dict[str, float]:
+    protocol: str = "nsn",
+) -> dict[str, Any]:
     """Sliding-window perplexity with details.
 
     Args:
@@ -90,28 +112,37 @@ def evaluate_perplexity(
         data: anything :func:`nsn_peft.data.load_texts` accepts (texts, folder, file, ``datasets``
             Dataset or dataset name), or a tensor of token ids (flattened into one stream).
         tokenizer: needed for text data.
-        seq_len: window length (the model's context per prediction).
+        seq_len: window length (the model's context per prediction; default: the protocol's, 512 or 2048).
         stride: window step (default ``seq_len``: disjoint windows); smaller strides give every scored
             token more context at a proportional cost.
         max_tokens: use only the first tokens of the stream.
         batch_size: windows per forward pass.
         device: where the inputs go; default the model's device.
+        protocol: ``"nsn"`` or ``"standard"`` (see the module docstring); under ``"standard"`` a text shorter
+            than one window is an error.
 
     Returns:
         ``{"perplexity", "nll" (mean negative log-likelihood, nats/token), "tokens" (scored), "windows",
-        "full_windows" (windows of the full ``seq_len``), "seq_len", "stride", "seconds"}``. Data shorter than
-        ``seq_len`` is still scored (one partial window) with a logged warning; the CLI refuses it.
+        "full_windows" (windows of the full ``seq_len``), "seq_len", "stride", "protocol", "seconds"}``. Under
+        ``"nsn"``, data shorter than ``seq_len`` is still scored (one partial window) with a logged warning; the
+        CLI refuses it.
 
     Raises:
-        ValueError: bad ``seq_len``/``stride``, texts without a tokenizer, or fewer than 2 tokens.
+        ValueError: bad ``seq_len``/``stride``/``protocol``, texts without a tokenizer, or too few tokens.
     """
     start_time = time.perf_counter()
+    seq_len = seq_len or _check_protocol(protocol)["seq_len"]
+    _check_protocol(protocol)
     stride = stride or seq_len
     windows = sliding_windows(0, seq_len, stride)  # validates the arguments before any tokenisation
-    ids = _stream(data, tokenizer, max_tokens)
+    ids = _stream(data, tokenizer, max_tokens, protocol)
     if ids.numel() < 2:
         raise ValueError(f"Need at least 2 tokens to compute perplexity, got {ids.numel()}")
     windows = sliding_windows(ids.numel(), seq_len, stride)
+    if protocol == "standard":
+        windows = [w for w in windows if w[1] - w[0] == seq_len]
+        if not windows:
+            raise ValueError(f"The standard protocol scores whole windows of {seq_len} tokens; the text has only {ids.numel()}")
     full_windows = sum(1 for begin, end, _ in windows if end - begin == seq_len)
     if not full_windows:
         logger.warning(
@@ -150,9 +181,11 @@ def evaluate_perplexity(
     mean = total_nll.item() / total_tokens
     ppl = math.exp(mean) if mean < 700 else math.inf
     seconds = time.perf_counter() - start_time
-    logger.info("Perplexity %.4f over %d tokens (%d windows of %d, stride %d) in %.1fs", ppl, total_tokens, len(windows), seq_len, stride, seconds)
+    logger.info("Perplexity %.4f over %d tokens (%d windows of %d, stride %d, %s protocol) in %.1fs", ppl, total_tokens,
+                len(windows), seq_len, stride, protocol, seconds)
     return {"perplexity": ppl, "nll": mean, "tokens": float(total_tokens), "windows": float(len(windows)),
-            "full_windows": float(full_windows), "seq_len": float(seq_len), "stride": float(stride), "seconds": seconds}
+            "full_windows": float(full_windows), "seq_len": float(seq_len), "stride": float(stride), "protocol": protocol,
+            "seconds": seconds}
 
 
 def _by_length(windows):
@@ -167,15 +200,16 @@ def perplexity(
     data: Any,
     *,
     tokenizer: Any = None,
-    seq_len: int = 512,
+    seq_len: Optional[int] = None,
     stride: Optional[int] = None,
     max_tokens: Optional[int] = None,
     batch_size: int = 4,
     device: Optional[Union[str, torch.device]] = None,
     show_progress: bool = False,
+    protocol: str = "nsn",
 ) -> float:
     """Sliding-window perplexity of ``model`` on ``data`` (arguments as :func:`evaluate_perplexity`)."""
     return evaluate_perplexity(
         model, data, tokenizer=tokenizer, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-        batch_size=batch_size, device=device, show_progress=show_progress,
+        batch_size=batch_size, device=device, show_progress=show_progress, protocol=protocol,
     )["perplexity"]
