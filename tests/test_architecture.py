@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "devices": set(),
     "data": set(),
     "gguf_models": {"io"},  # the converted folder is saved through the one save protocol
+    "benchmark_data": {"io", "gguf_models"},  # the embedded model's cache, the one save protocol
     "calibrate": {"linalg", "naming", "io", "data", "devices"},
     "tuner": {"linalg", "calibrate", "naming", "io", "devices"},
     "planning": {"tuner", "calibrate", "linalg", "naming", "io"},
