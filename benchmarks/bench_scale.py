@@ -58,7 +58,7 @@ def build_model(shape: str, blocks: int, dtype: torch.dtype) -> transformers.Pre
                                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                                       max_position_embeddings=8192, tie_word_embeddings=False)
     with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -206,7 +206,13 @@ def main() -> None:
                          f"would pass --time-limit {args.time_limit:.0f} s"})
             print(f"{variant:>10} skipped ({rows[-1]['skipped']})", flush=True)
             continue
-        row = run_isolated(args, shape, blocks) if isolate else run_variant(args, shape, blocks)
+        try:
+            row = run_isolated(args, shape, blocks) if isolate else run_variant(args, shape, blocks)
+        except Exception as err:  # noqa: BLE001 - record it and go on with the next variant
+            rows.append({"shape": shape, "blocks": blocks, "error": f"{type(err).__name__}: {err}"})
+            print(f"{variant:>10} failed: {rows[-1]['error']}", flush=True)
+            write_json(out, {**meta, "rows": rows, "extrapolated_70b": extrapolate(rows)})
+            continue
         rows.append(row)
         gib = 2**30
         peak = f"{row['peak_device_bytes'] / gib:.2f} GiB" if row["peak_device_bytes"] is not None else "-"
