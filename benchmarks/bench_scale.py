@@ -98,7 +98,8 @@ def run_variant(args: argparse.Namespace, shape: str, blocks: int) -> dict:
     start = time.perf_counter()
     peft_model, report = compress_sequential(
         model, tokens, args.fraction, allocation=args.allocation, config=config, device=device, materialize=materialize,
-        offload_folder=folder, stats_dtype=torch.float32, show_progress=False)
+        offload_folder=folder, output_dir=folder / "adapter" if folder is not None else None, stats_dtype=torch.float32,
+        show_progress=False)
     seconds = time.perf_counter() - start
     # The pipeline measures each block's peak (it resets the counter per block): the run's peak is their maximum.
     peaks = [b for phase in report.peak_device_bytes.values() for b in phase]

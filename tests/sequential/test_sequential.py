@@ -128,3 +128,17 @@ def test_bad_arguments():
         compress_sequential(tiny_llama(), _tokens(), 0.6, allocation="auto", device="cpu")
     with pytest.raises(ValueError, match="outside the transformer blocks"):
         compress_sequential(tiny_llama(), _tokens(), 0.6, target_modules=["lm_head", "up_proj"], device="cpu")
+
+
+def test_offloaded_factors_are_saved_block_by_block_as_a_loadable_adapter(tmp_path):
+    calibration = _tokens()
+    dense = tiny_llama(layers=3)
+    expected, _ = compress_sequential(copy.deepcopy(dense), calibration, 0.6, config=CONFIG, device="cpu",
+                                      output_dir=tmp_path / "in-memory", show_progress=False)
+    model, _ = compress_sequential(copy.deepcopy(dense), calibration, 0.6, config=CONFIG, device="cpu",
+                                   offload_folder=tmp_path / "work", output_dir=tmp_path / "streamed", show_progress=False)
+    assert model.base_model.model.model.layers[0].mlp.up_proj.nsn_A["default"].is_meta  # never loaded back
+    streamed = PeftModel.from_pretrained(copy.deepcopy(dense), tmp_path / "streamed")
+    _assert_same_factors(streamed, expected)
+    saved = PeftModel.from_pretrained(copy.deepcopy(dense), tmp_path / "in-memory")
+    _assert_same_factors(saved, expected)

@@ -49,6 +49,7 @@ from ..refine.blockwise import refine_block
 from ..refine.config import RefineConfig
 from ..tuner.config import NSNConfig
 from ..tuner.peft_type import checkpoint_load_scope
+from .output import save_offloaded_adapter
 from .placement import BlockPlacement, Materialize
 from .statistics import HiddenStore, StatsStore, activation_bytes, backward_statistics, forward_statistics
 from .trajectory import BlockLayout, Trajectory, block_layout
@@ -165,6 +166,7 @@ def compress_sequential(
     offload_folder: Optional[Union[str, os.PathLike]] = None,
     max_memory: Optional[Union[int, str]] = None,
     stats_dtype: torch.dtype = torch.float64,
+    output_dir: Optional[Union[str, os.PathLike]] = None,
     show_progress: bool = True,
 ) -> tuple[nn.Module, SequentialReport]:
     """Compress the targeted layers of a dense model to ``fraction`` of their parameters, one block on the device
@@ -191,6 +193,9 @@ def compress_sequential(
         max_memory: the most the run may hold on ``device`` (e.g. ``"20GiB"``); default: what is free.
         stats_dtype: dtype the statistics are kept in between passes (float64: exactly the sums; float32 halves
             their memory and files).
+        output_dir: the adapter is saved there (``PeftModel.save_pretrained``'s layout). With ``offload_folder`` it
+            is written from the factor files one block at a time, and the returned model's factors stay on
+            disk (``meta``): load the adapter from ``output_dir`` to use it.
 
     Returns:
         ``(peft_model, report)``: the model with NSN layers at the plan's ranks (factors on the CPU; the dense
@@ -266,7 +271,12 @@ def compress_sequential(
             peft_model = get_peft_model(model, nsn_config)
         peft_model.eval()
         _refine(peft_model, placement, layout, plan, store, train, config, dtype, report, show_progress)
-        placement.load_stored()  # the factors kept on disk come back into CPU memory
+        if output_dir is not None and placement.stored:
+            save_offloaded_adapter(peft_model, placement, output_dir)  # one block's factors in memory at a time
+        else:
+            placement.load_stored()  # the factors kept on disk come back into CPU memory
+            if output_dir is not None:
+                peft_model.save_pretrained(output_dir)
     finally:
         placement.close()
         model.train(was_training)

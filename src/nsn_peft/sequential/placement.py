@@ -134,6 +134,7 @@ class BlockPlacement:
         # While a group is on the device: {key: (its off-device original or None, the device copy, its version)}.
         self.visiting: dict[tuple[int, str], tuple[Optional[torch.Tensor], torch.Tensor, int]] = {}
         self.stored: set[tuple[int, str]] = set()  # tensors this placement keeps in the offload folder
+        self.locations: dict[tuple[int, str], tuple[Path, str]] = {}  # … and where: (file, key)
         self._hooks: list[tuple[nn.Module, object]] = []
         self._files: dict[Path, dict[str, torch.Tensor]] = {}
         for qualified, module in model.named_modules():
@@ -283,6 +284,7 @@ class BlockPlacement:
         for key, (module, name, tensor, is_param) in new.items():
             self.sources[(id(module), name)] = lambda p=path, k=key: self._read(p)[k]
             self.stored.add((id(module), name))
+            self.locations[(id(module), name)] = (path, key)
             _set(module, name, torch.empty_like(tensor, device="meta"), is_param, tensor.requires_grad)
 
     def _read(self, path: Path) -> dict[str, torch.Tensor]:
@@ -305,6 +307,16 @@ class BlockPlacement:
             ) from err
         finally:
             self.offload(index)
+
+    def stored_locations(self) -> dict[int, tuple[Path, str]]:
+        """``{id(tensor): (file, key)}`` of the tensors this placement keeps in its offload folder."""
+        locations = {}
+        for module in self.model.modules():
+            for name, tensor, _ in _direct_tensors(module):
+                key = (id(module), name)
+                if tensor.is_meta and key in self.stored:
+                    locations[id(tensor)] = self.locations[key]
+        return locations
 
     def load_stored(self) -> None:
         """Bring the tensors this placement keeps in the offload folder (the factors) into CPU memory."""
