@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"data", "devices"},
     "training": {"tuner", "planning", "linalg", "naming", "io", "data", "gguf_models"},
     "refine": {"tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
+    "sequential": {"refine", "tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
     "hub": {"tuner", "export", "io", "devices", "data", "gguf_models"},
     "cli": {"*"},
     "__init__": {"*"},
