@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "lm_eval_cli": {"evaluation"},
     "training": {"tuner", "planning", "linalg", "naming", "io", "data", "gguf_models"},
     "refine": {"tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
+    "sequential": {"refine", "tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
     "hub": {"tuner", "export", "io", "devices", "data", "gguf_models"},
     "cli": {"*"},
     "__init__": {"*"},
@@ -137,7 +138,7 @@ def test_math_layer_imports_no_model_library():
 
 def test_modules_stay_readable():
     """No module over ~400 lines unless listed here as one idea that reads better whole."""
-    whole = {"training.trainer", "calibrate.collect", "planning.allocate", "io"}  # io: the one save protocol
+    whole = {"calibrate.collect", "planning.allocate", "io"}  # io: the one save protocol
     long = [
         f"{_module_name(p)} ({n} lines)"
         for p in PACKAGE.rglob("*.py")

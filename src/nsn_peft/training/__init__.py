@@ -1,6 +1,7 @@
 """Multi-rank training of nested (NSN) models with ``transformers.Trainer``.
 
-* :class:`NSNTrainer` — a ``Trainer`` that trains at several ranks per step.
+* :class:`NSNTrainer` — a ``Trainer`` that trains at several ranks per step; :class:`NSNTrainerMixin` — the same
+  in front of any ``Trainer`` subclass (``class NSNSFTTrainer(NSNTrainerMixin, trl.SFTTrainer)``).
 * :class:`UncertaintyWeightedLoss`, :class:`RankBuckets` — how per-rank losses are combined.
 * :func:`save_trained_adapter` — the trained adapter in the PEFT layout, from one process or a sharded run
   (FSDP2, DeepSpeed ZeRO-3; ``distributed.py`` holds what sharded runs do differently).
@@ -26,6 +27,7 @@ from .trainer import (
     MULTIRANK_STATE_JSON,
     MULTIRANK_STATE_TENSORS,
     NSNTrainer,
+    NSNTrainerMixin,
     activation_checkpointing_kwargs,
     clear_dequantized_gguf_marker,
     default_eval_ranks,
@@ -36,6 +38,7 @@ __all__ = [
     "MULTIRANK_STATE_TENSORS",
     "FixedRankSampler",
     "NSNTrainer",
+    "NSNTrainerMixin",
     "RankBuckets",
     "RankSampler",
     "SandwichRankSampler",
