@@ -82,8 +82,8 @@ def _requests(tok, texts):
     return out
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
-def test_shared_prefixes_give_lm_evals_log_likelihoods(factory):
+@pytest.mark.parametrize("factory, batch_tokens", [(tiny_llama, 4096), (tiny_gpt2, 4096), (tiny_llama, 64)])
+def test_shared_prefixes_give_lm_evals_log_likelihoods(factory, batch_tokens):
     tok = char_tokenizer()
     model = factory(seed=2)
     texts = [
@@ -93,7 +93,10 @@ def test_shared_prefixes_give_lm_evals_log_likelihoods(factory):
         ("Q: 1+1?\nA:", " 2"), ("x" * 80, " long context, truncated on the left"),
     ]
     requests = _requests(tok, texts)
-    shared = NSNLM(model, tok, share_prefixes=True, max_length=60)._loglikelihood_tokens(requests, disable_tqdm=True)
+    # several groups per forward pass (left-padded prefixes of different lengths), or one or two per pass
+    lm = NSNLM(model, tok, share_prefixes=True, max_length=60, batch_tokens=batch_tokens)
+    shared = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert 0 < lm.scored_tokens < sum(min(len(c) + len(d), 61) - 1 for _, c, d in requests)
     # lm-eval's plain computation, without its one-token-continuation reuse (which mixes up two requests that
     # spell one sequence with different context/continuation splits, like the first and the fourth here)
     plain = NSNLM(model, tok, share_prefixes=False, max_length=60, logits_cache=False)._loglikelihood_tokens(

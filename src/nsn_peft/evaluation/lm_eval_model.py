@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -89,16 +90,14 @@ def _returned_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-def _expand_cache(cache: Any, copies: int) -> Any:
-    """The prefix's key/value cache repeated for ``copies`` continuations."""
-    if copies == 1:
-        return cache
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache.batch_repeat_interleave(copies)
+def _select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """The prefixes' key/value cache with one row per remainder (``rows[i]``: the prefix row it continues)."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)
         return cache
     if isinstance(cache, tuple):  # legacy tuples of (key, value) per layer
-        return tuple(tuple(t.repeat_interleave(copies, dim=0) for t in layer) for layer in cache)
-    raise TypeError(f"cannot repeat a key/value cache of type {type(cache).__name__}")
+        return tuple(tuple(t[rows] for t in layer) for layer in cache)
+    raise TypeError(f"cannot select rows of a key/value cache of type {type(cache).__name__}")
 
 
 class NSNLM(HFLM):
@@ -111,13 +110,16 @@ class NSNLM(HFLM):
         batch_size: requests per forward pass on the plain path (``share_prefixes=False``).
         max_length: context length (default: the model's).
         share_prefixes: score shared prefixes once (default); ``False`` uses lm-eval's plain computation.
-        max_group: at most this many requests share one prefix pass (bounds the cache copies in memory).
+        max_group: at most this many requests share one prefix pass.
+        batch_tokens: tokens (padding included) per forward pass of the shared-prefix path.
+        logit_bytes: memory for the logits of one forward pass (bounds the positions scored per pass).
         show_progress: a progress bar over the log-likelihood requests.
         **kwargs: further ``HFLM`` arguments.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: Optional[int] = None,
-                 share_prefixes: bool = True, max_group: int = 64, show_progress: bool = True, **kwargs: Any) -> None:
+                 share_prefixes: bool = True, max_group: int = 64, batch_tokens: int = 4096,
+                 logit_bytes: int = 256 * 1024**2, show_progress: bool = True, **kwargs: Any) -> None:
         if isinstance(model, str):
             raise TypeError("NSNLM takes a loaded model; from lm-eval's command line use --model nsn with "
                             "--model_args adapter=DIR or pretrained=REF (see NSNLM.create_from_arg_string)")
@@ -133,6 +135,8 @@ class NSNLM(HFLM):
         self.share_prefixes = share_prefixes
         self._cache_keyword = _cache_keyword(model)
         self.max_group = max_group
+        self.batch_tokens = batch_tokens
+        self.logit_bytes = logit_bytes
         self.scored_tokens = 0  # tokens run through the model by log-likelihood requests (the last call)
 
     @classmethod
@@ -155,67 +159,124 @@ class NSNLM(HFLM):
         limit = self.max_length + 1
         # As lm-eval: a sequence longer than the context keeps its last max_length + 1 tokens.
         full = [(ctx + cont)[-limit:] for _, ctx, cont in requests]
-        inputs = [tokens[:-1] for tokens in full]
+        jobs = [_Job(tokens[:-1], tokens[-len(cont):]) for tokens, (_, _, cont) in zip(full, requests)]
+        groups = [_Group([jobs[i] for i in members], members, shared)
+                  for members, shared in group_by_prefix([j.inputs for j in jobs], max_group=self.max_group)]
+        groups.sort(key=lambda g: g.shared)  # neighbours of similar length pad little
         results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
-        groups = group_by_prefix(inputs, max_group=self.max_group)
         self.scored_tokens = 0
-        with tqdm(total=len(requests), desc="Log-likelihoods", unit="req", disable=disable_tqdm or not self.show_progress or self.rank != 0) as bar:
-            for members, shared in groups:
-                scores = self._score_group([inputs[i] for i in members], [full[i] for i in members],
-                                           [len(requests[i][2]) for i in members], shared)
-                for index, score in zip(members, scores):
-                    results[index] = score
-                    self.cache_hook.add_partial("loglikelihood", requests[index][0], score)
-                bar.update(len(members))
+        with tqdm(total=len(requests), desc="Log-likelihoods", unit="req",
+                  disable=disable_tqdm or not self.show_progress or self.rank != 0) as bar:
+            for chunk in self._chunks(groups):
+                self._score_chunk(chunk)
+                for group in chunk:
+                    for index, job in zip(group.indices, group.jobs):
+                        results[index] = job.score
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], job.score)
+                    bar.update(len(group.jobs))
         return results  # type: ignore[return-value]
 
+    def _chunks(self, groups: list[_Group]) -> Iterator[list[_Group]]:
+        """Groups batched into forward passes of at most ``batch_tokens`` (padded) tokens and ``logit_rows``
+        positions of logits per pass; a group larger than that runs alone."""
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 50_000)
+        rows_budget = max(64, self.logit_bytes // (4 * vocab))
+        chunk: list[_Group] = []
+        for group in groups:
+            trial = chunk + [group]
+            longest = max(g.shared for g in trial)
+            rest = [j for g in trial for j in g.jobs if len(j.inputs) > g.shared]
+            width = max((len(j.inputs) - g.shared for g in trial for j in g.jobs if len(j.inputs) > g.shared), default=0)
+            fits = (len(trial) * longest <= self.batch_tokens and len(rest) * width <= self.batch_tokens
+                    and len(trial) * max(g.prefix_keep for g in trial) <= rows_budget and len(rest) * width <= rows_budget)
+            if chunk and not fits:
+                yield chunk
+                chunk = [group]
+            else:
+                chunk = trial
+        if chunk:
+            yield chunk
+
     @torch.no_grad()
-    def _score_group(self, inputs: list[list[int]], full: list[list[int]], cont_lens: list[int],
-                     shared: int) -> list[tuple[float, bool]]:
-        """Log-likelihood and greedy flag of each continuation of one group sharing ``shared`` prefix tokens."""
-        device = self.device
-        starts = [len(inp) - n for inp, n in zip(inputs, cont_lens)]  # first input position that predicts the continuation
-        first = min(starts)
-        prefix = torch.tensor([inputs[0][:shared]], dtype=torch.long, device=device)
-        keep = shared - first if first < shared else 1  # prefix positions whose logits score some continuation
-        out = self.model(input_ids=prefix, use_cache=True, logits_to_keep=keep)
-        self.scored_tokens += shared
-        prefix_logits = out.logits[0].float().log_softmax(-1)  # positions shared-keep .. shared-1
-        rest = [i for i, inp in enumerate(inputs) if len(inp) > shared]
-        rest_logits: dict[int, torch.Tensor] = {}
+    def _score_chunk(self, groups: list[_Group]) -> None:
+        """Score every job of ``groups``: one pass over their prefixes (left-padded, so every prefix ends at the
+        same position), one over the remainders of their requests with the prefixes' cache."""
+        device, pad = self.device, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        longest = max(g.shared for g in groups)
+        keep = max(g.prefix_keep for g in groups)
+        ids = torch.full((len(groups), longest), pad, dtype=torch.long)
+        prefix_mask = torch.zeros((len(groups), longest), dtype=torch.long)
+        for row, g in enumerate(groups):
+            ids[row, longest - g.shared:] = torch.tensor(g.jobs[0].inputs[: g.shared])
+            prefix_mask[row, longest - g.shared:] = 1
+        positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(device), attention_mask=prefix_mask.to(device), position_ids=positions.to(device),
+                         use_cache=True, logits_to_keep=keep)
+        self.scored_tokens += sum(g.shared for g in groups)
+        prefix_logits = out.logits  # (groups, keep, vocab): the last `keep` prefix positions of each row
+        rest = [(row, g, j) for row, g in enumerate(groups) for j in g.jobs if len(j.inputs) > g.shared]
         if rest:
-            width = max(len(inputs[i]) - shared for i in rest)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            ids = torch.full((len(rest), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros((len(rest), shared + width), dtype=torch.long, device=device)
-            for row, i in enumerate(rest):
-                tail = inputs[i][shared:]
-                ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-                mask[row, : shared + len(tail)] = 1
-            # Right padding: a row's own positions never attend to its padding, so its log-probabilities are exact.
-            lowest = max(min(max(starts[i], shared) for i in rest) - shared, 0)
-            cache = {self._cache_keyword: _expand_cache(_returned_cache(out), len(rest))}
-            positions = torch.arange(shared, shared + width, device=device).expand(len(rest), width)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                logits_to_keep=width - lowest, **cache).logits.float().log_softmax(-1)
-            self.scored_tokens += sum(len(inputs[i]) - shared for i in rest)
-            for row, i in enumerate(rest):
-                rest_logits[i] = (logits[row], shared + lowest)  # (log-probs, input position of row 0)
-        scores = []
-        for i, (tokens, n) in enumerate(zip(full, cont_lens)):
-            targets = torch.tensor(tokens[-n:], dtype=torch.long, device=device)
-            pieces = []
-            start, end = starts[i], len(inputs[i])
-            if start < shared:  # positions inside the prefix pass
-                base = shared - keep
-                pieces.append(prefix_logits[start - base : min(end, shared) - base])
-            if end > shared:
-                logits, offset = rest_logits[i]
-                pieces.append(logits[max(start, shared) - offset : end - offset])
-            logprobs = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-            chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-            scores.append((float(chosen.sum()), bool((logprobs.argmax(-1) == targets).all())))
-        return scores
+            width = max(len(j.inputs) - g.shared for _, g, j in rest)
+            tail_ids = torch.full((len(rest), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rest), longest + width), dtype=torch.long)
+            tail_positions = torch.zeros((len(rest), width), dtype=torch.long)
+            for r, (row, g, j) in enumerate(rest):
+                tail = j.inputs[g.shared:]
+                tail_ids[r, : len(tail)] = torch.tensor(tail)
+                mask[r, :longest] = prefix_mask[row]
+                mask[r, longest : longest + len(tail)] = 1
+                tail_positions[r] = torch.arange(g.shared, g.shared + width)
+            # Right padding of the remainders: a row's positions never attend to its own padding, so its
+            # log-probabilities are exact.
+            lowest = min(max(j.start, g.shared) - g.shared for _, g, j in rest)
+            source = torch.tensor([row for row, _, _ in rest], device=device)
+            cache = {self._cache_keyword: _select_cache_rows(_returned_cache(out), source)}
+            tail_logits = self.model(input_ids=tail_ids.to(device), attention_mask=mask.to(device),
+                                     position_ids=tail_positions.to(device), use_cache=True, logits_to_keep=width - lowest,
+                                     **cache).logits  # (rest, width - lowest, vocab)
+            self.scored_tokens += sum(len(j.inputs) - g.shared for _, g, j in rest)
+        tail_row = {id(j): r for r, (_, _, j) in enumerate(rest)}
+        for row, g in enumerate(groups):
+            for j in g.jobs:
+                pieces = []
+                end = len(j.inputs)
+                if j.start < g.shared:  # kept prefix logits: row index p - shared + keep for prefix position p
+                    pieces.append(prefix_logits[row, j.start - g.shared + keep : min(end, g.shared) - g.shared + keep])
+                if end > g.shared:  # tail logits: row index p - shared - lowest for input position p
+                    r = tail_row[id(j)]
+                    pieces.append(tail_logits[r, max(j.start, g.shared) - g.shared - lowest : end - g.shared - lowest])
+                logprobs = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).float().log_softmax(-1)
+                targets = torch.tensor(j.targets, device=logprobs.device)
+                chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+                j.score = (float(chosen.sum()), bool((logprobs.argmax(-1) == targets).all()))
+
+
+@dataclass
+class _Job:
+    """One log-likelihood request: the model's input and the continuation tokens it must predict."""
+
+    inputs: list[int]
+    targets: list[int]
+    score: Optional[tuple[float, bool]] = None
+
+    @property
+    def start(self) -> int:
+        """The first input position whose next-token logits score the continuation."""
+        return len(self.inputs) - len(self.targets)
+
+
+@dataclass
+class _Group:
+    """Requests sharing their first ``shared`` input tokens (run once)."""
+
+    jobs: list[_Job]
+    indices: list[int]
+    shared: int
+
+    @property
+    def prefix_keep(self) -> int:
+        """How many of the prefix's last positions score a continuation (at least one: the model returns them)."""
+        return max(1, self.shared - min(j.start for j in self.jobs))
 
 
 MODEL_ARGS = {
