@@ -29,6 +29,8 @@ from .tuner import (
     NSNLinear,
     NSNModel,
     RankCompilation,
+    RankSpec,
+    RuntimeOptions,
     at_rank,
     budget_plan,
     budget_plans,
@@ -37,9 +39,13 @@ from .tuner import (
     estimate_flops,
     get_max_rank,
     get_rank,
+    get_runtime_options,
+    ranks_at,
+    resolve_ranks,
     select_rank_for_target_flops,
     selectable_ranks,
     set_rank,
+    set_runtime_options,
 )
 from .tuner import register as _register
 
@@ -80,6 +86,8 @@ __all__ = [
     "NSNLinear",
     "NSNModel",
     "RankCompilation",
+    "RankSpec",
+    "RuntimeOptions",
     "at_rank",
     "budget_plan",
     "budget_plans",
@@ -88,7 +96,11 @@ __all__ = [
     "estimate_flops",
     "get_max_rank",
     "get_rank",
+    "get_runtime_options",
+    "ranks_at",
+    "resolve_ranks",
     "select_rank_for_target_flops",
     "selectable_ranks",
     "set_rank",
+    "set_runtime_options",
 ]

@@ -5,13 +5,15 @@
 * :func:`save_trained_adapter` — the trained adapter in the PEFT layout, from one process or a sharded run
   (FSDP2, DeepSpeed ZeRO-3; ``distributed.py`` holds what sharded runs do differently).
 * Rank samplers — :class:`UniformRankSampler`, :class:`SandwichRankSampler`, :class:`FixedRankSampler`,
-  :class:`ScheduledRankSampler`, :class:`StagedRankSampler`.
+  :class:`ScheduledRankSampler`, :class:`StagedRankSampler` — and :class:`RankLadder`, which turns what they
+  draw into the operating point (a rank or a FLOPs budget) a step runs at.
 """
 
 from __future__ import annotations
 
 from .distributed import save_trained_adapter
 from .loss import RankBuckets, UncertaintyWeightedLoss, distillation_loss
+from .rank_ladder import RankLadder
 from .samplers import (
     FixedRankSampler,
     RankSampler,
@@ -37,6 +39,7 @@ __all__ = [
     "FixedRankSampler",
     "NSNTrainer",
     "RankBuckets",
+    "RankLadder",
     "RankSampler",
     "SandwichRankSampler",
     "ScheduledRankSampler",

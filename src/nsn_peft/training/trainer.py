@@ -29,9 +29,9 @@ from transformers.trainer_utils import speed_metrics
 
 from ..gguf_models import clear_dequantized_gguf_marker
 from ..io import atomic_directory, finish_interrupted_save, write_json, write_safetensors
-from ..tuner.config import budget_key
 from ..tuner.dense import check_dense_weights, dense_model
-from ..tuner.ranks import at_rank, budget_plan, nsn_layers, selectable_ranks
+from ..tuner.rank_spec import RankSpec
+from ..tuner.ranks import at_rank, nsn_layers
 from .distributed import (
     LogVarOptimizer,
     accumulate_without_sync,
@@ -43,6 +43,7 @@ from .distributed import (
     sharding_name,
 )
 from .loss import WEIGHTINGS, RankBuckets, UncertaintyWeightedLoss, Weighting, distillation_loss
+from .rank_ladder import RankLadder
 from .samplers import FixedRankSampler, RankSampler, RankSamplerLike, as_rank_sampler
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class NSNTrainer(Trainer):
         eval_ranks: Optional[Sequence[int]] = None,
         backward_per_rank: bool = True,
         distill_teacher: str = "top",
-        budgets: Optional[Sequence[float]] = None,
+        budgets: Optional[Sequence[Union[float, RankSpec]]] = None,
         **trainer_kwargs: Any,
     ) -> None:
         if model is None:
@@ -191,17 +192,14 @@ class NSNTrainer(Trainer):
             raise ValueError(f"distill_teacher must be one of {DISTILL_TEACHERS}, got {distill_teacher!r}")
         if distill_teacher == "dense":
             check_dense_weights(model)
-        self.budgets: Optional[list[float]] = None
-        if budgets is not None:
-            self.budgets = sorted({float(b) for b in budgets})
-            if not self.budgets:
-                raise ValueError("budgets must name at least one FLOPs budget")
-            for b in self.budgets:
-                budget_plan(model, b)  # raises, naming the budgets that have a plan
+        # With budgets the sampler draws budget levels 1..K, so samplers, buckets and state work unchanged.
+        self.rank_ladder = RankLadder.for_model(model, budgets)  # raises, naming the budgets that have a plan
+        self.budgets: Optional[list[float]] = self.rank_ladder.budgets
+        if self.budgets is not None:
             if eval_ranks is not None:
                 raise ValueError("NSNTrainer(budgets=...) evaluates at every budget; eval_ranks does not apply")
             if rank_sampler is None:
-                rank_sampler = FixedRankSampler(list(range(1, len(self.budgets) + 1)))
+                rank_sampler = FixedRankSampler(self.rank_ladder.grid)
         clear_dequantized_gguf_marker(model)
         if args is not None and getattr(args, "ddp_find_unused_parameters", None) is None:
             # Every NSN factor takes part in every forward (ranks below max slice views, whose gradient is
@@ -212,8 +210,7 @@ class NSNTrainer(Trainer):
 
         self._nsn_model = model
         self.distill_teacher = distill_teacher
-        # With budgets the "ranks" are budget levels 1..K, so samplers, buckets and state work unchanged.
-        self.rank_grid: list[int] = list(range(1, len(self.budgets) + 1)) if self.budgets else selectable_ranks(model)
+        self.rank_grid: list[int] = self.rank_ladder.grid
         sampler = as_rank_sampler(rank_sampler, seed=self.args.seed)
         if sampler.is_bound and sampler.grid != self.rank_grid:
             raise ValueError(f"rank_sampler is bound to ranks {sampler.grid}, but the model's selectable ranks are {self.rank_grid}")
@@ -254,19 +251,14 @@ class NSNTrainer(Trainer):
 
     def at_point(self, rank: int):
         """Context running the model at grid rank ``rank`` (with ``budgets``: at budget level ``rank``)."""
-        if self.budgets:
-            return at_rank(self._nsn_model, flops=self.budgets[rank - 1])
-        return at_rank(self._nsn_model, rank)
+        return at_rank(self._nsn_model, self.rank_ladder.spec(rank))
 
     def point_label(self, rank: int) -> str:
         """``"r=256"``, or ``"flops=0.5"`` with budgets: the suffix of per-rank logs and metrics."""
-        return f"flops={budget_key(self.budgets[rank - 1])}" if self.budgets else f"r={rank}"
+        return self.rank_ladder.label(rank)
 
     def _bucket_labels(self) -> list[str]:
-        if not self.budgets:
-            return self.rank_buckets.labels
-        names = [[budget_key(self.budgets[r - 1]) for r in m] for m in self.rank_buckets.members]
-        return [f"flops={m[0]}" if len(m) == 1 else f"flops={m[0]}-{m[-1]}" for m in names]
+        return self.rank_ladder.bucket_labels(self.rank_buckets.members)
 
     def current_ranks(self) -> list[int]:
         """Ranks of the current optimizer step (``rank_sampler.sample(state.global_step)``), largest first."""
