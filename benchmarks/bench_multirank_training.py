@@ -274,7 +274,7 @@ def main() -> None:
     model = make_nsn()
     trainer, nested = run("nested", model, budgets=budgets, weighting="uncertainty", logvar_learning_rate=args.logvar_lr, **recipe)
     nested["ppl"] = ppl_at(model, budgets)
-    nested["log_vars"] = dict(zip(trainer._bucket_labels(), trainer.rank_loss.log_vars.detach().tolist()))
+    nested["log_vars"] = dict(zip(trainer.bucket_labels(), trainer.rank_loss.log_vars.detach().tolist()))
     del trainer, model
     release_memory()
     t = mark("nested", t)

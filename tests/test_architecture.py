@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "devices": set(),
     "data": set(),
     "gguf_models": {"io"},  # the converted folder is saved through the one save protocol
+    "benchmark_data": {"io", "gguf_models"},  # the embedded model's cache, the one save protocol
     "calibrate": {"linalg", "naming", "layer_selection", "io", "data", "devices"},
     "tuner": {"linalg", "calibrate", "naming", "layer_selection", "io", "devices"},
     "planning": {"tuner", "calibrate", "linalg", "naming", "layer_selection", "io"},
@@ -27,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"data", "devices"},
     "training": {"tuner", "planning", "linalg", "naming", "io", "data", "gguf_models"},
     "refine": {"tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
+    "sequential": {"refine", "tuner", "planning", "calibrate", "training", "linalg", "naming", "io", "data", "devices"},
     "hub": {"tuner", "export", "io", "devices", "data", "gguf_models"},
     "cli": {"*"},
     "__init__": {"*"},
@@ -136,7 +138,7 @@ def test_math_layer_imports_no_model_library():
 
 def test_modules_stay_readable():
     """No module over ~400 lines unless listed here as one idea that reads better whole."""
-    whole = {"training.trainer", "calibrate.collect", "planning.allocate", "io"}  # io: the one save protocol
+    whole = {"calibrate.collect", "planning.allocate", "io"}  # io: the one save protocol
     long = [
         f"{_module_name(p)} ({n} lines)"
         for p in PACKAGE.rglob("*.py")

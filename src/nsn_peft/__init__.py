@@ -14,6 +14,7 @@ from .refine import RefineConfig, RefineReport, compress_and_refine, refine_bloc
 from .training import (
     FixedRankSampler,
     NSNTrainer,
+    NSNTrainerMixin,
     RankBuckets,
     RankSampler,
     SandwichRankSampler,
@@ -73,6 +74,7 @@ __all__ = [
     "search_ranks",
     "FixedRankSampler",
     "NSNTrainer",
+    "NSNTrainerMixin",
     "RankBuckets",
     "RankSampler",
     "SandwichRankSampler",

@@ -50,6 +50,7 @@ __all__ = [
     "check_folder_destination",
     "check_safetensors",
     "finish_interrupted_save",
+    "merge_safetensors",
     "read_safetensors",
     "write_json",
     "write_safetensors",
@@ -266,6 +267,52 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def merge_safetensors(
+    path: str | os.PathLike,
+    parts: list[tuple[str | os.PathLike, dict[str, str]]],
+    metadata: dict[str, str] | None = None,
+    chunk_bytes: int = 64 * 2**20,
+) -> None:
+    """Write one safetensors file from tensors of several, holding one chunk of bytes at a time.
+
+    ``parts`` lists ``(source file, {key in the source: key in the new file})``; tensors are copied byte for
+    byte (dtype and shape kept), in the order given. Written through :func:`atomic_path`.
+    """
+    entries, header, offset = [], {}, 0
+    for source, keys in parts:
+        source_header = check_safetensors(source)
+        start = 8 + int.from_bytes(_read_prefix(source), "little")
+        for key, new_key in keys.items():
+            if key not in source_header:
+                raise KeyError(f"{source} holds no tensor {key!r}")
+            info = source_header[key]
+            begin, stop = info["data_offsets"]
+            header[new_key] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + stop - begin]}
+            entries.append((source, start + begin, stop - begin))
+            offset += stop - begin
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for source, begin, size in entries:
+            with open(source, "rb") as handle:
+                handle.seek(begin)
+                while size > 0:
+                    chunk = handle.read(min(size, chunk_bytes))
+                    if not chunk:
+                        raise ValueError(f"{source} ended early while copying a tensor")
+                    out.write(chunk)
+                    size -= len(chunk)
+
+
+def _read_prefix(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(8)
 
 
 def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from tiny_models import tiny_llama
 import nsn_peft
 from nsn_peft import NSNConfig, RankSpec, resolve_ranks
 from nsn_peft.linalg.flops import fraction_rank
-from nsn_peft.training import RankLadder
+from nsn_peft.training.points import TrainingPoints
 from nsn_peft.tuner.rank_points import RankPoint, resolve_rank_points
 from nsn_peft.tuner.rank_spec import active_rank_field
 
@@ -175,19 +175,17 @@ def test_rank_points_hold_a_spec(input_ids):
         assert RankPoint("compressed", "compressed", "compressed").spec is None
 
 
-def test_trainer_budgets_resolve_through_a_ladder():
+def test_trainer_points_resolve_to_specs():
     names = [f"model.layers.{i}.mlp.up_proj" for i in range(2)] + [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
     model = _model(budget_plans={0.25: {n: 2 for n in names}, 0.5: {n: 4 for n in names}})
-    ladder = RankLadder.for_model(model, [0.5, RankSpec.flops(0.25), 0.5000000001])
-    assert ladder.grid == [1, 2] and ladder.budgets == [0.25, 0.5]
-    assert ladder.spec(1) == RankSpec.flops(0.25) and ladder.label(2) == "flops=0.5"
-    assert ladder.bucket_labels([[1, 2]]) == ["flops=0.25-0.5"]
-    ranks = RankLadder.for_model(model)
-    assert ranks.grid == nsn_peft.selectable_ranks(model) and ranks.label(8) == "r=8"
-    assert ranks.bucket_labels([[8], [16, 24]]) == ["8", "16-24"]
+    points = TrainingPoints(model, [0.5, RankSpec.flops(0.25), 0.5000000001])
+    assert points.grid == [1, 2] and points.budgets == [0.25, 0.5]
+    assert points.spec(1) == RankSpec.flops(0.25) and points.label(2) == "flops=0.5"
+    ranks = TrainingPoints(model)
+    assert ranks.grid == nsn_peft.selectable_ranks(model) and ranks.spec(8) == RankSpec.rank(8) and ranks.label(8) == "r=8"
     with pytest.raises(ValueError, match="No budget plan for flops=0.75"):
-        RankLadder.for_model(model, [0.75])
+        TrainingPoints(model, [0.75])
     with pytest.raises(ValueError, match="FLOPs budgets"):
-        RankLadder.for_model(model, [RankSpec.rank(8)])
-    with torch.no_grad(), model.at_rank(ladder.spec(1)):
+        TrainingPoints(model, [RankSpec.rank(8)])
+    with torch.no_grad(), points.at(1):
         assert set(model.get_rank().values()) == {2}

@@ -12,19 +12,17 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import load_texts, token_blocks
 from ..devices import resolve_device
 from ..layer_selection import LayerSelection, is_linear
-from ..linalg.gram import batch_gram
+from .hooks import InputGramCollector, OutputGradientCollector
 from .stats import ActivationStats
 
 logger = logging.getLogger(__name__)
@@ -176,135 +174,6 @@ def _model_id(model: nn.Module) -> Optional[str]:
     return str(model_id) if model_id else None
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a linear, ``Conv1D`` or NSN layer."""
-    if isinstance(module, (nn.Linear, BaseTunerLayer)):
-        return module.out_features, module.in_features
-    d, m = module.weight.shape  # Conv1D stores (in_features, out_features)
-    return m, d
-
-
-class _Accumulator:
-    """Running ``Σ xxᵀ`` of one distinct layer input, possibly shared by several layers reading it."""
-
-    __slots__ = ("added_by", "batch", "count", "gram", "last_gram", "last_rows", "members", "ref")
-
-    def __init__(self, gram: torch.Tensor) -> None:
-        self.gram, self.count = gram, 0
-        self.batch, self.ref, self.added_by = -1, None, None
-        self.last_gram: Optional[torch.Tensor] = None
-        self.last_rows = 0
-        self.members: set[str] = set()
-
-
-class _GramCollector:
-    """Forward pre-hooks accumulating input Grams: one product per distinct input tensor per batch.
-
-    Layers reading the *same tensor object* (q/k/v, gate/up; they run one after another) share the product
-    and, with ``share``, one accumulator: the first of them to run adds the batch Gram, the others only
-    check that their input is that same tensor. Identity is tested through weak references, so no
-    activation is kept alive, and two tensors that reuse one address are never confused. Should a layer
-    ever receive another input than the layers it shares with, it gets its own accumulator, rebuilt exactly
-    from the shared history (the batch Gram the shared one received is kept until the next batch).
-    """
-
-    def __init__(self, targets: Mapping[str, nn.Module], dtype: torch.dtype, device: torch.device, share: bool) -> None:
-        self.sizes = {name: _features(m)[1] for name, m in targets.items()}
-        self.dtype, self.device, self.share = dtype, device, share
-        self.accs: dict[str, _Accumulator] = {}
-        self.batch = 0
-        self.mask: Optional[torch.Tensor] = None
-        self.rows = 0
-        self.last: Optional[tuple] = None  # (weakref to the input, batch Gram, rows, accumulator)
-
-    def start_batch(self, mask: Optional[torch.Tensor], rows: int) -> None:
-        self.batch += 1
-        self.mask, self.rows, self.last = mask, rows, None
-
-    def end_batch(self) -> None:
-        self.last, self.mask = None, None
-
-    def _batch_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        flat = x.reshape(-1, x.shape[-1])
-        rows = flat.shape[0]
-        if self.mask is not None and self.mask.numel() == rows:
-            flat, rows = flat[self.mask], self.rows
-        # (A layer that sees another token layout, e.g. a routed expert, counts all of its rows.)
-        return batch_gram(flat), rows
-
-    def _new(self, name: str) -> _Accumulator:
-        d = self.sizes[name]
-        acc = _Accumulator(torch.zeros(d, d, dtype=self.dtype, device=self.device))
-        acc.members.add(name)
-        self.accs[name] = acc
-        return acc
-
-    def _split(self, name: str, shared: _Accumulator) -> _Accumulator:
-        """Give ``name`` its own accumulator: the shared history before this batch."""
-        if shared.added_by is None or shared.last_gram is None:
-            raise RuntimeError(
-                f"Calibration could not separate the statistics of '{name}' from the layers sharing its input; "
-                "pass share_inputs=False"
-            )
-        shared.members.discard(name)
-        acc = _Accumulator(shared.gram - shared.last_gram.to(shared.gram.dtype))
-        acc.count = shared.count - shared.last_rows
-        acc.members.add(name)
-        self.accs[name] = acc
-        return acc
-
-    def hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            acc = self.accs.get(name)
-            if acc is not None and acc.batch == self.batch and acc.added_by != name and acc.ref() is x:
-                return  # a layer sharing this input already added it in this batch
-            last = self.last
-            if last is not None and last[0]() is x:
-                gram, rows, last_acc = last[1], last[2], last[3]
-                if self.share and acc is None and last_acc.batch == self.batch and last_acc.ref() is x:
-                    last_acc.members.add(name)  # first time seen, same input as the previous layer: share
-                    self.accs[name] = last_acc
-                    return
-            else:
-                gram, rows = self._batch_gram(x)
-            if acc is None:
-                acc = self._new(name)
-            elif acc.batch == self.batch and len(acc.members) > 1 and acc.added_by != name:
-                acc = self._split(name, acc)  # shares an accumulator but received a different input
-            acc.gram.add_(gram)  # float32 batch product into the float64 sum: one fused kernel
-            acc.count += rows
-            acc.batch, acc.ref, acc.added_by = self.batch, weakref.ref(x), name
-            acc.last_gram = gram if len(acc.members) > 1 else None  # kept only where a split may need it
-            acc.last_rows = rows
-            self.last = (weakref.ref(x), gram, rows, acc)
-
-        return pre_hook
-
-    def result(self, all_reduce: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        distinct = list({id(a): a for a in self.accs.values()}.values())
-        if all_reduce:
-            # Every process must reduce the same tensors in the same order: layers never reached here
-            # (e.g. an expert without tokens) get zero matrices first.
-            for name in self.sizes:
-                if name not in self.accs:
-                    self._new(name)
-            distinct = [self.accs[n] for n in self.sizes]
-            distinct = list({id(a): a for a in distinct}.values())
-            for acc in distinct:
-                torch.distributed.all_reduce(acc.gram)
-            counts = torch.tensor([a.count for a in distinct], dtype=torch.long, device=self.device)
-            torch.distributed.all_reduce(counts)
-            for acc, count in zip(distinct, counts.tolist()):
-                acc.count = int(count)
-        missing = [n for n in self.sizes if n not in self.accs]
-        if missing:
-            logger.warning("%d targeted layer(s) never ran during calibration and have no statistics: %s",
-                           len(missing), missing[:5])
-        names = [n for n in self.sizes if n in self.accs]
-        return {n: self.accs[n].gram for n in names}, {n: self.accs[n].count for n in names}
-
-
 @torch.no_grad()
 def collect_activation_stats(
     model: nn.Module,
@@ -375,22 +244,19 @@ def collect_activation_stats(
         logger.warning("float32 matmul precision is %r (TF32): the Gram matrices lose precision in their small "
                        "directions; torch.set_float32_matmul_precision('highest') is recommended for calibration",
                        torch.get_float32_matmul_precision())
-    collector = _GramCollector(targets, dtype, run_device, share_inputs)
+    collector = InputGramCollector(targets, dtype, run_device, share_inputs)
     forward_kwargs = _forward_kwargs(model, targets)
-    handles = [m.register_forward_pre_hook(collector.hook(n)) for n, m in targets.items()]
     seen = 0
     batches = _token_batches(model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Calibrating", show_progress)
     try:
-        for batch in batches:
-            collector.start_batch(batch.keep, batch.tokens)
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **forward_kwargs)
-            collector.end_batch()
-            seen += batch.tokens
+        with collector.attached():
+            for batch in batches:
+                collector.start_batch(batch.keep, batch.tokens)
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **forward_kwargs)
+                collector.end_batch()
+                seen += batch.tokens
     finally:
         batches.close()
-        for handle in handles:
-            handle.remove()
-        collector.end_batch()
     if seen == 0:
         raise ValueError("Calibration data produced no tokens")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -444,30 +310,7 @@ def collect_gradient_stats(
     targets = calibration_targets(model, target_modules, exclude_modules=exclude_modules,
                                   layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
     run_device = _run_device(model, device)
-    grams = {name: torch.zeros(_features(m)[0], _features(m)[0], dtype=dtype, device=run_device) for name, m in targets.items()}
-    counts = dict.fromkeys(targets, 0)
-    current: dict[str, Any] = {"keep": None, "tokens": 0}
-
-    def make_hook(name: str):
-        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            if not (isinstance(out, torch.Tensor) and out.requires_grad):
-                return
-            keep, tokens = current["keep"], current["tokens"]
-
-            def grad_hook(grad: torch.Tensor) -> None:
-                flat = grad.reshape(-1, grad.shape[-1])
-                n = flat.shape[0]
-                if keep is not None and keep.numel() == n:
-                    flat, n = flat[keep], tokens
-                grams[name].add_(batch_gram(flat))
-                counts[name] += n
-
-            out.register_hook(grad_hook)
-
-        return forward_hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in targets.items()]
+    collector = OutputGradientCollector(targets, dtype, run_device)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -475,33 +318,27 @@ def collect_gradient_stats(
     batches = _token_batches(model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Output gradients",
                              show_progress)
     try:
-        for batch in batches:
-            current["keep"], current["tokens"] = batch.keep, batch.tokens
-            labels = batch.input_ids.clone()
-            if batch.attention_mask is not None:
-                labels[batch.attention_mask == 0] = -100
-            with torch.enable_grad():
-                inputs = embeddings(batch.input_ids).detach().requires_grad_(True)
-                output = model(inputs_embeds=inputs, attention_mask=batch.attention_mask, use_cache=False)
-                logits = output.logits[:, :-1].float()
-                # The *summed* loss, so that batches of any size add up consistently.
-                loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
-                loss.backward()
-            seen += batch.tokens
+        with collector.attached():
+            for batch in batches:
+                collector.start_batch(batch.keep, batch.tokens)
+                labels = batch.input_ids.clone()
+                if batch.attention_mask is not None:
+                    labels[batch.attention_mask == 0] = -100
+                with torch.enable_grad():
+                    inputs = embeddings(batch.input_ids).detach().requires_grad_(True)
+                    output = model(inputs_embeds=inputs, attention_mask=batch.attention_mask, use_cache=False)
+                    logits = output.logits[:, :-1].float()
+                    # The *summed* loss, so that batches of any size add up consistently.
+                    loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
+                    loss.backward()
+                seen += batch.tokens
     finally:
         batches.close()
-        for handle in handles:
-            handle.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
     if seen == 0:
         raise ValueError("Gradient calibration data produced no tokens")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for gram in grams.values():
-            torch.distributed.all_reduce(gram)
-        count_tensor = torch.tensor([counts[n] for n in targets], dtype=torch.long, device=run_device)
-        torch.distributed.all_reduce(count_tensor)
-        counts = {n: int(c) for n, c in zip(targets, count_tensor.tolist())}
+    grams, counts = collector.result(torch.distributed.is_available() and torch.distributed.is_initialized())
     seen = _all_reduce_count(seen, run_device)
     out_device = torch.device(stats_device) if stats_device is not None else run_device
     extra = {"kind": "output_gradient", "seq_len": seq_len, "tokens": seen, "accumulate_dtype": str(dtype).removeprefix("torch.")}

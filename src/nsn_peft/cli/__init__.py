@@ -1,7 +1,7 @@
 """``nsn-peft``: the NSN pipeline from a shell (also ``python -m nsn_peft``).
 
 Subcommands: ``adapt``, ``calibrate``, ``search-ranks``, ``compress``, ``train``, ``eval``, ``sweep``,
-``infer``, ``info``, ``fetch-model``. Run ``nsn-peft <command> --help`` for the options and an example of each.
+``infer``, ``info``, ``fetch-model``, ``fetch-tasks``. Run ``nsn-peft <command> --help`` for the options and an example of each.
 
 Exit codes: 0 success; 2 usage error (bad option value, missing input file, unknown config key); 1 failure
 while running. Errors are one line on stderr (``nsn-peft <command>: error: ...``); ``--debug`` shows the

@@ -99,7 +99,7 @@ def _rescale_by_measured_loss(
 
 def allocate_ranks_for_budget(
     model: nn.Module,
-    stats: ActivationStats,
+    stats: Optional[ActivationStats],
     target_fraction: float,
     *,
     target_modules: Union[None, str, Sequence[str]] = None,
@@ -124,8 +124,9 @@ def allocate_ranks_for_budget(
     break-even rank ``r(m+d) < md``) until the budget is met. Layers that never pay off stay dense.
 
     Args:
-        model: the dense model (not yet adapted).
-        stats: activation statistics covering the targeted layers.
+        model: the dense model (not yet adapted; only its layer shapes are read when ``spectra`` are given).
+        stats: activation statistics covering the targeted layers (``None`` when ``spectra`` are given and
+            ``loss_fn`` is not).
         target_fraction: kept share of the targeted layers' parameters, in (0, 1].
         target_modules: names (suffix match) or a regex; default all linear layers but the head.
         granularity: ranks are multiples of this (1 = any rank; the finest allocation, and the default for
@@ -170,7 +171,11 @@ def allocate_ranks_for_budget(
     if not isinstance(granularity, int) or granularity < 1:
         raise ValueError(f"granularity must be a positive int, got {granularity!r}")
     layers = layer_shapes(model, target_modules)
-    stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
+    if stats is None and (spectra is None or loss_fn is not None):
+        raise ValueError("allocate_ranks_for_budget needs activation statistics (stats=) unless spectra= are given "
+                         "and loss_fn= is not")
+    if stats is not None:
+        stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
     weighting = "output_gradient" if gradient_stats is not None else ("given" if spectra is not None else "output_error")
     if spectra is None:
         spectra = whitened_spectra(model, stats, target_modules=target_modules, gradient_stats=gradient_stats, damp=damp,

@@ -9,6 +9,7 @@ are the teacher (:func:`nsn_peft.tuner.dense.dense_model`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..tuner.dense import dense_model
+from ..tuner.layer import NSNLayer
 from ._common import (
     autocast,
     check_tokens,
@@ -35,7 +37,7 @@ from .blocks import BlockCall, capture_block_inputs, find_blocks, iterate_batche
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockwiseResult", "refine_blockwise"]
+__all__ = ["BlockwiseResult", "refine_block", "refine_blockwise"]
 
 
 @dataclass
@@ -112,19 +114,11 @@ def refine_blockwise(
     progress = tqdm(total=len(blocks), desc="Block-wise refinement", unit="block", disable=not show_progress)
     try:
         for index, block in enumerate(blocks):
-            update = _advance_dense(model, block, call, dense_h, student_h, batch_size, precision, device)
+            before, after, steps = refine_block(block, call, dense_h, student_h, epochs=epochs, lr=lr, batch_size=batch_size,
+                                                precision=precision, generator=generator, frozen=frozen,
+                                                train=index >= start_block)
             params = trainable_factors(block, frozen)
-            if index < start_block or not params or epochs == 0:
-                before = after = math.nan
-                if params and index >= start_block:
-                    before = after = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
-            else:
-                before = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
-                steps = _train_block(block, call, student_h, dense_h, list(params.values()), model, epochs, lr,
-                                     batch_size, precision, device, generator, update)
-                result.steps += steps
-                after = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
-            _advance_student(block, call, student_h, batch_size, precision, device)
+            result.steps += steps
             result.error_before.append(before)
             result.error_after.append(after)
             if index >= start_block and params and epochs:
@@ -142,11 +136,51 @@ def refine_blockwise(
     return result
 
 
+def refine_block(
+    block: nn.Module,
+    call: BlockCall,
+    dense_h: torch.Tensor,
+    student_h: torch.Tensor,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    precision: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    frozen: Collection[str] = (),
+    train: bool = True,
+) -> tuple[float, float, int]:
+    """One step of :func:`refine_blockwise`: train one block's factors, then move both trajectories past it.
+
+    ``dense_h`` holds the dense trajectory's input to ``block`` and ``student_h`` the compressed one's
+    (``(n, seq_len, hidden)`` on the block's device, ``n`` a multiple of ``batch_size``); both are replaced in
+    place by the block's outputs (dense block on ``dense_h``, trained block on ``student_h``). ``generator``
+    orders the batches (one shared generator across blocks reproduces :func:`refine_blockwise`);
+    ``train=False`` only advances (a block refined before). Returns ``(error_before, error_after, steps)``.
+    """
+    device = dense_h.device
+    update = _advance_dense(block, call, dense_h, batch_size, precision, device)
+    params = trainable_factors(block, frozen)
+    steps = 0
+    if not train or not params or epochs == 0:
+        before = after = math.nan
+        if params and train:
+            before = after = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
+    else:
+        before = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
+        steps = _train_block(block, call, student_h, dense_h, list(params.values()), block, epochs, lr,
+                             batch_size, precision, device, generator, update)
+        after = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
+    _advance_student(block, call, student_h, batch_size, precision, device)
+    return before, after, steps
+
+
 @torch.no_grad()
-def _advance_dense(model, block, call: BlockCall, dense_h, student_h, batch_size, precision, device) -> float:
+def _advance_dense(block, call: BlockCall, dense_h, batch_size, precision, device) -> float:
     """Replace the dense hidden states by the dense block's output; return the mean square of the update."""
     total, count = 0.0, 0
-    with dense_model(model, eval_mode=False):
+    has_factors = any(isinstance(m, NSNLayer) for m in block.modules())
+    with dense_model(block, eval_mode=False) if has_factors else contextlib.nullcontext():
         for start in range(0, dense_h.shape[0], batch_size):
             x = dense_h[start : start + batch_size]
             with autocast(device, precision):

@@ -1,19 +1,18 @@
 """Multi-rank training of nested (NSN) models with ``transformers.Trainer``.
 
-* :class:`NSNTrainer` — a ``Trainer`` that trains at several ranks per step.
+* :class:`NSNTrainer` — a ``Trainer`` that trains at several ranks per step; :class:`NSNTrainerMixin` — the same
+  in front of any ``Trainer`` subclass (``class NSNSFTTrainer(NSNTrainerMixin, trl.SFTTrainer)``).
 * :class:`UncertaintyWeightedLoss`, :class:`RankBuckets` — how per-rank losses are combined.
 * :func:`save_trained_adapter` — the trained adapter in the PEFT layout, from one process or a sharded run
   (FSDP2, DeepSpeed ZeRO-3; ``distributed.py`` holds what sharded runs do differently).
 * Rank samplers — :class:`UniformRankSampler`, :class:`SandwichRankSampler`, :class:`FixedRankSampler`,
-  :class:`ScheduledRankSampler`, :class:`StagedRankSampler` — and :class:`RankLadder`, which turns what they
-  draw into the operating point (a rank or a FLOPs budget) a step runs at.
+  :class:`ScheduledRankSampler`, :class:`StagedRankSampler`.
 """
 
 from __future__ import annotations
 
 from .distributed import save_trained_adapter
 from .loss import RankBuckets, UncertaintyWeightedLoss, distillation_loss
-from .rank_ladder import RankLadder
 from .samplers import (
     FixedRankSampler,
     RankSampler,
@@ -28,6 +27,7 @@ from .trainer import (
     MULTIRANK_STATE_JSON,
     MULTIRANK_STATE_TENSORS,
     NSNTrainer,
+    NSNTrainerMixin,
     activation_checkpointing_kwargs,
     clear_dequantized_gguf_marker,
     default_eval_ranks,
@@ -38,8 +38,8 @@ __all__ = [
     "MULTIRANK_STATE_TENSORS",
     "FixedRankSampler",
     "NSNTrainer",
+    "NSNTrainerMixin",
     "RankBuckets",
-    "RankLadder",
     "RankSampler",
     "SandwichRankSampler",
     "ScheduledRankSampler",

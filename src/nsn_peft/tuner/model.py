@@ -162,8 +162,24 @@ class NSNModel(BaseTuner):
         if config.active_rank is not None:
             _ranks.set_rank(self, config.active_rank, adapter_name=adapter_name)
 
+    def initialize_factors(self, names: list[str], adapter_name: Optional[str] = None, show_progress: bool = False) -> None:
+        """Compute the factors of the named layers now, with the adapter config's ``init`` (and ``stats``).
+
+        For factors created without values (an adapter injected under a checkpoint-loading scope, as the
+        sequential pipeline does to initialise a model block by block): each layer's dense weight must be at
+        hand, and ``stats`` need only cover these layers.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        index = {canonical_module_name(n): m for n, m in self.model.named_modules()
+                 if isinstance(m, NSNLayer) and adapter_name in m.nsn_A}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise KeyError(f"No NSN layer of adapter '{adapter_name}' is named {unknown[:3]}")
+        self._initialize_factors(self.peft_config[adapter_name], adapter_name, [(n, index[n]) for n in names], show_progress)
+
     @torch.no_grad()
-    def _initialize_factors(self, config: NSNConfig, adapter_name: str, pending: list[tuple[str, NSNLayer]]) -> None:
+    def _initialize_factors(self, config: NSNConfig, adapter_name: str, pending: list[tuple[str, NSNLayer]],
+                            show_progress: bool = True) -> None:
         stats = None
         if config.needs_stats:
             stats = config.stats
@@ -175,7 +191,8 @@ class NSNModel(BaseTuner):
             stats.check_compatible({n: layer.in_features for n, layer in pending}, source=str(source))
         kept_dense: list[str] = []
         result = None
-        for name, layer in tqdm(pending, desc=f"NSN init ({config.init})", unit="layer", disable=not pending):
+        for name, layer in tqdm(pending, desc=f"NSN init ({config.init})", unit="layer",
+                                disable=not pending or not show_progress):
             weight = layer.dense_weight().detach()
             device = torch.device(resolve_device(config.init_device)) if config.init_device else weight.device
             weight = weight.to(device)
