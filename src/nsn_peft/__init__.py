@@ -30,6 +30,8 @@ from .tuner import (
     NSNLinear,
     NSNModel,
     RankCompilation,
+    RankSpec,
+    RuntimeOptions,
     at_rank,
     budget_plan,
     budget_plans,
@@ -38,9 +40,13 @@ from .tuner import (
     estimate_flops,
     get_max_rank,
     get_rank,
+    get_runtime_options,
+    ranks_at,
+    resolve_ranks,
     select_rank_for_target_flops,
     selectable_ranks,
     set_rank,
+    set_runtime_options,
 )
 from .tuner import register as _register
 
@@ -82,6 +88,8 @@ __all__ = [
     "NSNLinear",
     "NSNModel",
     "RankCompilation",
+    "RankSpec",
+    "RuntimeOptions",
     "at_rank",
     "budget_plan",
     "budget_plans",
@@ -90,7 +98,11 @@ __all__ = [
     "estimate_flops",
     "get_max_rank",
     "get_rank",
+    "get_runtime_options",
+    "ranks_at",
+    "resolve_ranks",
     "select_rank_for_target_flops",
     "selectable_ranks",
     "set_rank",
+    "set_runtime_options",
 ]

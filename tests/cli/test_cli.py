@@ -26,7 +26,7 @@ from tiny_models import sentences as _sentences
 import nsn_peft
 from nsn_peft.cli import build_parser, main
 
-COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info", "fetch-model"]
+COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info", "fetch-model", "fetch-tasks"]
 GRANULARITY = "16"
 MAX_RANK = "32"
 

@@ -6,7 +6,7 @@ from peft import get_peft_model
 from tiny_models import tiny_llama
 
 import nsn_peft
-from nsn_peft import NSNConfig
+from nsn_peft import NSNConfig, RankSpec
 from nsn_peft.tuner.compile import compiled_graph_count
 
 
@@ -25,7 +25,7 @@ def _model(**kwargs):
 def _check_switches(model, compiled, ranks, input_ids):
     before = compiled_graph_count()
     for rank in list(ranks) + list(reversed(ranks)):
-        model.set_rank(rank) if not isinstance(rank, float) else model.set_rank(fraction=rank)
+        model.set_rank(rank)
         with torch.no_grad():
             out, ref = compiled(input_ids).logits, model.get_base_model()(input_ids).logits
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
@@ -34,7 +34,7 @@ def _check_switches(model, compiled, ranks, input_ids):
 
 def test_warmed_ranks_switch_without_recompiling(input_ids):
     model = _model()
-    ranks = [32, 8, 16, {"up_proj": 4, "down_proj": 24}, 0.5, 2]
+    ranks = [32, 8, 16, {"up_proj": 4, "down_proj": 24}, RankSpec.fraction(0.5), 2]
     warm = nsn_peft.compile_for_ranks(model.get_base_model(), ranks, example_inputs=(input_ids,), backend="eager")
     assert warm.new_graphs[0] == 1
     assert warm.new_graphs[1:3] == [0, 0]
@@ -54,8 +54,31 @@ def test_a_rank_outside_the_warmed_ones_compiles_once_more_at_most(input_ids):
 def test_warmup_callable_for_generate(input_ids):
     model = _model()
     compiled = torch.compile(model.get_base_model(), backend="eager")
-    warm = nsn_peft.compile_for_ranks(model, [0.25, 0.5, 1.0], warmup=lambda: compiled(input_ids))
+    fractions = [RankSpec.fraction(0.25), RankSpec.fraction(0.5), RankSpec.full()]
+    warm = nsn_peft.compile_for_ranks(model, fractions, warmup=lambda: compiled(input_ids))
     assert warm.new_graphs == [1, 0, 0] and warm.recompiles_after_first == 0 and warm.module is None
+
+
+def test_a_bare_float_still_means_a_fraction_but_warns(input_ids):
+    model = _model()
+    compiled = torch.compile(model.get_base_model(), backend="eager")
+    with pytest.warns(FutureWarning, match=r"RankSpec.fraction\(0.25\)"):
+        warm = nsn_peft.compile_for_ranks(model, [0.25, RankSpec.fraction(0.5)], warmup=lambda: compiled(input_ids))
+    assert warm.new_graphs == [1, 0]
+    with nsn_peft.at_rank(model, fraction=0.25):
+        at_quarter = model.get_rank()
+    assert at_quarter != model.get_rank()
+
+
+def test_budget_plans_warm_like_any_rank(input_ids):
+    model = _model()
+    names = list(model.get_rank())
+    plans = {0.5: {n: 8 for n in names}, 1.0: {n: 16 for n in names}}
+    model.peft_config["default"].budget_plans = nsn_peft.tuner.config.normalize_budget_plans(plans)
+    compiled = torch.compile(model.get_base_model(), backend="eager")
+    warm = nsn_peft.compile_for_ranks(model, [RankSpec.flops(1.0), RankSpec.flops(0.5)], warmup=lambda: compiled(input_ids))
+    assert warm.new_graphs == [1, 0]
+    assert _check_switches(model, compiled, [RankSpec.flops(0.5), RankSpec.flops(1.0)], input_ids) == 0
 
 
 def test_compile_for_ranks_makes_a_training_layout_rank_major(input_ids):
@@ -95,6 +118,8 @@ def test_compile_for_ranks_argument_errors(input_ids):
         nsn_peft.compile_for_ranks(model, [8])
     with pytest.raises(ValueError, match="apply only without warmup"):
         nsn_peft.compile_for_ranks(model, [8], warmup=lambda: None, mode="reduce-overhead")
+    with pytest.raises(ValueError, match="No budget plan"):  # every point is checked before anything compiles
+        nsn_peft.compile_for_ranks(model, [8, RankSpec.flops(0.5)], warmup=lambda: None)
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ from tiny_models import char_tokenizer, tiny_gpt2, tiny_llama
 import nsn_peft
 from nsn_peft import NSNConfig, NSNLinear
 from nsn_peft.linalg.flops import factored_params, rank_for_params_fraction
+from nsn_peft.tuner import layer as layer_module
+from nsn_peft.tuner.kernels import nested_linear
 
 
 def _nsn_layers(model):
@@ -303,11 +305,59 @@ def test_factors_only_loading_peak_memory_stays_near_the_final_size(tmp_path):
 
 
 def test_kernel_dispatch_on_cpu_is_the_reference(input_ids, monkeypatch):
-    """``NSNLinear.use_kernels`` sends only CUDA 1-token calls to Triton; on the CPU outputs are unchanged."""
+    """The kernels option sends only CUDA 1-token calls to Triton; on the CPU outputs are unchanged."""
     model = get_peft_model(tiny_llama(), NSNConfig(keep_base_weights=False, max_rank=16, rank_granularity=8))
     model.set_rank(8)
+    calls = []
+    monkeypatch.setattr(layer_module, "nested_linear", lambda *args: calls.append(1) or nested_linear(*args))
     with torch.no_grad():
         expected = model(input_ids).logits
-        monkeypatch.setattr(NSNLinear, "use_kernels", True)
+        assert not calls
+        assert nsn_peft.set_runtime_options(model, kernels=True) == nsn_peft.RuntimeOptions(kernels=True, rank_major=True)
         torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
+        assert calls
         torch.testing.assert_close(model(input_ids[:, :1]).logits, model.get_base_model()(input_ids[:, :1]).logits)
+
+
+def test_runtime_options_belong_to_one_model(input_ids, monkeypatch):
+    calls = []
+    monkeypatch.setattr(layer_module, "nested_linear", lambda *args: calls.append(1) or nested_linear(*args))
+    fast = get_peft_model(tiny_llama(), NSNConfig(max_rank=16))
+    plain = get_peft_model(tiny_llama(), NSNConfig(max_rank=16))
+    fast.set_runtime_options(kernels=True)
+    assert nsn_peft.get_runtime_options(fast).kernels and not nsn_peft.get_runtime_options(plain).kernels
+    with torch.no_grad():
+        plain(input_ids)
+        assert not calls  # the other model of the process is untouched
+        fast(input_ids)
+        assert calls
+    fast.add_adapter("second", NSNConfig(max_rank=8))  # layers the tuner creates later run the same way
+    assert all(m.runtime_options.kernels for m in fast.modules() if isinstance(m, NSNLinear))
+    fast.set_runtime_options(nsn_peft.RuntimeOptions())
+    assert not any(m.runtime_options.kernels for m in fast.modules() if isinstance(m, NSNLinear))
+    with pytest.raises(ValueError, match="must be a bool"):
+        nsn_peft.RuntimeOptions(kernels="yes")
+
+
+def test_the_process_wide_kernel_switch_still_works_but_warns(input_ids, monkeypatch):
+    calls = []
+    monkeypatch.setattr(layer_module, "nested_linear", lambda *args: calls.append(1) or nested_linear(*args))
+    model = get_peft_model(tiny_llama(), NSNConfig(max_rank=16))
+    monkeypatch.setattr(NSNLinear, "use_kernels", True)
+    with torch.no_grad(), pytest.warns(FutureWarning, match="set_runtime_options"):
+        model(input_ids)
+    assert calls
+
+
+def test_storage_layout_is_a_runtime_option(input_ids):
+    model = get_peft_model(tiny_llama(), NSNConfig(max_rank=16)).eval()
+    layers = [m for m in model.modules() if isinstance(m, NSNLinear)]
+    with torch.no_grad():
+        before = model(input_ids).logits
+        model.set_runtime_options(rank_major=True)
+        assert all(layer.rank_major_storage and layer.nsn_B["default"].t().is_contiguous() for layer in layers)
+        torch.testing.assert_close(model(input_ids).logits, before, atol=0, rtol=0)
+        nsn_peft.set_runtime_options(model, rank_major=False)
+        assert all(not layer.rank_major_storage and layer.nsn_B["default"].is_contiguous() for layer in layers)
+    with pytest.raises(AttributeError):
+        layers[0].rank_major_storage = True  # read-only: the layout changes through the runtime options

@@ -12,19 +12,16 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from ..data import load_texts, token_blocks
 from ..devices import resolve_device
-from ..naming import canonical_module_name
+from ..layer_selection import LayerSelection, is_linear
 from .hooks import InputGramCollector, OutputGradientCollector
 from .stats import ActivationStats
 
@@ -35,35 +32,34 @@ __all__ = ["calibration_targets", "collect_activation_stats", "collect_gradient_
 
 
 
-def _matches(name: str, target_modules: Union[None, str, Sequence[str]]) -> bool:
-    if target_modules is None or target_modules == "all-linear":
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def calibration_targets(model: nn.Module, target_modules: Union[None, str, Sequence[str]] = None) -> dict[str, nn.Module]:
-    """``{canonical name: module}`` whose inputs are recorded: linear/Conv1D layers (an NSN or other PEFT tuner
-    layer counts as its base layer). The output head is left out unless ``target_modules`` names it explicitly."""
-    default = target_modules is None or target_modules == "all-linear"
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets: dict[str, nn.Module] = {}
-    inside_nsn: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in inside_nsn or (default and module is head):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            inside_nsn.update(id(m) for m in module.modules() if m is not module)
-        elif not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        canonical = canonical_module_name(name)
-        if canonical.endswith("lm_head") and default:
-            continue
-        if _matches(canonical, target_modules):
-            targets[canonical] = module
+def calibration_targets(
+    model: nn.Module,
+    target_modules: Union[None, str, Sequence[str], LayerSelection] = None,
+    *,
+    exclude_modules: Union[None, str, Sequence[str]] = None,
+    layers_to_transform: Union[None, int, Sequence[int]] = None,
+    layers_pattern: Union[None, str, Sequence[str]] = None,
+) -> dict[str, nn.Module]:
+    """``{canonical name: module}`` whose inputs are recorded: the layers an NSN adapter with the same options
+    adapts (:class:`~nsn_peft.layer_selection.LayerSelection`; an NSN or other PEFT tuner layer counts as its
+    base layer). The default target leaves the output head out; a regex may name it."""
+    if isinstance(target_modules, LayerSelection):
+        selection = target_modules
+    else:
+        selection = LayerSelection(target_modules, exclude_modules, layers_to_transform, layers_pattern)
+    targets = selection.select(model)
+    for name, module in targets.items():
+        if not is_linear(module):
+            raise TypeError(
+                f"target_modules={selection.target_modules!r} selects '{name}' ({type(module).__name__}), which NSN "
+                "cannot adapt: only nn.Linear and transformers' Conv1D layers are; name the linear layers inside it."
+            )
     if not targets:
-        raise ValueError(f"No linear layer of {type(model).__name__} matches target_modules={target_modules!r}")
+        raise ValueError(
+            f"No linear layer of {type(model).__name__} matches target_modules={selection.target_modules!r}"
+            + (f", exclude_modules={selection.exclude_modules!r}" if selection.exclude_modules else "")
+            + (f", layers_to_transform={selection.layers_to_transform!r}" if selection.layers_to_transform is not None else "")
+        )
     return targets
 
 
@@ -187,7 +183,10 @@ def collect_activation_stats(
     max_tokens: Optional[int] = 65536,
     seq_len: int = 512,
     batch_size: int = 8,
-    target_modules: Union[None, str, Sequence[str]] = None,
+    target_modules: Union[None, str, Sequence[str], LayerSelection] = None,
+    exclude_modules: Union[None, str, Sequence[str]] = None,
+    layers_to_transform: Union[None, int, Sequence[int]] = None,
+    layers_pattern: Union[None, str, Sequence[str]] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float64,
     stats_device: Optional[Union[str, torch.device]] = "cpu",
@@ -208,7 +207,9 @@ def collect_activation_stats(
         seq_len: block length when cutting text or a token stream.
         batch_size: blocks per forward pass (texts and tensors; a DataLoader brings its own batches).
         target_modules: layer names (suffix match, as in PEFT) or a regex (full match); default every
-            linear / ``Conv1D`` layer except the output head.
+            linear / ``Conv1D`` layer except the output head. With ``exclude_modules``, ``layers_to_transform``
+            and ``layers_pattern`` (``NSNConfig``'s meaning), the statistics cover exactly the layers an adapter
+            with the same options adapts.
         device: where to run; default the model's device (the model is moved there if needed).
         dtype: accumulator dtype; float64 recommended (see the module docstring).
         stats_device: where the returned matrices live (``"cpu"``; ``None`` keeps them on the run device,
@@ -236,7 +237,8 @@ def collect_activation_stats(
         raise ValueError(f"max_tokens must be positive or None, got {max_tokens}")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-    targets = calibration_targets(model, target_modules)
+    targets = calibration_targets(model, target_modules, exclude_modules=exclude_modules,
+                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
     run_device = _run_device(model, device)
     if run_device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
         logger.warning("float32 matmul precision is %r (TF32): the Gram matrices lose precision in their small "
@@ -277,7 +279,10 @@ def collect_gradient_stats(
     max_tokens: Optional[int] = 8192,
     seq_len: int = 512,
     batch_size: int = 4,
-    target_modules: Union[None, str, Sequence[str]] = None,
+    target_modules: Union[None, str, Sequence[str], LayerSelection] = None,
+    exclude_modules: Union[None, str, Sequence[str]] = None,
+    layers_to_transform: Union[None, int, Sequence[int]] = None,
+    layers_pattern: Union[None, str, Sequence[str]] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float64,
     stats_device: Optional[Union[str, torch.device]] = "cpu",
@@ -302,7 +307,8 @@ def collect_gradient_stats(
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None:
         raise TypeError(f"{type(model).__name__} has no input embeddings; gradient statistics need a language model")
-    targets = calibration_targets(model, target_modules)
+    targets = calibration_targets(model, target_modules, exclude_modules=exclude_modules,
+                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
     run_device = _run_device(model, device)
     collector = OutputGradientCollector(targets, dtype, run_device)
     frozen = [(p, p.requires_grad) for p in model.parameters()]

@@ -46,6 +46,10 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         help="Layers to collect (comma-separated names, 'all-linear' or 're:<regex>'; default: all linear layers).",
     )
     parser.add_argument(
+        "--exclude-modules", type=module_list, default=None, metavar="NAMES",
+        help="Layers never collected (as in adapt: the same options select the same layers).",
+    )
+    parser.add_argument(
         "--gradients", action="store_true",
         help="Also collect output-gradient statistics into DIR/output_gradients (for search-ranks --target-fraction).",
     )
@@ -70,18 +74,21 @@ def run(args: argparse.Namespace) -> CommandResult:
     texts = load_texts(args)
     model, tokenizer = load_base(args, task="causal-lm")
     check_target_modules(model, args.target_modules)
+    if args.exclude_modules is not None and not isinstance(args.exclude_modules, str):
+        check_target_modules(model, list(args.exclude_modules), "--exclude-modules")
     from .. import calibrate as calibration
     stats = calibration.collect_activation_stats(
         model, texts, tokenizer=tokenizer, max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-        target_modules=args.target_modules, device=resolve_device(args.device), show_progress=progress_enabled(),
+        target_modules=args.target_modules, exclude_modules=args.exclude_modules, device=resolve_device(args.device),
+        show_progress=progress_enabled(),
     )
     stats.model_id = base_model_reference(args.model, args.gguf_file)
     gradients = None
     if args.gradients:
         gradients = calibration.collect_gradient_stats(
             model, texts, tokenizer=tokenizer, max_tokens=args.gradient_tokens or args.max_tokens, seq_len=args.seq_len,
-            batch_size=args.batch_size, target_modules=args.target_modules, device=resolve_device(args.device),
-            show_progress=progress_enabled(),
+            batch_size=args.batch_size, target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+            device=resolve_device(args.device), show_progress=progress_enabled(),
         )
         gradients.model_id = stats.model_id
     # Both sets of statistics appear together or not at all.

@@ -243,13 +243,11 @@ def check_target_modules(model: Any, target_modules: Any, what: str = "--target-
     """Usage error when a listed module name matches no Linear/Conv1D layer of ``model``."""
     if target_modules is None or isinstance(target_modules, str):
         return
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
+    from ..layer_selection import is_linear, unmatched_targets
 
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-    unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    unknown = unmatched_targets(model, target_modules)
     if unknown:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
         raise UsageError(f"{what}: {', '.join(unknown)} match(es) no linear layer of the model (layer names: {', '.join(suffixes)})")
 
 

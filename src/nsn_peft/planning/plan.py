@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..io import write_json
+from ..tuner.rank_spec import RankSpec
 
 PLAN_FORMAT = "nsn-peft-rank-plan"
 PLAN_VERSION = 1
@@ -101,6 +102,13 @@ class RankPlan:
             kwargs["exclude_modules"] = sorted(self.kept_dense)
         kwargs.update(overrides)
         return kwargs
+
+    def to_rank_spec(self) -> RankSpec:
+        """The plan's ranks as an operating point: ``model.set_rank(plan.to_rank_spec())`` runs a model whose
+        max ranks are higher at this plan's ranks (the layers it does not factor keep theirs)."""
+        if not self.ranks:
+            raise ValueError("RankPlan factors no layer (every layer is kept dense); it names no operating point")
+        return RankSpec.layers(self.ranks)
 
     def parameter_fraction(self, shapes: Optional[Mapping[str, tuple[int, int]]] = None) -> float:
         """Parameters of the planned layers (factored or dense) over their dense parameters.

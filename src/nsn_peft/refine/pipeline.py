@@ -76,9 +76,7 @@ def truncate_to_active_ranks(model: nn.Module) -> dict[str, int]:
         if r < layer.nsn_max_rank[adapter]:
             layer.set_factors(adapter, layer.nsn_B[adapter][:, :r].clone(), layer.nsn_A[adapter][:r].clone())
         if tuner is not None:
-            config = tuner.peft_config[adapter]
-            config.rank_pattern[re.escape(name)] = r
-            config.active_rank = None
+            tuner.peft_config[adapter].rank_pattern[re.escape(name)] = r
     return ranks
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..naming import strip_wrapper_names
 from ..tuner.ranks import nsn_layers
+from ..tuner.runtime import set_runtime_options
 
 logger = logging.getLogger(__name__)
 
@@ -232,12 +233,15 @@ class LogVarOptimizer:
 
 def contiguous_factors(model: nn.Module) -> int:
     """Give every ``nsn_B`` stored rank-major for serving (factors-only loading, ``compile_for_ranks``) back its
-    contiguous training layout; returns how many were re-laid out.
+    contiguous training layout (the model's ``rank_major`` runtime option off); returns how many layers were
+    laid out rank-major.
 
     FSDP2 and ZeRO-3 shard flat views of contiguous parameters (they refuse others), and DDP's gradient
     buckets are laid out like the parameters. Outputs do not depend on the layout.
     """
-    return sum(layer.make_rank_major(False) for layer in nsn_layers(model).values())
+    moved = sum(layer.rank_major_storage for layer in nsn_layers(model).values())
+    set_runtime_options(model, rank_major=False)
+    return moved
 
 
 def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarOptimizer]:

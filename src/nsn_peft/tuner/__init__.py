@@ -1,8 +1,10 @@
 """The NSN PEFT method, laid out like PEFT's own tuners.
 
 ``config.py`` (what is configurable), ``layer.py`` (what an adapted layer does), ``model.py`` (how a model is
-rewritten), ``targeting.py`` (which modules are adapted), ``ranks.py`` (rank control and FLOPs accounting), ``model_card.py``, and ``registration.py`` (how
-PEFT learns about the method).
+rewritten), ``targeting.py`` (which modules are adapted), ``rank_spec.py`` (which operating point: ``RankSpec``
+and its resolution to per-layer ranks), ``ranks.py`` (rank control and FLOPs accounting), ``runtime.py``
+(per-model runtime options: kernels, storage layout), ``model_card.py``,
+and ``registration.py`` (how PEFT learns about the method).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from .compile import RankCompilation, compile_for_ranks
 from .config import NSNConfig
 from .dense import dense_model
-from .layer import NSNLayer, NSNLinear
+from .layer import NSNLayer, NSNLinear, RuntimeOptions
 from .model import NSNModel
+from .rank_spec import RankSpec, resolve_ranks
 from .ranks import (
     FlopsReport,
     at_rank,
@@ -21,11 +24,13 @@ from .ranks import (
     get_max_rank,
     get_rank,
     nsn_layers,
+    ranks_at,
     select_rank_for_target_flops,
     selectable_ranks,
     set_rank,
 )
 from .registration import register
+from .runtime import get_runtime_options, set_runtime_options
 
 __all__ = [
     "FlopsReport",
@@ -35,6 +40,8 @@ __all__ = [
     "NSNLayer",
     "NSNLinear",
     "NSNModel",
+    "RankSpec",
+    "RuntimeOptions",
     "at_rank",
     "budget_plan",
     "budget_plans",
@@ -42,9 +49,13 @@ __all__ = [
     "estimate_flops",
     "get_max_rank",
     "get_rank",
+    "get_runtime_options",
     "nsn_layers",
+    "ranks_at",
     "register",
+    "resolve_ranks",
     "select_rank_for_target_flops",
     "selectable_ranks",
     "set_rank",
+    "set_runtime_options",
 ]

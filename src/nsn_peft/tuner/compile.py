@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from . import ranks as _ranks
+from .rank_spec import RankLike, RankSpec
+from .runtime import set_runtime_options
 
 __all__ = ["RankCompilation", "compile_for_ranks", "compiled_graph_count"]
 
@@ -57,14 +59,19 @@ class RankCompilation:
         return sum(self.new_graphs[1:])
 
 
-RankItem = Union[int, float, Mapping[str, int]]
+RankItem = Union[RankLike, float]
 
 
-def _apply(model: nn.Module, item: RankItem) -> None:
+def _spec(item: RankItem) -> RankSpec:
     if isinstance(item, float):
-        _ranks.set_rank(model, fraction=item)
-    else:
-        _ranks.set_rank(model, item)
+        warnings.warn(
+            f"compile_for_ranks: a bare float ({item!r}) as a fraction of the max rank is deprecated; pass "
+            f"RankSpec.fraction({item!r}) (or RankSpec.flops({item!r}) for a stored FLOPs budget).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return RankSpec.fraction(item)
+    return RankSpec.coerce(item)
 
 
 def _sync() -> None:
@@ -85,8 +92,9 @@ def compile_for_ranks(
 
     Args:
         model: A ``PeftModel``/``NSNModel`` or any module holding NSN layers (ranks are set on it).
-        ranks: What ``set_rank`` accepts per item: an int, a ``{module: rank}`` dict, or a float, read as a
-            fraction of each layer's max rank (``set_rank(fraction=...)``).
+        ranks: Operating points, each what ``set_rank`` accepts: a :class:`~nsn_peft.RankSpec` (a rank, a
+            fraction of each layer's max rank, a stored FLOPs budget, per-layer ranks), an int or a
+            ``{module: rank}`` dict. A bare float still means a fraction but is deprecated (it could be a budget).
         warmup: A call that runs the compiled model, e.g. ``lambda: compiled(ids)`` or
             ``lambda: model.generate(ids, max_new_tokens=2, cache_implementation="static")`` (``generate``
             compiles its decode step itself). Omit it to let this function compile ``model`` with
@@ -102,6 +110,9 @@ def compile_for_ranks(
     """
     if not ranks:
         raise ValueError("compile_for_ranks needs at least one rank to warm")
+    specs = [_spec(item) for item in ranks]
+    for spec in specs:
+        _ranks.ranks_at(model, spec)  # every point is checked before anything compiles
     compiled = None
     if warmup is None:
         if example_inputs is None:
@@ -117,16 +128,12 @@ def compile_for_ranks(
                 return compiled(*inputs)
     elif compile_kwargs:
         raise ValueError(f"compile_for_ranks: compile options {sorted(compile_kwargs)} apply only without warmup=")
-    for layer in _ranks.nsn_layers(model).values():
-        layer.make_rank_major()  # a row-major nsn_B would make the compiled graph specialise on the rank
+    set_runtime_options(model, rank_major=True)  # a row-major nsn_B would make the compiled graph specialise on the rank
     previous = _ranks.get_rank(model)
-    tuner = _ranks._tuner(model)
-    adapter = tuner.active_adapters[0] if tuner is not None else None
-    previous_spec = tuner.peft_config[adapter].active_rank if tuner is not None else None
     seconds, new_graphs = [], []
     try:
-        for item in ranks:
-            _apply(model, item)
+        for spec in specs:
+            _ranks.set_rank(model, spec)
             before = compiled_graph_count()
             start = time.perf_counter()
             with torch.no_grad():
@@ -134,13 +141,11 @@ def compile_for_ranks(
             _sync()
             seconds.append(time.perf_counter() - start)
             new_graphs.append(compiled_graph_count() - before)
-            logger.info("Warmed rank %s: %.2fs, %d new graph(s)", item, seconds[-1], new_graphs[-1])
+            logger.info("Warmed %s: %.2fs, %d new graph(s)", spec, seconds[-1], new_graphs[-1])
             if len(new_graphs) == 2 and new_graphs[1] > 0:
                 _rank_is_static(len(ranks), fail_on_recompile_limit)
     finally:
-        _ranks.set_rank(model, previous)
-        if tuner is not None:
-            tuner.peft_config[adapter].active_rank = previous_spec
+        _ranks.set_rank(model, RankSpec.layers(previous))
     return RankCompilation(list(ranks), seconds, new_graphs, compiled)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -9,6 +10,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from .peft_type import extend_peft_type
+from .rank_spec import budget_key
 
 extend_peft_type()
 
@@ -53,8 +55,10 @@ class NSNConfig(PeftConfig):
         keep_dense_if_no_savings: With ``init="projected"``, leave a layer dense when its utilized-rank
             factorisation would not be smaller than the dense matrix (``r(m+d) >= md``).
         whitening_damp: Relative diagonal damping of the activation Gram before its Cholesky factor.
-        active_rank: Rank(s) the adapter runs at after creation or loading (``None`` = max); kept up to date
-            by ``set_rank`` so that a saved adapter comes back at the rank it was saved at.
+        active_rank: Rank(s) the adapter runs at after creation or loading (``None`` = max; an int, clamped to
+            each layer's max; or ``{module name or pattern: rank}``). ``save_pretrained`` writes the layers'
+            ranks at save time here, so a saved adapter comes back at the rank it was saved at; in memory it
+            is the rank the adapter started at (read the current ranks with ``get_rank``).
         budget_plans: Per-layer ranks for FLOPs budgets, ``{"0.5": {layer name: rank}}``: keys are fractions of
             the targeted layers' dense matmul FLOPs (written as strings, e.g. ``"0.25"``), values give every
             NSN layer (plain base-model names) its rank at that budget. The plans must be nested (a layer's
@@ -148,6 +152,12 @@ class NSNConfig(PeftConfig):
         self.budget_plans = normalize_budget_plans(self.budget_plans)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("NSNConfig.layers_pattern requires layers_to_transform to be set as well.")
+        if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear" and self.layers_to_transform is not None:
+            warnings.warn(
+                f"NSNConfig.layers_to_transform={self.layers_to_transform!r} does not narrow a regex target_modules "
+                f"({self.target_modules!r}), as in PEFT: put the block numbers into the regex, or list module names.",
+                stacklevel=3,
+            )
 
     @property
     def params_fraction(self) -> Optional[float]:
@@ -173,11 +183,6 @@ class NSNConfig(PeftConfig):
             self.stats = stats
         data.pop("stats", None)
         return data
-
-
-def budget_key(budget: float) -> str:
-    """The :attr:`NSNConfig.budget_plans` key of a FLOPs budget (``0.5`` -> ``"0.5"``; rounding noise ignored)."""
-    return f"{round(float(budget), 6):g}"
 
 
 def normalize_budget_plans(plans: Any) -> dict[str, dict[str, int]]:

@@ -46,15 +46,15 @@ def dense_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Modu
     """
     layers = _layers(model)
     check_dense_weights(model)
-    previous = [layer._disable_adapters for layer in layers]
     training = model.training
+    previous = []
     try:
         for layer in layers:
-            layer._disable_adapters = True
+            previous.append(layer.bypass_adapters(True))
         if eval_mode:
             model.eval()
         yield model
     finally:
         for layer, flag in zip(layers, previous):
-            layer._disable_adapters = flag
+            layer.bypass_adapters(flag)
         model.train(training)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -11,9 +13,33 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .active_ranks import ActiveRanks
 from .kernels import nested_linear
 
-__all__ = ["NSNLayer", "NSNLinear", "check_supported_module", "rank_major"]
+__all__ = ["NSNLayer", "NSNLinear", "RuntimeOptions", "rank_major"]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a model's NSN layers run, set per model (:func:`nsn_peft.set_runtime_options`), never process-wide.
+
+    Attributes:
+        kernels: Route the forward through :func:`nsn_peft.tuner.kernels.nested_linear`, which sends 1-token
+            CUDA inference calls to a Triton split-K kernel (2–27 % faster than two cuBLAS calls per layer on
+            an H100 under CUDA graphs) and everything else to the same two ``F.linear`` calls. Off by default
+            until it is measured end to end on a whole model.
+        rank_major: Store ``nsn_B`` column-major (:func:`rank_major`): for serving from factors and compiled
+            rank switching. Off: contiguous factors, which training needs (FSDP2/ZeRO-3 shard only those, DDP's
+            gradient buckets follow the layout). Outputs do not depend on it.
+    """
+
+    kernels: bool = False
+    rank_major: bool = False
+
+    def __post_init__(self) -> None:
+        for option in dataclasses.fields(self):
+            if not isinstance(getattr(self, option.name), bool):
+                raise ValueError(f"RuntimeOptions.{option.name} must be a bool, got {getattr(self, option.name)!r}")
 
 
 def rank_major(b: torch.Tensor) -> torch.Tensor:
@@ -21,97 +47,6 @@ def rank_major(b: torch.Tensor) -> torch.Tensor:
     whose strides do not depend on r, so a compiled graph need not specialise on the rank (with row-major
     storage, "is ``b[:, :r]`` contiguous" is a question about r, which torch.compile guards on)."""
     return b if b.dim() != 2 or b.t().is_contiguous() else b.t().contiguous().t()
-
-
-def _rank_carrier(rank: int) -> torch.Tensor:
-    """A zero-byte meta tensor whose last size is ``rank``.
-
-    ``forward`` reads the rank from this size instead of a Python int: torch.compile treats a size marked
-    dynamic as a symbol, so one compiled graph serves every rank >= 2 (an int attribute is a constant that is
-    guarded on, one recompilation per rank). The tensor is never an input of the compiled graph, only its size.
-    """
-    carrier = torch.empty(0, rank, device="meta")
-    torch._dynamo.maybe_mark_dynamic(carrier, 1)
-    return carrier
-
-
-class _ActiveRanks(dict):
-    """``{adapter: rank}`` that keeps, beside each rank, its :func:`_rank_carrier` in ``carriers``."""
-
-    def __init__(self, carriers: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.carriers = carriers
-
-    def __setitem__(self, adapter: str, rank: int) -> None:
-        super().__setitem__(adapter, rank)
-        self.carriers[adapter] = _rank_carrier(int(rank))
-
-    def __delitem__(self, adapter: str) -> None:
-        super().__delitem__(adapter)
-        self.carriers.pop(adapter, None)
-
-    def pop(self, adapter: str, *default: Any) -> Any:
-        self.carriers.pop(adapter, None)
-        return super().pop(adapter, *default)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        for adapter, rank in dict(*args, **kwargs).items():
-            self[adapter] = rank
-
-    def setdefault(self, adapter: str, rank: int) -> int:
-        if adapter not in self:
-            self[adapter] = rank
-        return self[adapter]
-
-    def clear(self) -> None:
-        super().clear()
-        self.carriers.clear()
-
-    def __deepcopy__(self, memo: dict) -> _ActiveRanks:
-        carriers: dict[str, torch.Tensor] = {}
-        copy = _ActiveRanks(carriers)
-        copy.update(dict(self))
-        return copy
-
-    def __reduce__(self):
-        return (_rebuild_active_ranks, (dict(self),))
-
-
-def _rebuild_active_ranks(ranks: dict[str, int]) -> _ActiveRanks:
-    active = _ActiveRanks({})
-    active.update(ranks)
-    return active
-
-
-def _is_quantized(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__module__.split(".")[0] in {"bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "torchao"}
-        or hasattr(module, "qweight")
-        or (weight is not None and not torch.is_floating_point(weight))
-        or (weight is not None and type(weight).__name__ in {"Params4bit", "Int8Params"})
-    )
-
-
-def check_supported_module(module: nn.Module, name: str) -> None:
-    """Raise a ``TypeError`` naming ``name`` unless ``module`` is a dense linear layer NSN can factor."""
-    if isinstance(module, NSNLayer):
-        return
-    kind = type(module).__name__
-    if _is_quantized(module):
-        raise TypeError(
-            f"NSN cannot adapt '{name}' ({kind}): quantized layers are not supported; "
-            "load the model in fp32/bf16/fp16 (dequantized) before adapting it."
-        )
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return
-    if isinstance(module, nn.Embedding):
-        reason = "embeddings are lookups, not matrix products, and are not factored"
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        reason = f"convolutions (kernel size {tuple(module.kernel_size)}) are not supported; only nn.Linear and Conv1D are"
-    else:
-        reason = "only nn.Linear and transformers' Conv1D layers are supported"
-    raise TypeError(f"NSN cannot adapt '{name}' ({kind}): {reason}.")
 
 
 class NSNLayer(BaseTunerLayer):
@@ -126,15 +61,13 @@ class NSNLayer(BaseTunerLayer):
         self.nsn_A = nn.ParameterDict()
         self.nsn_B = nn.ParameterDict()
         self._nsn_rank_carrier: dict[str, torch.Tensor] = {}
-        self.nsn_rank: dict[str, int] = _ActiveRanks(self._nsn_rank_carrier)
+        self.nsn_rank: dict[str, int] = ActiveRanks(self._nsn_rank_carrier)
         self.nsn_max_rank: dict[str, int] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._original_weight: Optional[torch.Tensor] = None
         self.base_weight_dropped = False
-        # nsn_B column-major (see rank_major): for serving (factors only) and compiled rank switching. Training
-        # keeps row-major, contiguous factors, which FSDP and DDP's gradient buckets require.
-        self.rank_major_storage = False
+        self.runtime_options = RuntimeOptions()
         base = self.get_base_layer()
         self.is_conv1d = isinstance(base, Conv1D)
         if self.is_conv1d:
@@ -172,9 +105,9 @@ class NSNLayer(BaseTunerLayer):
         kwargs = {"device": weight.device if device is None else device, "dtype": weight.dtype}
         self.nsn_A[adapter_name] = nn.Parameter(torch.zeros(max_rank, self.in_features, **kwargs))
         b = torch.zeros(self.out_features, max_rank, **kwargs)
-        self.nsn_B[adapter_name] = nn.Parameter(rank_major(b) if self.rank_major_storage else b)
+        self.nsn_B[adapter_name] = nn.Parameter(rank_major(b) if self.runtime_options.rank_major else b)
         self.nsn_max_rank[adapter_name] = max_rank
-        self.nsn_rank[adapter_name] = max_rank
+        self.set_rank(max_rank, adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -236,18 +169,40 @@ class NSNLayer(BaseTunerLayer):
                 key = f"{prefix}{factor}.{adapter}"
                 if key not in state_dict:
                     continue
-                if not self.rank_major_storage:  # nsn_B may arrive rank-major; training (FSDP) needs contiguous
+                if not self.runtime_options.rank_major:  # nsn_B may arrive rank-major; training (FSDP) needs contiguous
                     state_dict[key] = state_dict[key].contiguous()
                 if not param.is_meta:
                     continue
                 value = state_dict[key].to(device=self.get_base_layer().weight.device, dtype=param.dtype)
                 params[adapter] = nn.Parameter(value, requires_grad=param.requires_grad)
 
+    @property
+    def rank_major_storage(self) -> bool:
+        """Whether ``nsn_B`` is stored rank-major (``runtime_options.rank_major``; set it with
+        :meth:`set_runtime_options`)."""
+        return self.runtime_options.rank_major
+
+    def set_runtime_options(self, options: RuntimeOptions) -> bool:
+        """Run with ``options`` (re-laying ``nsn_B`` out if the storage layout changes); True if a factor moved."""
+        if not isinstance(options, RuntimeOptions):
+            raise ValueError(f"'{self.module_name}': expected RuntimeOptions, got {options!r}")
+        moved = self.make_rank_major(options.rank_major)
+        self.runtime_options = options
+        return moved
+
+    def bypass_adapters(self, bypass: bool = True) -> bool:
+        """Forward through the base layer's own weight (``True``) or the active adapter; returns the previous
+        setting. Unlike PEFT's ``enable_adapters`` it leaves ``requires_grad`` alone (a dense teacher inside a
+        training step)."""
+        previous = self._disable_adapters
+        self._disable_adapters = bool(bypass)
+        return previous
+
     @torch.no_grad()
     def make_rank_major(self, enabled: bool = True) -> bool:
         """Store every ``nsn_B`` column-major (:func:`rank_major`; for compiled rank switching and serving), or with
         ``enabled=False`` contiguous (FSDP2/ZeRO-3 shard only those); True if a factor was re-laid out."""
-        self.rank_major_storage = enabled
+        self.runtime_options = dataclasses.replace(self.runtime_options, rank_major=bool(enabled))
         changed = False
         for adapter, param in list(self.nsn_B.items()):
             if param.is_meta or param.dim() != 2 or (param.t().is_contiguous() if enabled else param.is_contiguous()):
@@ -276,26 +231,47 @@ class NSNLayer(BaseTunerLayer):
             requires_grad = old.requires_grad
             self.nsn_A[adapter_name] = nn.Parameter(a.to(**kwargs).contiguous(), requires_grad=requires_grad)
             b = b.to(**kwargs)
-            b = rank_major(b) if self.rank_major_storage else b.contiguous()
+            b = rank_major(b) if self.runtime_options.rank_major else b.contiguous()
             self.nsn_B[adapter_name] = nn.Parameter(b, requires_grad=requires_grad)
             self.nsn_max_rank[adapter_name] = rank
-        self.nsn_rank[adapter_name] = min(self.nsn_rank.get(adapter_name, rank), rank)
+        self.set_rank(min(self.nsn_rank.get(adapter_name, rank), rank), adapter_name)
+        if adapter_name in self.merged_adapters:
+            self.refresh_merged_weight()  # new factors, same rank: the merged weight is stale all the same
 
     # -- rank control ------------------------------------------------------------------------------
     def set_rank(self, rank: int, adapter_name: Optional[str] = None) -> None:
-        names = [adapter_name] if adapter_name is not None else list(self.nsn_A.keys())
-        for name in names:
-            limit = self.nsn_max_rank[name]
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
-                raise ValueError(f"Rank {rank!r} is invalid for '{self.module_name}' (adapter '{name}'): must be in [1, {limit}]")
-            self.nsn_rank[name] = rank
-        self.refresh_merged_weight()
+        """Run ``adapter_name`` (default: every adapter of the layer) at ``rank``, in ``[1, max rank]``.
+
+        The only writer of ``nsn_rank``: rank helpers (:func:`nsn_peft.set_rank`, ``at_rank``, budgets) resolve
+        their operating point to per-layer ranks and call this. A merged layer whose adapter changed rank is
+        re-merged here, so it always computes the rank it reports.
+        """
+        if adapter_name is None:
+            names = list(self.nsn_A.keys())
+            for name in names:  # all checked before any changes
+                self._check_rank(rank, name)
+            for name in names:
+                self.set_rank(rank, name)
+            return
+        # The per-adapter path is what a rank switch runs once per layer: kept to a few dict operations.
+        if type(rank) is not int or not 1 <= rank <= self.nsn_max_rank[adapter_name]:
+            self._check_rank(rank, adapter_name)
+        if self.nsn_rank.get(adapter_name) == rank:
+            return
+        self.nsn_rank[adapter_name] = rank
+        if adapter_name in self.merged_adapters:
+            self.refresh_merged_weight()
+
+    def _check_rank(self, rank: Any, adapter_name: str) -> None:
+        limit = self.nsn_max_rank[adapter_name]
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+            raise ValueError(f"Rank {rank!r} is invalid for '{self.module_name}' (adapter '{adapter_name}'): must be in [1, {limit}]")
 
     @torch.no_grad()
     def refresh_merged_weight(self) -> None:
-        """After a rank change, make a merged layer compute its adapter's *current* rank again.
+        """Make a merged layer compute its adapter's *current* rank and factors again (:meth:`set_rank` calls it).
 
-        ``merge()`` writes ``B[:, :r] @ A[:r]`` into the base weight; without this a later ``set_rank`` would change
+        ``merge()`` writes ``B[:, :r] @ A[:r]`` into the base weight; without this a later rank change would change
         ``get_rank()`` and the saved config while the model kept computing the old rank.
         """
         if not self.merged or (self._original_weight is None and not getattr(self, "_merged_from_factors", False)):
@@ -320,17 +296,32 @@ class NSNLayer(BaseTunerLayer):
         return self.nsn_B[adapter_name][:, :r] @ self.nsn_A[adapter_name][:r]
 
     # -- merging -----------------------------------------------------------------------------------
+    def adapter_to_merge(self, adapter_names: Optional[list[str]] = None) -> list[str]:
+        """The NSN adapter ``merge(adapter_names=...)`` merges here (none, or one; default: the active one).
+
+        Raises ``ValueError`` for several adapters, or for one while another is merged: factors replace the
+        weight rather than add to it, so a layer holds one merged adapter (unmerge first).
+        """
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        names = [n for n in names if n in self.nsn_A]
+        if len(names) > 1:
+            raise ValueError(f"Only one NSN adapter can be merged into '{self.module_name}', got {names}")
+        if names and self.merged and names[0] not in self.merged_adapters:
+            raise ValueError(
+                f"Cannot merge adapter '{names[0]}' into '{self.module_name}': it holds adapter "
+                f"'{self.merged_adapters[0]}' merged already, and NSN factors replace the weight instead of adding to "
+                "it, so a layer holds one merged adapter. Call unmerge_adapter() first."
+            )
+        return names
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        names = self.adapter_to_merge(adapter_names)
         if self.merged:
             check_adapters_to_merge(self, adapter_names)  # PEFT's warning: already merged, nothing to do
             return
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        names = [n for n in names if n in self.nsn_A]
         if not names:
             return
-        if len(names) > 1:
-            raise ValueError(f"Only one NSN adapter can be merged into '{self.module_name}', got {names}")
         base = self.get_base_layer()
         merged = self.effective_weight(names[0]).to(base.weight.dtype)
         if safe_merge and not torch.isfinite(merged).all():
@@ -364,19 +355,19 @@ class NSNLayer(BaseTunerLayer):
 class NSNLinear(nn.Module, NSNLayer):
     """Replaces ``nn.Linear``/``Conv1D``: ``y = (x @ A[:r]ᵀ) @ B[:, :r]ᵀ + bias``."""
 
-    #: Route the forward through :func:`nsn_peft.tuner.kernels.nested_linear`, which sends 1-token CUDA inference
-    #: calls to a Triton split-K kernel (2–27 % faster than two cuBLAS calls per layer on an H100 under CUDA
-    #: graphs) and everything else to the same two ``F.linear`` calls. Off by default until it is measured end
-    #: to end on a whole model; ``NSNLinear.use_kernels = True`` turns it on for every layer.
+    #: Deprecated: ``NSNLinear.use_kernels = True`` turns the kernels on for every model of the process. Use
+    #: ``set_runtime_options(model, kernels=True)`` (:class:`RuntimeOptions`), which is per model.
     use_kernels: bool = False
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, max_rank: int, module_name: str = "",
         device: Optional[torch.device | str] = None, rank_major: bool = False,
+        runtime_options: Optional[RuntimeOptions] = None,
     ) -> None:
         super().__init__()
         NSNLayer.__init__(self, base_layer, module_name=module_name)
-        self.rank_major_storage = rank_major
+        options = runtime_options or RuntimeOptions()
+        self.runtime_options = dataclasses.replace(options, rank_major=options.rank_major or rank_major)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, max_rank, device=device)
         self.register_load_state_dict_pre_hook(NSNLayer._materialise_meta_factors)
@@ -399,7 +390,9 @@ class NSNLinear(nn.Module, NSNLayer):
         a, b = self.nsn_A[name], self.nsn_B[name]
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != a.dtype:
             x = x.to(a.dtype)
-        if self.use_kernels:
+        if self.runtime_options.kernels or NSNLinear.use_kernels:
+            if NSNLinear.use_kernels:
+                _warn_process_wide_kernels()
             return nested_linear(x, a, b, r, self.get_base_layer().bias)
         # Views: switching rank copies nothing; b[:, :r] is one contiguous block (column-major storage).
         return F.linear(F.linear(x, a[:r]), b[:, :r], self.get_base_layer().bias)
@@ -416,3 +409,11 @@ class NSNLinear(nn.Module, NSNLayer):
         ranks = ", ".join(f"{n}: r={self.nsn_rank[n]}/{self.nsn_max_rank[n]}" for n in self.nsn_A)
         kind = type(self.get_base_layer()).__name__
         return f"NSNLinear({kind}, in_features={self.in_features}, out_features={self.out_features}, {ranks})"
+
+
+def _warn_process_wide_kernels() -> None:
+    warnings.warn(
+        "NSNLinear.use_kernels (one switch for every model in the process) is deprecated; use "
+        "nsn_peft.set_runtime_options(model, kernels=True), which applies to that model only.",
+        FutureWarning, stacklevel=4,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from typing import Any, Optional
@@ -20,10 +21,12 @@ from ..linalg import decompose
 from ..linalg.flops import factoring_saves, rank_for_params_fraction
 from ..naming import canonical_module_name, lookup_pattern, strip_wrapper_names
 from . import ranks as _ranks
+from . import runtime as _runtime
 from . import targeting
 from .config import NSNConfig
-from .layer import NSNLayer, NSNLinear, check_supported_module
+from .layer import NSNLayer, NSNLinear, RuntimeOptions
 from .peft_type import keep_base_weights_override, loading_checkpoint, loading_source
+from .targeting import check_supported_module
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +46,19 @@ class NSNModel(BaseTuner):
     prefix: str = "nsn_"
     tuner_layer_cls = NSNLayer
     target_module_mapping: dict[str, list[str]] = {}
+    #: How this model's layers run (kernels, storage layout); see :meth:`set_runtime_options`.
+    runtime_options: RuntimeOptions = RuntimeOptions()
 
     # -- injection -----------------------------------------------------------------------------------
+    _selection: Optional[targeting.Selection] = None  # the modules the injection under way adapts
+
     def _prepare_adapter_config(self, peft_config: NSNConfig, model_config: dict) -> NSNConfig:
-        all_linear = targeting.is_all_linear(peft_config.target_modules)
-        if all_linear:
+        if targeting.is_all_linear(peft_config.target_modules):
             peft_config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
-        targeting.remember_layer_filter(peft_config, all_linear)
         return peft_config
 
-    @staticmethod
-    def _check_target_module_exists(peft_config: NSNConfig, key: str):
-        return targeting.check_target_module_exists(peft_config, key)
+    def _check_target_module_exists(self, peft_config: NSNConfig, key: str):
+        return targeting.check_target_module_exists(peft_config, key, self._selection)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # NSN factors *replace* the dense weight, so they keep its dtype: upcasting bf16 factors to fp32 (as
@@ -82,9 +86,8 @@ class NSNModel(BaseTuner):
         # Factors only: nothing is allocated here; each layer's factors appear when they are computed (init)
         # or read (checkpoint), and its dense weight is freed right then, so memory never holds both models.
         device = None if self._keep_base_weights(peft_config) else "meta"
-        if device == "meta" and isinstance(target, NSNLayer):
-            target.rank_major_storage = True
         if isinstance(target, NSNLayer):
+            target.set_runtime_options(self.runtime_options)
             if target.base_weight_dropped and not self._loading:
                 raise RuntimeError(
                     f"Cannot initialise NSN adapter '{adapter_name}' on '{name}': its dense weight was dropped "
@@ -94,7 +97,7 @@ class NSNModel(BaseTuner):
             new_module = target
         else:
             new_module = NSNLinear(target, adapter_name, max_rank, module_name=name, device=device,
-                                   rank_major=device == "meta")
+                                   runtime_options=self.runtime_options)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -127,7 +130,12 @@ class NSNModel(BaseTuner):
         self._pending_init: list[tuple[str, NSNLayer]] = []
         self._layer_index = None
         targeting.check_layers_to_transform(model, self.peft_config[adapter_name])
+        # Chosen from the options as given, before PEFT rewrites "all-linear" into names (layer_selection.py).
+        selection = self._selection = targeting.Selection(model, self.peft_config[adapter_name])
         self._loading = loading_checkpoint() or low_cpu_mem_usage or state_dict is not None
+        if not self._keep_base_weights(self.peft_config[adapter_name]):
+            # Factors only: a model that serves; nsn_B rank-major from the start (no re-layout after loading).
+            self.runtime_options = dataclasses.replace(self.runtime_options, rank_major=True)
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -142,12 +150,14 @@ class NSNModel(BaseTuner):
                     f"{available[:12]}{' …' if len(available) > 12 else ''}"
                 ) from None
             raise
+        finally:
+            self._selection = None
         pending, self._pending_init = self._pending_init, []
         config = self.peft_config[adapter_name]
         config.keep_base_weights = self._keep_base_weights(config)
         if not self._loading:
             self._initialize_factors(config, adapter_name, pending)
-        targeting.record_adapted_modules(model, config, adapter_name)
+        targeting.record_adapted_modules(model, config, adapter_name, selection)
         self._layer_index = None
         if config.active_rank is not None:
             _ranks.set_rank(self, config.active_rank, adapter_name=adapter_name)
@@ -276,9 +286,21 @@ class NSNModel(BaseTuner):
             )
         yield
 
+    def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+        """Every layer accepts the merge before any changes (merging one adapter over another raises)."""
+        for module in self.model.modules():
+            if isinstance(module, NSNLayer):
+                module.adapter_to_merge(adapter_names)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
     def _unload_and_optionally_merge(
         self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
     ):
+        if merge:
+            self._check_mergeable(adapter_names)
         self._layer_index = None
         self._prepare_dropped_weights_for_unload(merge, adapter_names)
         return super()._unload_and_optionally_merge(
@@ -310,10 +332,13 @@ class NSNModel(BaseTuner):
     # -- checkpoint saving / loading -------------------------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection of the adapter's entries, which matches keys against module names. Wrappers around
+        """PEFT's selection of the adapter's entries, which matches keys against module names (and, since PEFT calls
+        this when it saves, the moment to record the current ranks in ``config.active_rank``). Wrappers around
         decoder layers (FSDP/Accelerate activation checkpointing, torch.compile) put a piece into every module
         name that a gathered state dict (plain names) lacks; the factors are then picked by their names."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Saving: the config records the ranks the layers run at now (derived here, never kept in step by hand).
+        config.active_rank = _ranks.active_rank_for_save(model, adapter_name)
         if selected or all(strip_wrapper_names(name) == name for name, _ in model.named_modules()):
             return selected
         return {k: v for k, v in state_dict.items() if re.search(r"\.nsn_[AB]\.[^.]+$", k)}
@@ -351,7 +376,7 @@ class NSNModel(BaseTuner):
 
     # -- rank API -------------------------------------------------------------------------------------
     def set_rank(
-        self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None
+        self, rank: Optional[_ranks.RankLike] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None
     ) -> None:
         _ranks.set_rank(self, rank, fraction=fraction, flops=flops)
 
@@ -361,14 +386,25 @@ class NSNModel(BaseTuner):
     def get_max_rank(self) -> dict[str, int]:
         return _ranks.get_max_rank(self)
 
-    def at_rank(self, rank: Optional[_ranks.RankSpec] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None):
+    def at_rank(
+        self, rank: Optional[_ranks.RankLike] = None, *, fraction: Optional[float] = None, flops: Optional[float] = None
+    ):
         return _ranks.at_rank(self, rank, fraction=fraction, flops=flops)
 
     def budget_plans(self) -> dict[float, dict[str, int]]:
         return _ranks.budget_plans(self)
 
-    def estimate_flops(self, rank: Optional[_ranks.RankSpec] = None, tokens: int = 1) -> _ranks.FlopsReport:
+    def estimate_flops(self, rank: Optional[_ranks.RankLike] = None, tokens: int = 1) -> _ranks.FlopsReport:
         return _ranks.estimate_flops(self, rank, tokens)
+
+    def set_runtime_options(
+        self, options: Optional[RuntimeOptions] = None, *, kernels: Optional[bool] = None, rank_major: Optional[bool] = None
+    ) -> RuntimeOptions:
+        """Run this model's NSN layers with ``options`` (or the current ones changed where a keyword is given):
+        ``kernels`` (the Triton decode path), ``rank_major`` (``nsn_B`` storage). Per model, never process-wide."""
+        self.runtime_options = _runtime._resolved(self.runtime_options, options, kernels, rank_major)
+        _runtime.apply_runtime_options(self.model, self.runtime_options)
+        return self.runtime_options
 
     def select_rank_for_target_flops(self, target_fraction: float, **kwargs: Any):
         return _ranks.select_rank_for_target_flops(self, target_fraction, **kwargs)

@@ -15,20 +15,21 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..linalg import flops as F
-from ..naming import canonical_module_name, lookup_pattern
-from .config import budget_key
+from ..naming import canonical_module_name, strip_wrapper_names
 from .layer import NSNLayer
-
-RankSpec = Union[int, Mapping[str, int]]
+from .rank_spec import RankLike, RankSpec, active_rank_field, plan_for_budget, resolve_ranks
 
 __all__ = [
     "FlopsReport",
+    "RankLike",
+    "RankSpec",
     "at_rank",
     "budget_plan",
     "budget_plans",
     "estimate_flops",
     "get_rank",
     "nsn_layers",
+    "ranks_at",
     "select_rank_for_target_flops",
     "selectable_ranks",
     "set_rank",
@@ -74,6 +75,11 @@ def _granularity(model: nn.Module, adapter: str) -> int:
     return tuner.peft_config[adapter].rank_granularity if tuner is not None else 64
 
 
+def _stored_plans(model: nn.Module, adapter: str) -> Mapping[str, Mapping[str, int]]:
+    tuner = _tuner(model)
+    return tuner.peft_config[adapter].budget_plans if tuner is not None else {}
+
+
 def budget_plans(model: nn.Module, adapter_name: Optional[str] = None) -> dict[float, dict[str, int]]:
     """The adapter's nested per-layer plans, ``{FLOPs budget: {module name: rank}}`` (``NSNConfig.budget_plans``)."""
     tuner = _tuner(model)
@@ -88,46 +94,29 @@ def budget_plan(model: nn.Module, flops: float, adapter_name: Optional[str] = No
 
     Raises ``ValueError`` naming the budgets that have a plan when ``flops`` has none.
     """
-    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1:
-        raise ValueError(f"flops must be a FLOPs fraction in (0, 1], got {flops!r}")
-    plans = budget_plans(model, adapter_name)
-    by_key = {budget_key(b): plan for b, plan in plans.items()}
-    plan = by_key.get(budget_key(flops))
-    if plan is None:
-        if not plans:
-            raise ValueError(
-                f"No budget plan for flops={flops:g}: this adapter stores none (NSNConfig.budget_plans is empty). "
-                "Create plans with nsn_peft.plan_budget_schedule(...), or pick uniform ranks with "
-                "select_rank_for_target_flops(model, fraction)."
-            )
-        available = ", ".join(budget_key(b) for b in sorted(plans))
-        raise ValueError(f"No budget plan for flops={flops:g}; this adapter has plans for the FLOPs budgets {available}")
-    return plan
+    budget = RankSpec.flops(flops).value
+    adapter = _adapter(model, nsn_layers(model), adapter_name)
+    return plan_for_budget(_stored_plans(model, adapter), budget)
 
 
-def _set_budget(model: nn.Module, layers: Mapping[str, NSNLayer], adapter: str, flops: float) -> None:
-    plan = budget_plan(model, flops, adapter)
-    missing = [n for n in layers if n not in plan]
-    extra = [n for n in plan if n not in layers]
-    if missing or extra:
-        raise ValueError(
-            f"Budget plan {budget_key(flops)} does not match the model's NSN layers: "
-            + (f"no rank for {missing[:3]}" if missing else f"ranks for unknown layers {extra[:3]}")
-        )
-    for name, layer in layers.items():
-        limit = layer.nsn_max_rank[adapter]
-        if not 1 <= plan[name] <= limit:
-            raise ValueError(f"Budget plan {budget_key(flops)} gives '{name}' rank {plan[name]}, outside [1, {limit}] (its max rank)")
-    for name, layer in layers.items():
-        layer.nsn_rank[adapter] = plan[name]
-    _record(model, adapter, dict(plan))
+def _resolve(model: nn.Module, layers: Mapping[str, NSNLayer], adapter: str, spec: RankLike) -> dict[str, int]:
+    """``spec`` as the rank of every layer of ``layers`` (:func:`~nsn_peft.tuner.rank_spec.resolve_ranks`)."""
+    spec = RankSpec.coerce(spec)
+    maxima = {name: layer.nsn_max_rank[adapter] for name, layer in layers.items()}
+    current = {name: layer.nsn_rank[adapter] for name, layer in layers.items()} if spec.kind == "layers" else None
+    plans = _stored_plans(model, adapter) if spec.kind == "flops" else None
+    return resolve_ranks(spec, maxima, current=current, granularity=_granularity(model, adapter), budget_plans=plans)
 
 
+def _apply(layers: Mapping[str, NSNLayer], adapter: str, ranks: Mapping[str, int]) -> None:
+    """Give each layer its rank through :meth:`NSNLayer.set_rank` (which re-merges a merged layer)."""
+    for name, rank in ranks.items():
+        layers[name].set_rank(rank, adapter)
 
 
 def set_rank(
     model: nn.Module,
-    rank: Optional[RankSpec] = None,
+    rank: Optional[RankLike] = None,
     *,
     fraction: Optional[float] = None,
     flops: Optional[float] = None,
@@ -136,84 +125,25 @@ def set_rank(
     """Switch the active rank of NSN layers (no tensor is copied: forward slices views).
 
     Args:
-        rank: an int for every layer (clamped to each layer's max rank, so ``set_rank(m, 10**9)`` means
-            "full"); or a dict ``{module name or pattern: rank}`` — strict: a rank above a layer's max or a
-            key that matches no layer raises ``ValueError``; layers not named keep their rank.
+        rank: a :class:`RankSpec`; or an int for every layer (clamped to each layer's max rank, so
+            ``set_rank(m, 10**9)`` means "full"); or a dict ``{module name or pattern: rank}`` — strict: a
+            rank above a layer's max or a key that matches no layer raises ``ValueError``; layers not named
+            keep their rank; or ``"full"``.
         fraction: instead of ``rank``, a fraction of each layer's max rank, rounded down to the grid (a layer
-            whose max rank is not above ``rank_granularity`` is rounded down to an integer rank instead).
+            whose max rank is not above ``rank_granularity`` is rounded down to an integer rank instead);
+            the same as ``RankSpec.fraction(fraction)``.
         flops: instead of ``rank``, a FLOPs budget with a stored plan (``NSNConfig.budget_plans``): every layer
-            takes its planned rank. A budget without a plan raises ``ValueError`` naming those available.
+            takes its planned rank (``RankSpec.flops(flops)``). A budget without a plan raises ``ValueError``
+            naming those available.
 
-    On a merged model (``merge_adapter()``) the merged weights are recomputed at the new ranks, so the
-    model always computes the ranks that :func:`get_rank` reports and that ``save_pretrained`` records.
+    Every layer is checked before any changes. On a merged model (``merge_adapter()``) the merged weights are
+    recomputed at the new ranks, so the model always computes the ranks that :func:`get_rank` reports and
+    that ``save_pretrained`` records.
     """
+    spec = RankSpec.from_arguments(rank, fraction=fraction, flops=flops)
     layers = nsn_layers(model)
     adapter = _adapter(model, layers, adapter_name)
-    if sum(x is not None for x in (rank, fraction, flops)) != 1:
-        raise ValueError("Pass exactly one of `rank`, `fraction=` or `flops=`.")
-    if flops is not None:
-        _set_budget(model, layers, adapter, flops)
-        return
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        g = _granularity(model, adapter)
-        _assign(layers, adapter, {n: F.fraction_rank(fraction, layer.nsn_max_rank[adapter], g) for n, layer in layers.items()})
-        _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
-        return
-    if isinstance(rank, Mapping):
-        assignments: dict[str, int] = {}
-        for key in rank:
-            if key in layers:  # exact module names (the common, per-layer case) need no pattern scan
-                continue
-            hits = [n for n in layers if lookup_pattern({key: 0}, n)]
-            if not hits:
-                raise ValueError(f"set_rank: '{key}' matches no NSN layer; layers are e.g. {list(layers)[:4]}")
-        for name, layer in layers.items():
-            key = lookup_pattern(rank, name)
-            if key is not None:
-                layer_rank = rank[key]
-                limit = layer.nsn_max_rank[adapter]
-                if not isinstance(layer_rank, int) or isinstance(layer_rank, bool) or not 1 <= layer_rank <= limit:
-                    raise ValueError(f"Rank {layer_rank!r} for '{name}' is outside [1, {limit}] (its max rank)")
-                assignments[name] = layer_rank
-        _assign(layers, adapter, assignments)
-        _record(model, adapter, {n: layer.nsn_rank[adapter] for n, layer in layers.items()})
-        return
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive int (or a dict of them), got {rank!r}")
-    _assign(layers, adapter, {n: min(rank, layer.nsn_max_rank[adapter]) for n, layer in layers.items()})
-    _record(model, adapter, rank)
-
-
-def _assign(layers: Mapping[str, NSNLayer], adapter: str, ranks: Mapping[str, int]) -> None:
-    """Set the ranks; a merged layer whose rank changed is re-merged at its new rank (it computes what
-    ``get_rank`` reports)."""
-    for name, rank in ranks.items():
-        layer = layers[name]
-        if layer.nsn_rank[adapter] != rank:
-            layer.nsn_rank[adapter] = rank
-            if adapter in layer.merged_adapters:
-                layer.refresh_merged_weight()
-
-
-def _record(model: nn.Module, adapter: str, spec: RankSpec) -> None:
-    """Keep ``config.active_rank`` in sync so ``save_pretrained`` reproduces the current rank."""
-    tuner = _tuner(model)
-    if tuner is None:
-        return
-    if isinstance(spec, Mapping):
-        values = set(spec.values())
-        maxima = {n: layer.nsn_max_rank[adapter] for n, layer in nsn_layers(model).items()}
-        if all(spec[n] == maxima[n] for n in spec):
-            spec = None
-        elif len(values) == 1:
-            only = values.pop()
-            # A single int reproduces this only if no layer was clamped below it.
-            spec = only if all(min(only, maxima[n]) == spec[n] for n in spec) else dict(spec)
-        else:
-            spec = dict(spec)
-    tuner.peft_config[adapter].active_rank = spec
+    _apply(layers, adapter, _resolve(model, layers, adapter, spec))
 
 
 def get_rank(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, int]:
@@ -221,6 +151,13 @@ def get_rank(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, 
     layers = nsn_layers(model)
     adapter = _adapter(model, layers, adapter_name)
     return {name: layer.nsn_rank[adapter] for name, layer in layers.items()}
+
+
+def ranks_at(model: nn.Module, rank: RankLike, adapter_name: Optional[str] = None) -> dict[str, int]:
+    """The rank every NSN layer would run at for ``rank`` (any :class:`RankSpec`), without switching to it."""
+    layers = nsn_layers(model)
+    adapter = _adapter(model, layers, adapter_name)
+    return _resolve(model, layers, adapter, rank)
 
 
 def get_max_rank(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, int]:
@@ -232,25 +169,36 @@ def get_max_rank(model: nn.Module, adapter_name: Optional[str] = None) -> dict[s
 @contextlib.contextmanager
 def at_rank(
     model: nn.Module,
-    rank: Optional[RankSpec] = None,
+    rank: Optional[RankLike] = None,
     *,
     fraction: Optional[float] = None,
     flops: Optional[float] = None,
     adapter_name: Optional[str] = None,
 ) -> Iterator[nn.Module]:
     """Run temporarily at ``rank`` (same arguments as :func:`set_rank`); the previous ranks come back after."""
+    spec = RankSpec.from_arguments(rank, fraction=fraction, flops=flops)
     layers = nsn_layers(model)
     adapter = _adapter(model, layers, adapter_name)
     previous = {name: layer.nsn_rank[adapter] for name, layer in layers.items()}
-    tuner = _tuner(model)
-    previous_spec = tuner.peft_config[adapter].active_rank if tuner is not None else None
-    set_rank(model, rank, fraction=fraction, flops=flops, adapter_name=adapter)
+    _apply(layers, adapter, _resolve(model, layers, adapter, spec))
     try:
         yield model
     finally:
-        _assign(layers, adapter, previous)
-        if tuner is not None:
-            tuner.peft_config[adapter].active_rank = previous_spec
+        _apply(layers, adapter, previous)
+
+
+def active_rank_for_save(model: nn.Module, adapter_name: str) -> Union[None, int, dict[str, int]]:
+    """``NSNConfig.active_rank`` as ``save_pretrained`` writes it: derived from the layers' current ranks of
+    ``adapter_name`` (``None`` when the model holds no layer of it)."""
+    layers = {
+        strip_wrapper_names(canonical_module_name(n)): m
+        for n, m in model.named_modules()
+        if isinstance(m, NSNLayer) and adapter_name in m.nsn_rank
+    }
+    if not layers:
+        return None
+    ranks = {name: layer.nsn_rank[adapter_name] for name, layer in layers.items()}
+    return active_rank_field(ranks, {name: layer.nsn_max_rank[adapter_name] for name, layer in layers.items()})
 
 
 def selectable_ranks(model: nn.Module, adapter_name: Optional[str] = None) -> list[int]:
@@ -305,22 +253,20 @@ def _other_dense_flops(model: nn.Module, tokens: int) -> int:
 
 
 def estimate_flops(
-    model: nn.Module, rank: Optional[RankSpec] = None, tokens: int = 1, adapter_name: Optional[str] = None
+    model: nn.Module, rank: Optional[RankLike] = None, tokens: int = 1, adapter_name: Optional[str] = None
 ) -> FlopsReport:
-    """FLOPs of the targeted layers (at ``rank``, default: current ranks) and of all matmuls in the model."""
+    """FLOPs of the targeted layers (at ``rank``, any :class:`RankSpec`; default: current ranks) and of all
+    matmuls in the model."""
     layers = nsn_layers(model)
     adapter = _adapter(model, layers, adapter_name)
+    if rank is None:
+        ranks = {name: layer.nsn_rank[adapter] for name, layer in layers.items()}
+    else:
+        ranks = _resolve(model, layers, adapter, rank)
     per_layer, dense = {}, 0
     for name, layer in layers.items():
         m, d = layer.out_features, layer.in_features
-        if rank is None:
-            r = layer.nsn_rank[adapter]
-        elif isinstance(rank, Mapping):
-            key = lookup_pattern(rank, name)
-            r = layer.nsn_rank[adapter] if key is None else rank[key]
-        else:
-            r = min(rank, layer.nsn_max_rank[adapter])
-        per_layer[name] = F.factored_flops(m, d, r, tokens)
+        per_layer[name] = F.factored_flops(m, d, ranks[name], tokens)
         dense += F.dense_flops(m, d, tokens)
     return FlopsReport(tokens, dense, sum(per_layer.values()), _other_dense_flops(model, tokens), per_layer)
 
