@@ -30,7 +30,9 @@ def test_two_gloo_processes_give_the_single_process_statistics():
         assert parallel[kind]["counts"] == single.token_counts
         assert list(parallel[kind]["grams"]) == list(single.grams)
         for name, gram in single.grams.items():
-            torch.testing.assert_close(parallel[kind]["grams"][name], gram, rtol=1e-12, atol=1e-12 * float(gram.abs().max()))
+            torch.testing.assert_close(
+                parallel[kind]["grams"][name], gram, rtol=1e-12, atol=1e-12 * float(gram.abs().max())
+            )
 
 
 @pytest.mark.slow

@@ -19,10 +19,17 @@ from nsn_peft.calibrate.stats import GRADIENT_STATS_SUBDIR
 
 
 def run(*args: object, cwd: Path, launcher: tuple[str, ...] = ("-m", "nsn_peft")) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(Path(nsn_peft.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, *launcher, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, *launcher, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
 
@@ -35,8 +42,23 @@ def ws(tmp_path_factory) -> Path:
     return root
 
 
-CALIBRATE = ("calibrate", "--model", "tiny", "--data", "train.txt", "--seq-len", "16", "--max-tokens", "256",
-             "--batch-size", "1", "--gradients", "--gradient-tokens", "128", "--json")
+CALIBRATE = (
+    "calibrate",
+    "--model",
+    "tiny",
+    "--data",
+    "train.txt",
+    "--seq-len",
+    "16",
+    "--max-tokens",
+    "256",
+    "--batch-size",
+    "1",
+    "--gradients",
+    "--gradient-tokens",
+    "128",
+    "--json",
+)
 
 
 def _assert_same_statistics(folder: Path, reference: Path) -> None:
@@ -63,7 +85,12 @@ def test_calibrate_under_torchrun(ws):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = run(*CALIBRATE, "--output", "launched", cwd=ws,
-               launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "nsn_peft"))
+    proc = run(
+        *CALIBRATE,
+        "--output",
+        "launched",
+        cwd=ws,
+        launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "nsn_peft"),
+    )
     assert json.loads(proc.stdout)["processes"] == 2  # the first process reports, the other prints nothing
     _assert_same_statistics(ws / "launched", ws / "single")

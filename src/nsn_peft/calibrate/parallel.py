@@ -53,8 +53,10 @@ def shard_blocks(blocks: torch.Tensor, rank: Optional[int] = None, world_size: O
     if blocks.dim() != 2:
         raise ValueError(f"shard_blocks expects (n, seq_len) token blocks, got shape {tuple(blocks.shape)}")
     if blocks.shape[0] < world_size:
-        raise ValueError(f"{blocks.shape[0]} calibration block(s) cannot be shared by {world_size} processes: "
-                         "use more tokens (--max-tokens) or fewer processes")
+        raise ValueError(
+            f"{blocks.shape[0]} calibration block(s) cannot be shared by {world_size} processes: "
+            "use more tokens (--max-tokens) or fewer processes"
+        )
     return blocks[rank::world_size]
 
 
@@ -87,10 +89,24 @@ def data_parallel_group(device: Optional[str] = None) -> Iterator[tuple[int, int
         torch.distributed.destroy_process_group()
 
 
-def _worker(local_rank: int, function: Callable[..., Any], args: tuple, world_size: int, port: int, device: Optional[str],
-            result_file: str) -> None:
-    os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+def _worker(
+    local_rank: int,
+    function: Callable[..., Any],
+    args: tuple,
+    world_size: int,
+    port: int,
+    device: Optional[str],
+    result_file: str,
+) -> None:
+    os.environ.update(
+        {
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     import sys
 
     with data_parallel_group(device):
@@ -104,8 +120,9 @@ def _worker(local_rank: int, function: Callable[..., Any], args: tuple, world_si
     os._exit(0)
 
 
-def run_data_parallel(function: Callable[..., Any], num_processes: int, args: tuple = (), *,
-                      device: Optional[str] = None) -> Any:
+def run_data_parallel(
+    function: Callable[..., Any], num_processes: int, args: tuple = (), *, device: Optional[str] = None
+) -> Any:
     """Run ``function(*args)`` in ``num_processes`` fresh processes joined in one process group; return rank 0's
     result.
 
@@ -118,11 +135,18 @@ def run_data_parallel(function: Callable[..., Any], num_processes: int, args: tu
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be a positive int, got {num_processes!r}")
     if device is not None and str(device).startswith("cuda") and torch.cuda.device_count() < num_processes:
-        raise ValueError(f"{num_processes} processes need {num_processes} GPUs (one each), {torch.cuda.device_count()} visible")
+        raise ValueError(
+            f"{num_processes} processes need {num_processes} GPUs (one each), {torch.cuda.device_count()} visible"
+        )
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="nsn-data-parallel-") as tmp:
         result_file = str(Path(tmp) / "rank0.pt")
-        mp.start_processes(_worker, args=(function, args, num_processes, _free_port(), device, result_file),
-                           nprocs=num_processes, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(function, args, num_processes, _free_port(), device, result_file),
+            nprocs=num_processes,
+            join=True,
+            start_method="spawn",
+        )
         return torch.load(result_file, weights_only=True)

@@ -14,12 +14,12 @@ from ..devices import resolve_device
 from ..hub import base_model_reference
 from .inputs import check_output_dir, check_target_modules, load_base
 from .options import (
+    UsageError,
     add_common_options,
     add_data_options,
     add_model_options,
     add_overwrite_option,
     module_list,
-    UsageError,
     new_command,
     positive_int,
 )
