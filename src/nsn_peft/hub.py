@@ -352,12 +352,9 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
 
 def is_compressed_folder(ref: Optional[Union[str, os.PathLike]]) -> bool:
     """Whether ``ref`` is a folder written by :func:`nsn_peft.save_compressed` (``nsn-peft compress``)."""
-    from .export.compressed import META_FILE
+    from .export.compressed import is_export_folder
 
-    if ref is None:
-        return False
-    path = Path(ref).expanduser()
-    return path.is_dir() and (path / META_FILE).is_file()
+    return is_export_folder(ref)
 
 
 def load_compressed_model(
