@@ -19,7 +19,7 @@ from nsn_peft.refine import (
     refine_blockwise,
     refine_end_to_end,
 )
-from nsn_peft.refine import pipeline as pipeline_module
+from nsn_peft.refine import stages as stages_module
 from nsn_peft.training import distillation_loss
 
 
@@ -168,7 +168,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     reference, _ = compress_and_refine(tiny_llama(), calib, 0.5, config=CONFIG, show_progress=False)
     expected = {k: v.detach().clone() for k, v in nsn_factors(reference).items()}
 
-    original = pipeline_module.refine_end_to_end
+    original = stages_module.refine_end_to_end
     state_dir = tmp_path / "state"
 
     def crashing(*args, on_interval=None, **kwargs):
@@ -178,13 +178,13 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
                 raise KeyboardInterrupt("simulated crash")
         return original(*args, on_interval=interval, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "refine_end_to_end", crashing)
+    monkeypatch.setattr(stages_module, "refine_end_to_end", crashing)
     with pytest.raises(KeyboardInterrupt):
         compress_and_refine(tiny_llama(), calib, 0.5, config=CONFIG, state_dir=state_dir, show_progress=False)
     saved = json.loads((state_dir / "refine_state.json").read_text())
     assert saved["stage"] == "end_to_end" and saved["step"] == 4
     assert {p.name for p in state_dir.iterdir()} == {"refine_state.json", "factors.safetensors", "optimizer.safetensors"}
-    monkeypatch.setattr(pipeline_module, "refine_end_to_end", original)
+    monkeypatch.setattr(stages_module, "refine_end_to_end", original)
     resumed, report = compress_and_refine(tiny_llama(), calib, 0.5, config=CONFIG, state_dir=state_dir, show_progress=False)
     assert report.resumed
     for name, value in nsn_factors(resumed).items():

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from ..tuner.dense import dense_model
 from ..tuner.layer import NSNLayer
+from ..tuner.rank_spec import RankLike
+from ..tuner.ranks import at_rank
 from ._common import (
     autocast,
     check_tokens,
@@ -34,6 +36,7 @@ from ._common import (
     trainable_factors,
 )
 from .blocks import BlockCall, capture_block_inputs, find_blocks, iterate_batches
+from .budgets import budgets_at_step, make_budget_loss
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,9 @@ class BlockwiseResult:
 
     ``error_before`` / ``error_after`` are, per block, the mean squared error of the block's output against
     the dense trajectory relative to the mean square of the dense block's own update (``y - x``), before and
-    after training that block (measured on the compressed inputs; ``nan`` for blocks without factors).
+    after training that block (measured on the compressed inputs; ``nan`` for blocks without factors). With
+    several operating points (``points=``), they are the mean over the points, and ``point_error_after``
+    holds, per block, the error at each point.
     """
 
     blocks: int
@@ -56,6 +61,7 @@ class BlockwiseResult:
     seconds: float
     error_before: list[float] = field(default_factory=list)
     error_after: list[float] = field(default_factory=list)
+    point_error_after: list[list[float]] = field(default_factory=list)
 
 
 def refine_blockwise(
@@ -71,6 +77,9 @@ def refine_blockwise(
     start_block: int = 0,
     on_block_done: Optional[Callable[[int, dict], None]] = None,
     show_progress: bool = True,
+    points: Optional[Sequence[RankLike]] = None,
+    sampling: str = "all",
+    weighting: str = "sum",
 ) -> BlockwiseResult:
     """Train each block's NSN factors (at their active ranks) to match the dense block, bottom to top.
 
@@ -84,9 +93,15 @@ def refine_blockwise(
         frozen: base-model names of NSN layers left as they are (e.g. layers a plan keeps dense).
         start_block: blocks below it are taken as already refined (resuming): only their outputs are recomputed.
         on_block_done: called as ``on_block_done(block_index, record)`` after each trained block (checkpoints).
+        points: operating points (e.g. ``RankSpec.flops(b)`` of a ladder of budgets) trained together instead
+            of the active ranks: each point has its own compressed trajectory (block ``l`` at point ``p`` reads
+            what the refined blocks below produce at ``p``), and a step trains the points that ``sampling``
+            draws (``"all"``, ``"cycle"``, ``"sandwich"``), their losses combined by ``weighting``
+            (``"sum"`` or ``"uncertainty"``). The model's ranks are left as they were.
 
     Hidden states of all calibration sequences are kept on the model's device, twice (dense and
-    compressed trajectories): ``2 × tokens × hidden`` values in the model's dtype.
+    compressed trajectories; with ``points``, one compressed trajectory per point): ``2 × tokens × hidden``
+    values in the model's dtype.
     """
     calibration = check_tokens(calibration)
     if epochs < 0 or not isinstance(epochs, int):
@@ -95,7 +110,9 @@ def refine_blockwise(
         raise ValueError(f"lr must be > 0, got {lr!r}")
     n = calibration.shape[0] // batch_size * batch_size
     if n == 0:
-        raise ValueError(f"Block-wise refinement needs at least batch_size={batch_size} calibration sequences, got {calibration.shape[0]}")
+        raise ValueError(
+            f"Block-wise refinement needs at least batch_size={batch_size} calibration sequences, got {calibration.shape[0]}"
+        )
     started = time.perf_counter()
     _, blocks = find_blocks(model)
     device = model_device(model)
@@ -106,7 +123,7 @@ def refine_blockwise(
     dense_h = torch.empty(n, ids.shape[1], hidden_size, device=device, dtype=dtype)
     with dense_model(model):
         call = capture_block_inputs(model, blocks, batches, dense_h)
-    student_h = dense_h.clone()
+    students = [dense_h.clone() for _ in (points or [None])]
     generator = torch.Generator().manual_seed(seed)
     result = BlockwiseResult(blocks=len(blocks), tokens=int(ids.numel()), epochs=epochs, steps=0, seconds=0.0)
     was_training = model.training
@@ -114,9 +131,25 @@ def refine_blockwise(
     progress = tqdm(total=len(blocks), desc="Block-wise refinement", unit="block", disable=not show_progress)
     try:
         for index, block in enumerate(blocks):
-            before, after, steps = refine_block(block, call, dense_h, student_h, epochs=epochs, lr=lr, batch_size=batch_size,
-                                                precision=precision, generator=generator, frozen=frozen,
-                                                train=index >= start_block)
+            # Blocks below start_block were refined before (resuming): they only advance the trajectories.
+            common = dict(
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                precision=precision,
+                generator=generator,
+                frozen=frozen,
+                train=index >= start_block,
+            )
+            if points is None:
+                before, after, steps = refine_block(block, call, dense_h, students[0], **common)
+            else:
+                ladder = dict(sampling=sampling, weighting=weighting, seed=seed * 1009 + index)
+                errors_before, errors_after, steps = refine_block_points(
+                    model, block, call, dense_h, students, points, **common, **ladder
+                )
+                before, after = _mean(errors_before), _mean(errors_after)
+                result.point_error_after.append(errors_after)
             params = trainable_factors(block, frozen)
             result.steps += steps
             result.error_before.append(before)
@@ -124,14 +157,21 @@ def refine_blockwise(
             if index >= start_block and params and epochs:
                 logger.info("block %d: relative error %.4g -> %.4g", index, before, after)
                 if on_block_done is not None:
-                    on_block_done(index, {"block": index, "error_before": before, "error_after": after,
-                                          "seconds": round(time.perf_counter() - started, 2)})
+                    on_block_done(
+                        index,
+                        {
+                            "block": index,
+                            "error_before": before,
+                            "error_after": after,
+                            "seconds": round(time.perf_counter() - started, 2),
+                        },
+                    )
             progress.update(1)
             progress.set_postfix(error=f"{after:.3g}")
     finally:
         progress.close()
         model.train(was_training)
-        del dense_h, student_h
+        del dense_h, students
     result.seconds = time.perf_counter() - started
     return result
 
@@ -168,11 +208,139 @@ def refine_block(
             before = after = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
     else:
         before = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
-        steps = _train_block(block, call, student_h, dense_h, list(params.values()), block, epochs, lr,
-                             batch_size, precision, device, generator, update)
+        steps = _train_block(
+            block,
+            call,
+            student_h,
+            dense_h,
+            list(params.values()),
+            block,
+            epochs,
+            lr,
+            batch_size,
+            precision,
+            device,
+            generator,
+            update,
+        )
         after = _error(block, call, student_h, dense_h, batch_size, precision, device, update)
     _advance_student(block, call, student_h, batch_size, precision, device)
     return before, after, steps
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def refine_block_points(
+    model: nn.Module,
+    block: nn.Module,
+    call: BlockCall,
+    dense_h: torch.Tensor,
+    students: Sequence[torch.Tensor],
+    points: Sequence[RankLike],
+    *,
+    epochs: int = 1,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    precision: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    frozen: Collection[str] = (),
+    train: bool = True,
+    sampling: str = "all",
+    weighting: str = "sum",
+    seed: int = 0,
+) -> tuple[list[float], list[float], int]:
+    """:func:`refine_block` at several operating points of ``model`` sharing one set of nested factors.
+
+    ``students[k]`` is the compressed trajectory's input to ``block`` at ``points[k]``; every one is replaced
+    by the block's output at its point. Returns ``(errors_before, errors_after, steps)`` (one error per point).
+    """
+    device = dense_h.device
+    update = _advance_dense(block, call, dense_h, batch_size, precision, device)
+    params = trainable_factors(block, frozen)
+
+    def errors() -> list[float]:
+        values = []
+        for point, student_h in zip(points, students):
+            with at_rank(model, point):
+                values.append(_error(block, call, student_h, dense_h, batch_size, precision, device, update))
+        return values
+
+    steps = 0
+    if not train or not params or epochs == 0:
+        before = after = errors() if params and train else [math.nan] * len(points)
+    else:
+        before = errors()
+        steps = _train_block_points(
+            model,
+            block,
+            call,
+            students,
+            dense_h,
+            list(params.values()),
+            points,
+            epochs,
+            lr,
+            batch_size,
+            precision,
+            device,
+            generator,
+            update,
+            sampling,
+            weighting,
+            seed,
+        )
+        after = errors()
+    for point, student_h in zip(points, students):
+        with at_rank(model, point):
+            _advance_student(block, call, student_h, batch_size, precision, device)
+    return before, after, steps
+
+
+def _train_block_points(
+    model,
+    block,
+    call,
+    students,
+    dense_h,
+    params,
+    points,
+    epochs,
+    lr,
+    batch_size,
+    precision,
+    device,
+    generator,
+    update: float,
+    sampling: str,
+    weighting: str,
+    seed: int,
+) -> int:
+    per_epoch = dense_h.shape[0] // batch_size
+    total = epochs * per_epoch
+    warmup = max(1, total // 20)
+    optimizer = make_optimizer(params, lr)
+    combine = make_budget_loss(len(points), weighting, optimizer)
+    step = 0
+    with only_these_trainable(model, params):
+        for _ in range(epochs):
+            for idx in iterate_batches(dense_h.shape[0], batch_size, generator):
+                idx = idx.to(dense_h.device)
+                set_lr(optimizer, lr_factor(step, total, warmup))
+                target = dense_h[idx].float()
+                for k in budgets_at_step(step, len(points), sampling, seed):
+                    with at_rank(model, points[k]):
+                        with autocast(device, precision):
+                            y = call(block, students[k][idx])
+                        loss = (y.float() - target).square().mean() / max(update, 1e-30)
+                        # One backward per point: one graph in memory; the gradients add up in the factors.
+                        combine.term(k, loss).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+    return step
 
 
 @torch.no_grad()
@@ -200,7 +368,9 @@ def _advance_student(block, call: BlockCall, student_h, batch_size, precision, d
 
 
 @torch.no_grad()
-def _error(block, call: BlockCall, student_h, dense_h, batch_size, precision, device, update: float, max_batches: int = 16) -> float:
+def _error(
+    block, call: BlockCall, student_h, dense_h, batch_size, precision, device, update: float, max_batches: int = 16
+) -> float:
     total, count = 0.0, 0
     for i, start in enumerate(range(0, student_h.shape[0], batch_size)):
         if i >= max_batches:
@@ -212,8 +382,9 @@ def _error(block, call: BlockCall, student_h, dense_h, batch_size, precision, de
     return total / max(count, 1) / max(update, 1e-30)
 
 
-def _train_block(block, call, student_h, dense_h, params, model, epochs, lr, batch_size, precision, device, generator,
-                 update: float) -> int:
+def _train_block(
+    block, call, student_h, dense_h, params, model, epochs, lr, batch_size, precision, device, generator, update: float
+) -> int:
     per_epoch = student_h.shape[0] // batch_size
     total = epochs * per_epoch
     warmup = max(1, total // 20)

@@ -7,10 +7,12 @@ from typing import Any, Optional
 
 from ._common import check_precision
 
-__all__ = ["ALLOCATIONS", "DECIDE_AFTER", "RefineConfig", "RefineReport"]
+__all__ = ["ALLOCATIONS", "BUDGET_SAMPLINGS", "BUDGET_WEIGHTINGS", "DECIDE_AFTER", "RefineConfig", "RefineReport"]
 
 ALLOCATIONS = ("auto", "mixed", "uniform")
 DECIDE_AFTER = ("init", "blockwise")
+BUDGET_SAMPLINGS = ("all", "cycle", "sandwich")
+BUDGET_WEIGHTINGS = ("sum", "uncertainty")
 
 
 @dataclass
@@ -39,6 +41,13 @@ class RefineConfig:
         save_interval_s: seconds between checkpoints of the end-to-end stage (with ``state_dir``; checked every
             ``log_every`` steps); block-wise checkpoints are written after every block.
         log_every: end-to-end steps between log lines (mean KL).
+        budget_sampling: with several budgets (``compress_and_refine(budgets=...)``), which budgets each step of
+            both stages trains: ``"cycle"`` (one per step, in turn: every budget gets the same share of steps at
+            the cost of one forward/backward per step), ``"all"`` (every budget every step: about K times the
+            cost per step) or ``"sandwich"`` (the smallest and the largest every step plus one other at random).
+        budget_weighting: how the budgets' losses are combined in a step: ``"sum"`` (plain sum) or
+            ``"uncertainty"`` (learned per-budget log-variances: each budget contributes its relative
+            improvement, :class:`~nsn_peft.training.UncertaintyWeightedLoss`).
     """
 
     batch_size: int = 8
@@ -55,9 +64,19 @@ class RefineConfig:
     decide_after: str = "blockwise"
     save_interval_s: float = 300.0
     log_every: int = 20
+    budget_sampling: str = "cycle"
+    budget_weighting: str = "sum"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.budget_sampling not in BUDGET_SAMPLINGS:
+            raise ValueError(
+                f"RefineConfig.budget_sampling must be one of {BUDGET_SAMPLINGS}, got {self.budget_sampling!r}"
+            )
+        if self.budget_weighting not in BUDGET_WEIGHTINGS:
+            raise ValueError(
+                f"RefineConfig.budget_weighting must be one of {BUDGET_WEIGHTINGS}, got {self.budget_weighting!r}"
+            )
         if self.decide_after not in DECIDE_AFTER:
             raise ValueError(f"RefineConfig.decide_after must be one of {DECIDE_AFTER}, got {self.decide_after!r}")
         for name in ("batch_size", "log_every"):
@@ -75,11 +94,15 @@ class RefineConfig:
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"RefineConfig.validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a resumed run must share (everything but the checkpoint interval)."""
+    def fingerprint(self, budgets: int = 1) -> dict[str, Any]:
+        """The settings a resumed run must share (everything but the checkpoint interval; the budget settings
+        only matter to a run over several budgets)."""
         data = asdict(self)
         data.pop("save_interval_s")
         data.pop("log_every")
+        if budgets == 1:
+            data.pop("budget_sampling")
+            data.pop("budget_weighting")
         return data
 
 
@@ -88,20 +111,29 @@ class RefineReport:
     """What :func:`compress_and_refine` did, with tokens and seconds per stage.
 
     Attributes:
-        fraction: kept share of the targeted layers' parameters (= of their matmul FLOPs).
+        fraction: kept share of the targeted layers' parameters (= of their matmul FLOPs); ``None`` for a ladder.
+        budgets: the FLOPs budgets of a ladder (``compress_and_refine(budgets=...)``), ascending; else ``None``.
+        budget_plans: per budget, ``{layer: rank}`` (what ``NSNConfig.budget_plans`` stores).
+        validation_nll_per_budget: per stage (``"init"``, ``"blockwise"``, ``"end_to_end"``), the validation NLL
+            at each budget (keys as ``NSNConfig.budget_plans`` writes them).
         allocation: the allocation shipped (``"mixed"`` or ``"uniform"``).
         candidates: per allocation tried: achieved fraction, layers kept dense, validation NLL at init and
             (with ``decide_after="blockwise"``) after the block-wise stage.
-        ranks: ``{layer: rank}`` of the factored layers; ``kept_dense``: targeted layers left dense.
-        validation_nll: mean NLL (nats/token) on the validation sequences after each stage, and of the dense model.
+        ranks: ``{layer: rank}`` of the factored layers (a ladder: at its largest budget, the ranks its factors
+            store); ``kept_dense``: targeted layers left dense.
+        validation_nll: mean NLL (nats/token) on the validation sequences after each stage, and of the dense model
+            (a ladder: the mean over its budgets).
         calibration_tokens: distinct calibration tokens trained on; ``validation_tokens``: held out.
         blockwise / end_to_end: the stages' results (steps, tokens, errors, KL history).
         seconds: per phase and in total.
         resumed: the run continued a saved state.
     """
 
-    fraction: float
+    fraction: Optional[float]
     allocation: str
+    budgets: Optional[list[float]] = None
+    budget_plans: dict[str, dict[str, int]] = field(default_factory=dict)
+    validation_nll_per_budget: dict[str, dict[str, float]] = field(default_factory=dict)
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     kept_dense: list[str] = field(default_factory=list)

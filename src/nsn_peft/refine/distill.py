@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from ..training.loss import distillation_loss
 from ..tuner.dense import dense_model
+from ..tuner.rank_spec import RankLike, RankSpec
+from ..tuner.ranks import at_rank
 from ._common import (
     autocast,
     check_tokens,
@@ -32,6 +34,7 @@ from ._common import (
     set_lr,
     trainable_factors,
 )
+from .budgets import budgets_at_step, make_budget_loss
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +43,18 @@ __all__ = ["DistillResult", "refine_end_to_end", "step_batch"]
 
 @dataclass
 class DistillResult:
-    """What the end-to-end stage did: steps, tokens seen, seconds, and the mean KL per logged interval."""
+    """What the end-to-end stage did: steps, tokens seen, seconds, and the mean KL per logged interval.
+
+    With several operating points, each ``kl_history`` record also holds ``kl@<point>`` (the mean KL of the
+    steps that trained that point in the interval; absent when none did), ``log_vars`` with
+    ``weighting="uncertainty"``, and ``point_steps`` counts the steps that trained each point.
+    """
 
     steps: int
     tokens: int
     seconds: float
     kl_history: list[dict[str, float]] = field(default_factory=list)
+    point_steps: dict[str, int] = field(default_factory=dict)
 
 
 def step_batch(step: int, sequences: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -72,6 +81,10 @@ def refine_end_to_end(
     on_interval: Optional[Callable[[int, torch.optim.Optimizer, dict], None]] = None,
     log_every: int = 20,
     show_progress: bool = True,
+    points: Optional[Sequence[RankLike]] = None,
+    sampling: str = "all",
+    weighting: str = "sum",
+    log_vars: Sequence[float] = (),
 ) -> DistillResult:
     """Distil the dense model into the NSN factors (at their active ranks) over a token budget.
 
@@ -87,11 +100,18 @@ def refine_end_to_end(
         start_step / optimizer_state: resume at a step, with a callable that loads the saved moments.
         on_interval: ``on_interval(steps_done, optimizer, record)`` every ``log_every`` steps and at the end
             (the caller decides whether to checkpoint).
+        points: operating points (e.g. ``RankSpec.flops(b)`` of a ladder of budgets) trained together instead
+            of the active ranks: the dense teacher runs once per batch and each point that ``sampling`` draws
+            (``"all"``, ``"cycle"``, ``"sandwich"``) is distilled from it, the losses combined by ``weighting``
+            (``"sum"`` or ``"uncertainty"``; ``log_vars`` restores the log-variances of a resumed run).
+            The model's ranks are left as they were.
     """
     calibration = check_tokens(calibration)
     sequences, seq_len = calibration.shape
     if sequences < batch_size:
-        raise ValueError(f"End-to-end refinement needs at least batch_size={batch_size} calibration sequences, got {sequences}")
+        raise ValueError(
+            f"End-to-end refinement needs at least batch_size={batch_size} calibration sequences, got {sequences}"
+        )
     if not lr > 0 or not temperature > 0:
         raise ValueError(f"lr and temperature must be > 0, got lr={lr!r}, temperature={temperature!r}")
     budget = sequences * seq_len if tokens is None else int(tokens)
@@ -102,14 +122,23 @@ def refine_end_to_end(
     if not params:
         raise ValueError("The model has no NSN factors to refine")
     optimizer = make_optimizer(params, lr)
+    combine = make_budget_loss(len(points), weighting, optimizer, log_vars) if points is not None else None
     if optimizer_state is not None:
         optimizer_state(optimizer)
     started = time.perf_counter()
     result = DistillResult(steps=start_step, tokens=start_step * batch_size * seq_len, seconds=0.0)
+    labels = [RankSpec.coerce(p).label for p in points] if points is not None else []
+    point_window: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(labels))}
+    result.point_steps = dict.fromkeys(labels, 0)
+    for step in range(start_step if points is not None else 0):
+        for k in budgets_at_step(step, len(labels), sampling, seed):
+            result.point_steps[labels[k]] += 1
     was_training = model.training
     model.eval()  # no dropout in student or teacher: the target is the dense model's deterministic output
     window: list[torch.Tensor] = []
-    progress = tqdm(total=total, initial=start_step, desc="End-to-end distillation", unit="step", disable=not show_progress)
+    progress = tqdm(
+        total=total, initial=start_step, desc="End-to-end distillation", unit="step", disable=not show_progress
+    )
     try:
         with only_these_trainable(model, params):
             for step in range(start_step, total):
@@ -117,22 +146,47 @@ def refine_end_to_end(
                 with torch.no_grad(), dense_model(model, eval_mode=False), autocast(device, precision):
                     teacher = model(input_ids=ids).logits
                 set_lr(optimizer, lr_factor(step, total, warmup))
-                with autocast(device, precision):
-                    student = model(input_ids=ids).logits
-                loss = distillation_loss(student, teacher, temperature=temperature)
-                loss.backward()
+                if points is None:
+                    with autocast(device, precision):
+                        student = model(input_ids=ids).logits
+                    loss = distillation_loss(student, teacher, temperature=temperature)
+                    loss.backward()
+                    del student
+                else:
+                    losses = []
+                    for k in budgets_at_step(step, len(points), sampling, seed):
+                        with at_rank(model, points[k]):
+                            with autocast(device, precision):
+                                student = model(input_ids=ids).logits
+                            point_loss = distillation_loss(student, teacher, temperature=temperature)
+                            # One backward per point: one graph in memory; the gradients add up in the factors.
+                            combine.term(k, point_loss).backward()
+                            del student
+                        point_window[k].append(point_loss.detach())
+                        result.point_steps[labels[k]] += 1
+                        losses.append(point_loss.detach())
+                    loss = torch.stack(losses).mean()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                del teacher, student
+                del teacher
                 window.append(loss.detach())
                 result.steps = step + 1
                 result.tokens = result.steps * batch_size * seq_len
                 progress.update(1)
                 if result.steps % log_every == 0 or result.steps == total:
-                    record = {"step": result.steps, "kl": float(torch.stack(window).mean()),
-                              "seconds": round(time.perf_counter() - started, 2)}
+                    record = {
+                        "step": result.steps,
+                        "kl": float(torch.stack(window).mean()),
+                        "seconds": round(time.perf_counter() - started, 2),
+                    }
                     window.clear()
+                    for k, values in point_window.items():
+                        if values:
+                            record[f"kl@{labels[k]}"] = float(torch.stack(values).mean())
+                            values.clear()
+                    if combine is not None and combine.learnable:
+                        record["log_vars"] = [float(v) for v in combine.log_vars.detach().cpu()]
                     result.kl_history.append(record)
                     progress.set_postfix(kl=f"{record['kl']:.4f}")
                     logger.info("end-to-end step %d/%d: KL %.5f", result.steps, total, record["kl"])

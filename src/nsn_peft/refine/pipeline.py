@@ -8,7 +8,6 @@ text, block-wise then end-to-end refinement against the dense model, resumable.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import time
@@ -26,18 +25,25 @@ from ..planning.allocate import allocate_ranks_for_budget, uniform_plan
 from ..planning.plan import RankPlan
 from ..tuner.config import NSNConfig
 from ..tuner.layer import NSNLayer
-from ..tuner.ranks import at_rank, get_rank, nsn_layers, set_rank
+from ..tuner.ranks import at_rank, set_rank
 from ._common import check_tokens, mean_nll, model_device
 from .blocks import nsn_factors
-from .blockwise import refine_blockwise
+from .budgets import check_budgets
 from .config import ALLOCATIONS, RefineConfig, RefineReport
-from .distill import refine_end_to_end
-from .state import RefineState, data_fingerprint, load_state, restore_factors, restore_optimizer, save_state
+from .ladder import compress_ladder
+from .stages import _blockwise, _load, _resume, _run_stages, _split, truncate_to_active_ranks
+from .state import RefineState, data_fingerprint, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ALLOCATIONS", "RefineConfig", "RefineReport", "choose_on_validation", "compress_and_refine", "truncate_to_active_ranks"]
-
+__all__ = [
+    "ALLOCATIONS",
+    "RefineConfig",
+    "RefineReport",
+    "choose_on_validation",
+    "compress_and_refine",
+    "truncate_to_active_ranks",
+]
 
 
 def choose_on_validation(
@@ -63,33 +69,6 @@ def choose_on_validation(
     return (best if scores[best] < scores[baseline] else baseline), scores
 
 
-@torch.no_grad()
-def truncate_to_active_ranks(model: nn.Module) -> dict[str, int]:
-    """Shrink every NSN layer's factors to its active rank (the max rank becomes the active rank) and record
-    the ranks in the adapter config (``rank_pattern``), so the adapter saves and loads at these shapes."""
-    ranks = get_rank(model)
-    layers = nsn_layers(model)
-    tuner = model.base_model if hasattr(model, "base_model") and hasattr(model.base_model, "peft_config") else None
-    for name, layer in layers.items():
-        adapter = next(a for a in layer.active_adapters if a in layer.nsn_A)
-        r = ranks[name]
-        if r < layer.nsn_max_rank[adapter]:
-            layer.set_factors(adapter, layer.nsn_B[adapter][:, :r].clone(), layer.nsn_A[adapter][:r].clone())
-        if tuner is not None:
-            tuner.peft_config[adapter].rank_pattern[re.escape(name)] = r
-    return ranks
-
-
-def _split(calibration: torch.Tensor, validation: Optional[torch.Tensor], fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if validation is not None:
-        return calibration, check_tokens(validation, "validation")
-    n = calibration.shape[0]
-    held = max(1, round(n * fraction))
-    if n - held < 1:
-        raise ValueError(f"{n} calibration sequences are too few to hold out validation sequences; pass validation=")
-    return calibration[: n - held], calibration[n - held :]
-
-
 def _plan_ranks(plan: RankPlan, maxima: Mapping[str, int]) -> dict[str, int]:
     return {n: plan.ranks.get(n, maxima[n]) for n in maxima}
 
@@ -104,8 +83,9 @@ def _layer_full_ranks(model: nn.Module, plans: Sequence[RankPlan]) -> dict[str, 
 def compress_and_refine(
     model: nn.Module,
     calibration: torch.Tensor,
-    fraction: float,
+    fraction: Optional[float] = None,
     *,
+    budgets: Optional[Sequence[float]] = None,
     target_modules: Union[None, str, Sequence[str]] = None,
     allocation: str = "auto",
     validation: Optional[torch.Tensor] = None,
@@ -116,8 +96,8 @@ def compress_and_refine(
     state_dir: Optional[Union[str, Path]] = None,
     show_progress: bool = True,
 ) -> tuple[nn.Module, RefineReport]:
-    """Compress the targeted layers of a dense model to ``fraction`` of their parameters and train the factors
-    on calibration text against the dense model.
+    """Compress the targeted layers of a dense model to ``fraction`` of their parameters (or to a ladder of
+    FLOPs ``budgets`` served by one adapter) and train the factors on calibration text against the dense model.
 
     1. Activation statistics (and, for the mixed allocation, output-gradient statistics) of ``calibration``.
     2. Whitened factors at a uniform allocation and at the loss-weighted mixed allocation
@@ -133,6 +113,12 @@ def compress_and_refine(
         calibration: ``(sequences, seq_len)`` token ids (shuffled; the last ``validation_fraction`` of them are
             held out for validation when ``validation`` is not given).
         fraction: kept share of the targeted layers' parameters, in (0, 1) (= their share of matmul FLOPs).
+        budgets: instead of ``fraction``, FLOPs fractions in (0, 1], ascending, e.g. ``[0.5, 0.6, 0.8]``: one
+            adapter with nested per-layer plans (a layer's rank never shrinks as the budget grows; mixed vs
+            uniform decided on the mean validation NLL over the budgets), factors stored up to the largest
+            plan, the plans saved as ``NSNConfig.budget_plans`` so ``model.set_rank(flops=b)`` serves each
+            budget, also after loading. Both stages train every budget of the ladder together
+            (``config.budget_sampling`` / ``config.budget_weighting``). The model is returned at the largest budget.
         target_modules: layers to factor (names, regex or ``None``/``"all-linear"``).
         allocation: ``"auto"`` (mixed if better on validation, else uniform), ``"mixed"`` or ``"uniform"``.
         validation: ``(sequences, seq_len)`` token ids to decide the allocation on.
@@ -150,21 +136,53 @@ def compress_and_refine(
     config = config or RefineConfig()
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    if (fraction is None) == (budgets is None):
+        raise ValueError(
+            "compress_and_refine takes either fraction= (one budget) or budgets= (a ladder served by one "
+            f"adapter), got fraction={fraction!r}, budgets={budgets!r}"
+        )
     if any(isinstance(m, NSNLayer) for m in model.modules()):
-        raise ValueError("compress_and_refine takes the dense model; this one already has NSN layers (use "
-                         "refine_blockwise / refine_end_to_end on an adapted model instead)")
+        raise ValueError(
+            "compress_and_refine takes the dense model; this one already has NSN layers (use "
+            "refine_blockwise / refine_end_to_end on an adapted model instead)"
+        )
+    if budgets is not None:
+        return compress_ladder(
+            model,
+            calibration,
+            check_budgets(budgets),
+            target_modules=target_modules,
+            allocation=allocation,
+            validation=validation,
+            stats=stats,
+            gradient_stats=gradient_stats,
+            config=config,
+            granularity=granularity,
+            state_dir=state_dir,
+            show_progress=show_progress,
+        )
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
     calibration = check_tokens(calibration)
     train, validation = _split(calibration, validation, config.validation_fraction)
     seq_len = train.shape[1]
     bs = config.batch_size
     started = time.perf_counter()
-    report = RefineReport(fraction=fraction, allocation=allocation, calibration_tokens=int(train.numel()),
-                          validation_tokens=int(validation.numel()))
-    fingerprint = {"calibration": data_fingerprint(train), "validation": data_fingerprint(validation), "fraction": fraction,
-                   "target_modules": sorted(target_modules) if isinstance(target_modules, (list, tuple, set)) else target_modules,
-                   "allocation": allocation, "granularity": granularity, "settings": config.fingerprint()}
+    report = RefineReport(
+        fraction=fraction,
+        allocation=allocation,
+        calibration_tokens=int(train.numel()),
+        validation_tokens=int(validation.numel()),
+    )
+    fingerprint = {
+        "calibration": data_fingerprint(train),
+        "validation": data_fingerprint(validation),
+        "fraction": fraction,
+        "target_modules": sorted(target_modules) if isinstance(target_modules, (list, tuple, set)) else target_modules,
+        "allocation": allocation,
+        "granularity": granularity,
+        "settings": config.fingerprint(),
+    }
     saved = load_state(state_dir) if state_dir is not None else None
     if saved is not None:
         return _resume(model, train, validation, config, state_dir, saved, fingerprint, report, started, show_progress)
@@ -172,23 +190,48 @@ def compress_and_refine(
     report.validation_nll["dense"] = mean_nll(model, validation, bs, config.precision)
     t = time.perf_counter()
     if stats is None:
-        stats = collect_activation_stats(model, train, max_tokens=None, seq_len=seq_len, batch_size=bs,
-                                         target_modules=target_modules, show_progress=show_progress)
+        stats = collect_activation_stats(
+            model,
+            train,
+            max_tokens=None,
+            seq_len=seq_len,
+            batch_size=bs,
+            target_modules=target_modules,
+            show_progress=show_progress,
+        )
     plans: dict[str, RankPlan] = {}
     if allocation in ("uniform", "auto"):
         plans["uniform"] = uniform_plan(model, fraction, target_modules=target_modules, granularity=granularity)
     if allocation in ("mixed", "auto"):
         if gradient_stats is None:
             tokens = train if config.gradient_tokens is None else train[: max(1, config.gradient_tokens // seq_len)]
-            gradient_stats = collect_gradient_stats(model, tokens, max_tokens=None, seq_len=seq_len, batch_size=max(1, bs // 2),
-                                                    target_modules=target_modules, show_progress=show_progress)
-        plans["mixed"] = allocate_ranks_for_budget(model, stats, fraction, target_modules=target_modules, granularity=granularity,
-                                                   gradient_stats=gradient_stats, device=model_device(model),
-                                                   show_progress=show_progress)
+            gradient_stats = collect_gradient_stats(
+                model,
+                tokens,
+                max_tokens=None,
+                seq_len=seq_len,
+                batch_size=max(1, bs // 2),
+                target_modules=target_modules,
+                show_progress=show_progress,
+            )
+        plans["mixed"] = allocate_ranks_for_budget(
+            model,
+            stats,
+            fraction,
+            target_modules=target_modules,
+            granularity=granularity,
+            gradient_stats=gradient_stats,
+            device=model_device(model),
+            show_progress=show_progress,
+        )
     full = _layer_full_ranks(model, list(plans.values()))
     maxima = {n: max(_plan_ranks(p, full)[n] for p in plans.values()) for n in full}
-    nsn_config = NSNConfig(target_modules=sorted(full), init="whitened", stats=stats,
-                           rank_pattern={re.escape(n): r for n, r in maxima.items()})
+    nsn_config = NSNConfig(
+        target_modules=sorted(full),
+        init="whitened",
+        stats=stats,
+        rank_pattern={re.escape(n): r for n, r in maxima.items()},
+    )
     peft_model = get_peft_model(model, nsn_config)
     peft_model.eval()
     report.seconds["statistics_and_init"] = round(time.perf_counter() - t, 2)
@@ -197,9 +240,11 @@ def compress_and_refine(
     candidates = {name: _plan_ranks(plan, maxima) for name, plan in plans.items()}
     for name, plan in plans.items():
         with at_rank(peft_model, candidates[name]):
-            report.candidates[name] = {"achieved": plan.target.get("achieved", plan.parameter_fraction()),
-                                       "kept_dense": len(plan.kept_dense),
-                                       "validation_nll_init": mean_nll(peft_model, validation, bs, config.precision)}
+            report.candidates[name] = {
+                "achieved": plan.target.get("achieved", plan.parameter_fraction()),
+                "kept_dense": len(plan.kept_dense),
+                "validation_nll_init": mean_nll(peft_model, validation, bs, config.precision),
+            }
     blockwise_done = False
     trained: dict[str, dict[str, torch.Tensor]] = {}
     if len(plans) > 1 and config.decide_after == "blockwise" and config.blockwise_epochs > 0:
@@ -238,24 +283,15 @@ def compress_and_refine(
     _finalize_structure(peft_model, plan)
     report.ranks, report.kept_dense = dict(plan.ranks), list(plan.kept_dense)
     report.seconds["decision"] = round(time.perf_counter() - t, 2)
-    state = RefineState(stage="end_to_end" if blockwise_done else "blockwise", fingerprint=fingerprint,
-                        settings=config.fingerprint(), extra={"report": report.to_dict()})
+    state = RefineState(
+        stage="end_to_end" if blockwise_done else "blockwise",
+        fingerprint=fingerprint,
+        settings=config.fingerprint(),
+        extra={"report": report.to_dict()},
+    )
     if state_dir is not None:
         save_state(state_dir, state, nsn_factors(peft_model))
     return _run_stages(peft_model, train, validation, config, state_dir, state, report, started, show_progress)
-
-
-def _load(factors: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, param in factors.items():
-            param.copy_(values[name].to(param))
-
-
-def _blockwise(model, train, config: RefineConfig, frozen, show_progress, start_block=0, on_block_done=None):
-    tokens = train if config.blockwise_tokens is None else train[: max(config.batch_size, config.blockwise_tokens // train.shape[1])]
-    return refine_blockwise(model, tokens, epochs=config.blockwise_epochs, lr=config.blockwise_lr, batch_size=config.batch_size,
-                            precision=config.precision, seed=config.seed, frozen=frozen, start_block=start_block,
-                            on_block_done=on_block_done, show_progress=show_progress)
 
 
 def _finalize_structure(model: nn.Module, plan: RankPlan) -> None:
@@ -266,82 +302,3 @@ def _finalize_structure(model: nn.Module, plan: RankPlan) -> None:
         adapter = model.active_adapter
         tuner._keep_dense(tuner.peft_config[adapter], adapter, list(plan.kept_dense))
         tuner._layer_index = None
-
-
-def _run_stages(model, train, validation, config: RefineConfig, state_dir, state: RefineState, report: RefineReport,
-                started: float, show_progress: bool) -> tuple[nn.Module, RefineReport]:
-    bs = config.batch_size
-    factors = nsn_factors(model)
-
-    def checkpoint(optimizer=None) -> None:
-        if state_dir is not None:
-            state.extra["report"] = report.to_dict()
-            save_state(state_dir, state, factors, optimizer)
-
-    if state.stage == "blockwise":
-        t = time.perf_counter()
-        if config.blockwise_epochs > 0:
-            def block_done(index: int, record: dict) -> None:
-                state.block = index + 1
-                state.history.append({"stage": "blockwise", **record})
-                checkpoint()
-
-            result = _blockwise(model, train, config, (), show_progress, start_block=state.block, on_block_done=block_done)
-            report.blockwise = asdict(result)
-            report.validation_nll["blockwise"] = mean_nll(model, validation, bs, config.precision)
-        report.seconds["blockwise"] = round(time.perf_counter() - t + report.seconds.get("blockwise", 0.0), 2)
-        state.stage, state.step = "end_to_end", 0
-        checkpoint()
-    if state.stage == "end_to_end":
-        t = time.perf_counter()
-        if config.e2e_tokens != 0:
-            last_save = [time.perf_counter()]
-
-            def interval(steps: int, optimizer, record: dict) -> None:
-                state.history.append({"stage": "end_to_end", **record})
-                if time.perf_counter() - last_save[0] >= config.save_interval_s:
-                    state.step = steps
-                    checkpoint(optimizer)
-                    last_save[0] = time.perf_counter()
-
-            loader = None
-            if state.step > 0 and state_dir is not None:
-                meta = load_state(state_dir)[1]
-
-                def loader(optimizer, meta=meta):
-                    restore_optimizer(state_dir, meta, optimizer)
-
-            result = refine_end_to_end(model, train, tokens=config.e2e_tokens, lr=config.e2e_lr, batch_size=bs,
-                                       temperature=config.temperature, precision=config.precision, seed=config.seed,
-                                       start_step=state.step, optimizer_state=loader, on_interval=interval,
-                                       log_every=config.log_every, show_progress=show_progress)
-            report.end_to_end = asdict(result)
-            report.validation_nll["end_to_end"] = mean_nll(model, validation, bs, config.precision)
-        report.seconds["end_to_end"] = round(time.perf_counter() - t + report.seconds.get("end_to_end", 0.0), 2)
-        state.stage = "done"
-        checkpoint()
-    report.seconds["total"] = round(time.perf_counter() - started + report.seconds.get("total_before_resume", 0.0), 2)
-    return model, report
-
-
-def _resume(model, train, validation, config, state_dir, saved, fingerprint, report, started, show_progress):
-    from peft import get_peft_model
-
-    state, _ = saved
-    if state.fingerprint != fingerprint:
-        differs = sorted(k for k in set(state.fingerprint) | set(fingerprint) if state.fingerprint.get(k) != fingerprint.get(k))
-        raise ValueError(f"The refinement state in {state_dir} was made with other inputs ({', '.join(differs)} differ); "
-                         "pass another state_dir or delete that folder to start afresh")
-    previous = state.extra.get("report", {})
-    known = set(RefineReport.__dataclass_fields__)
-    report = RefineReport(**{k: copy.deepcopy(v) for k, v in previous.items() if k in known})
-    report.resumed = True
-    report.seconds["total_before_resume"] = previous.get("seconds", {}).get("total", 0.0)
-    # The factors come from the state, so the init that would be overwritten is the cheapest one (plain SVD).
-    ranks = report.ranks
-    nsn_config = NSNConfig(target_modules=sorted(ranks), init="svd", rank_pattern={re.escape(n): r for n, r in ranks.items()})
-    peft_model = get_peft_model(model, nsn_config)
-    peft_model.eval()
-    restore_factors(state_dir, nsn_factors(peft_model))
-    logger.info("Resuming refinement from %s at stage %s (block %d, step %d)", state_dir, state.stage, state.block, state.step)
-    return _run_stages(peft_model, train, validation, config, state_dir, state, report, started, show_progress)
