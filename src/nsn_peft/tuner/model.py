@@ -209,7 +209,6 @@ class NSNModel(BaseTuner):
                 if config.init == "svd":
                     b, a = decompose.svd_factors(weight, limit)
                 elif config.init == "whitened":
-                    # The Gram goes to the weight's device inside, straight into the compute dtype (one copy).
                     b, a = decompose.whitened_factors(weight, stats.gram(name), limit, damp=config.whitening_damp)
                 else:
                     key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
