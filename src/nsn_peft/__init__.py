@@ -1,7 +1,9 @@
 """nsn-peft: Nested Subspace Networks and utilized-rank compression as a Hugging Face PEFT method.
 
 ``import nsn_peft`` registers the ``"nsn"`` method with PEFT, so ``get_peft_model(model, NSNConfig(...))``,
-``PeftModel.from_pretrained`` and the ``AutoPeftModel*`` classes work as for any built-in method.
+``PeftModel.from_pretrained`` and the ``AutoPeftModel*`` classes work as for any built-in method; other PEFT
+methods behave as without it (docs/architecture.md, "The PEFT boundary"). :func:`from_pretrained` adds NSN's
+loading options (``keep_base_weights=False``: serve from the factors only).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .tuner import (
     compile_for_ranks,
     dense_model,
     estimate_flops,
+    from_pretrained,
     get_max_rank,
     get_rank,
     get_runtime_options,
@@ -97,6 +100,7 @@ __all__ = [
     "compile_for_ranks",
     "dense_model",
     "estimate_flops",
+    "from_pretrained",
     "get_max_rank",
     "get_rank",
     "get_runtime_options",

@@ -17,6 +17,7 @@ import torch
 
 from .devices import resolve_device, resolve_dtype
 from .gguf_models import clear_dequantized_gguf_marker, embedded_model_dir, fetch_embedded_model, is_embedded_reference
+from .io import local_or_hub_folder, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ __all__ = [
     "base_model_reference",
     "check_adapter_files",
     "embedded_model_dir",
+    "fetch_adapter",
     "fetch_embedded_model",
+    "fetch_hub_export",
     "is_compressed_folder",
     "load_adapter",
     "load_compressed_model",
@@ -190,11 +193,39 @@ def base_model_reference(ref: Optional[Union[str, os.PathLike]], gguf_file: Opti
     return str(ref)
 
 
+# What an adapter on the Hub is read for: its config, its factors, a tokenizer saved beside them, its card.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer*", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "*.model", "chat_template*")
+
+
+def fetch_adapter(ref: Union[str, os.PathLike]) -> Path:
+    """The local folder of an adapter reference: a path as it is, a Hub id downloaded (its adapter files only)."""
+    return local_or_hub_folder(ref, list(ADAPTER_FILES), what="NSN adapter")
+
+
+def fetch_hub_export(ref: Optional[Union[str, os.PathLike]]) -> Optional[Path]:
+    """For a Hub id of a compressed export, its downloaded folder (the files a compressed model needs); ``None`` for
+    anything else (local paths, other models, or a Hub that cannot be reached: then transformers reports it)."""
+    if ref is None or not looks_like_hub_id(ref):
+        return None
+    import huggingface_hub
+
+    from .export.compressed import HUB_FILES
+
+    try:
+        config = json.loads(Path(huggingface_hub.hf_hub_download(repo_id=str(ref), filename="config.json")).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001  (not reachable, or no config: not an export we can tell apart)
+        return None
+    if not isinstance(config, dict) or "nsn_ranks" not in config:
+        return None
+    return local_or_hub_folder(ref, list(HUB_FILES), what="compressed model")
+
+
 def read_adapter_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
-    """``adapter_config.json`` of an NSN adapter folder; a clear error naming the folder if it is not one."""
+    """``adapter_config.json`` of an NSN adapter folder (or Hub id); a clear error naming the folder if it is not one."""
     from .tuner.registration import check_config_fields, finish_interrupted_adapter_save
 
-    folder = Path(folder).expanduser()
+    folder = fetch_adapter(folder)
     finish_interrupted_adapter_save(folder)
     if not folder.exists():
         raise FileNotFoundError(f"adapter folder not found: {folder}")
@@ -219,8 +250,8 @@ def check_adapter_files(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     header of its weights file. Returns the config; errors name the file."""
     from .io import check_safetensors
 
+    folder = fetch_adapter(folder)
     config = read_adapter_config(folder)
-    folder = Path(folder).expanduser()
     weights = folder / "adapter_model.safetensors"
     if weights.exists() or not (folder / "adapter_model.bin").is_file():
         if not weights.is_file():
@@ -267,8 +298,9 @@ def load_adapter(
     memory never exceeds the final size by more than one tensor. Other base models (``.gguf``, ``.bin``, Hub
     ids) are loaded whole first and each adapted layer's dense weight is freed as its factors arrive.
     """
-    from peft import PeftModel
+    from .tuner.loading import from_pretrained
 
+    adapter = fetch_adapter(adapter)  # a Hub id: its adapter files only
     config = check_adapter_files(adapter)  # before the base model: a broken adapter fails in milliseconds
     ref = model if model is not None else config.get("base_model_name_or_path")
     if model is None:
@@ -284,7 +316,7 @@ def load_adapter(
                                              device=device, trainable=trainable)
     else:
         base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype, device=device)
-        peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
+        peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
     if not trainable:
         peft_model.eval()
     return peft_model, tok, ref
@@ -312,9 +344,10 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
     """Build the base model empty, load the NSN factors, then read only the weights the factors do not replace."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .tuner.loading import from_pretrained
 
     torch_dtype = resolve_dtype(dtype)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
@@ -323,8 +356,7 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
         base = auto.from_config(model_config, **({"dtype": torch_dtype} if torch_dtype is not None else {}))
     target = torch.device(device) if device is not None else torch.device("cpu")
     logger.info("Loading %s for serving from factors only (dense weights of adapted layers are not read)", ref)
-    peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=False,
-                                           torch_device=str(target))
+    peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=False, torch_device=str(target))
     inner = peft_model.get_base_model()
     # Checkpoint keys are the plain model's names; inside an adapted layer the base weights sit under "base_layer".
     missing = {n.replace(".base_layer", ""): n for n, p in inner.named_parameters(remove_duplicate=False) if p.is_meta}
@@ -352,12 +384,9 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
 
 def is_compressed_folder(ref: Optional[Union[str, os.PathLike]]) -> bool:
     """Whether ``ref`` is a folder written by :func:`nsn_peft.save_compressed` (``nsn-peft compress``)."""
-    from .export.compressed import META_FILE
+    from .export.compressed import is_export_folder
 
-    if ref is None:
-        return False
-    path = Path(ref).expanduser()
-    return path.is_dir() and (path / META_FILE).is_file()
+    return is_export_folder(ref)
 
 
 def load_compressed_model(
@@ -370,8 +399,9 @@ def load_compressed_model(
     """``(model, tokenizer)`` of a compressed export (fixed ranks, plain ``nn.Module`` layers, no PEFT)."""
     from transformers import AutoTokenizer
 
-    from .export.compressed import load_compressed
+    from .export.compressed import HUB_FILES, load_compressed
 
+    ref = local_or_hub_folder(ref, list(HUB_FILES), what="compressed model")
     if tokenizer is None and not any((Path(ref) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         raise ValueError(f"{ref} holds no tokenizer; pass one (tokenizer=... / --tokenizer)")
     model = load_compressed(ref, device=device, dtype=resolve_dtype(dtype))

@@ -50,6 +50,8 @@ __all__ = [
     "check_folder_destination",
     "check_safetensors",
     "finish_interrupted_save",
+    "local_or_hub_folder",
+    "looks_like_hub_id",
     "merge_safetensors",
     "read_safetensors",
     "write_json",
@@ -562,3 +564,31 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
         if not committed and staging.exists():
             _remove(staging)
+
+
+# -- references to folders on the Hugging Face Hub ---------------------------------------------------------
+def looks_like_hub_id(ref: Any) -> bool:
+    """Whether ``ref`` reads as a Hub repository id (``owner/name``) rather than a local path."""
+    text = str(ref)
+    if os.path.exists(os.path.expanduser(text)) or text.startswith((".", "/", "~")) or "\\" in text:
+        return False
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.endswith((".gguf", ".json", ".safetensors"))
+
+
+def local_or_hub_folder(ref: str | os.PathLike, allow_patterns: list[str], what: str = "folder") -> Path:
+    """``ref`` as a local folder: a path as it is, a Hub id (``owner/name``) downloaded first.
+
+    Only files matching ``allow_patterns`` are downloaded (``huggingface_hub.snapshot_download``; it honours
+    ``HF_HUB_OFFLINE`` and the cache), so a reference to a large repository reads what the caller needs.
+    """
+    if not looks_like_hub_id(ref):
+        return Path(ref).expanduser()
+    import huggingface_hub
+
+    logger.info("Downloading %s %s from the Hugging Face Hub (%s)", what, ref, ", ".join(allow_patterns))
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=str(ref), allow_patterns=allow_patterns))
+    except Exception as err:  # noqa: BLE001  (the Hub client raises many kinds; the message names the reference)
+        raise FileNotFoundError(f"{what} {ref!r} is not a local path, and the Hub repository could not be read: "
+                                f"{type(err).__name__}: {' '.join(str(err).split())[:300]}") from err

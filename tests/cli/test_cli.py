@@ -300,7 +300,7 @@ def test_calibrate_search_adapt_planned_and_compress(stats, ws, in_process, caps
     proc = run_cli("compress", "--adapter", "planned", "--output", "compressed", "--json", cwd=ws)
     compressed = json.loads(proc.stdout)
     assert compressed["factored_params"] < compressed["dense_params"]
-    assert (ws / "compressed" / "nsn_compression.json").is_file() and (ws / "compressed" / "tokenizer.json").is_file()
+    assert (ws / "compressed" / "modeling_nsn.py").is_file() and (ws / "compressed" / "tokenizer.json").is_file()
     monkeypatch.chdir(ws)
     assert in_process(["info", "--adapter", "compressed", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["factor_params"] == compressed["factored_params"]
@@ -461,7 +461,7 @@ def test_compress_refine_resumable_and_loadable(ws):
     data = json.loads(proc.stdout)
     assert data["allocation"] in ("mixed", "uniform") and not data["resumed"]
     assert set(data["validation_nll"]) == {"dense", "init", "blockwise", "end_to_end"}
-    assert (ws / "refined" / "nsn_compression.json").is_file()
+    assert (ws / "refined" / "modeling_nsn.py").is_file()
     assert (ws / "refine-state" / "refine_state.json").is_file()
     proc = run_cli(*args, "--overwrite", cwd=ws)  # a finished state is reused, not retrained
     assert json.loads(proc.stdout)["resumed"]

@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Optional
 
+from .inputs import fetch_hub_references
 from .options import PROG, UsageError, config_to_argv, load_config_file
 from .output import CommandResult, emit, one_line
 from .runtime import exit_without_finalization_requested, setup_runtime
@@ -65,6 +66,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def _run(args: argparse.Namespace) -> CommandResult:
     # Libraries print (e.g. Trainer's log dicts): keep stdout for the result, so --json output stays parseable.
     with contextlib.redirect_stdout(sys.stderr):
+        fetch_hub_references(args)
         return args.func(args)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from .inputs import check_output_dir, model_for_inference, read_adapter_config
@@ -75,6 +76,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         "--save-tokenizer", action=argparse.BooleanOptionalAction, default=True,
         help="Save the tokenizer into the folder too (default: on, so eval/infer --model <folder> work).",
     )
+    out.add_argument("--convert", default=None, metavar="DIR",
+                     help="Rewrite the compressed model folder DIR (any earlier format) as a transformers model folder.")
     add_overwrite_option(out)
     add_common_options(parser)
     parser.set_defaults(func=run)
@@ -92,6 +95,8 @@ def run(args: argparse.Namespace) -> CommandResult:
         set_rank,
     )
 
+    if args.convert:
+        return _run_convert(args)
     output = check_output_dir(args.output, args.overwrite)
     if args.refine:
         return _run_refine(args, output)
@@ -127,6 +132,25 @@ def run(args: argparse.Namespace) -> CommandResult:
     text = (f"Saved compressed model to {output}: {len(ranks)} factored layers at mean rank {data['mean_rank']:.1f}, "
             f"{kept_params:,} parameters instead of {dense_params:,}; {report.model_fraction:.3f} of the dense matmul FLOPs")
     return CommandResult(data, text)
+
+
+def _run_convert(args: argparse.Namespace) -> CommandResult:
+    """``--convert DIR``: load a compressed folder (either format) and save it in the current one."""
+    from ..export import compressed_size, is_export_folder, load_compressed, save_compressed
+
+    if not is_export_folder(args.convert):
+        raise UsageError(f"--convert {args.convert} is not a compressed model folder")
+    same = args.output is None or Path(args.output).resolve() == Path(args.convert).resolve()
+    output = Path(args.convert) if same else check_output_dir(args.output, args.overwrite)
+    model = load_compressed(args.convert)
+    tokenizer = None
+    if (Path(args.convert) / "tokenizer_config.json").is_file() and not same:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.convert)
+    save_compressed(model, output, tokenizer=tokenizer)
+    sizes = compressed_size(model)
+    return CommandResult({"output": str(output), **sizes}, f"Rewrote {args.convert} as a transformers model folder in {output}")
 
 
 def _run_refine(args: argparse.Namespace, output) -> CommandResult:

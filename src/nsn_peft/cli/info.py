@@ -34,7 +34,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             "Print the factored layers of an adapter folder (shapes, max and active ranks, parameters) and the "
             "FLOPs of the factored layers at a few ranks, relative to the dense layers. Reads adapter_config.json "
             "and the safetensors header only: the base model is not loaded. A compressed model folder (from "
-            "`compress`) is summarised from its nsn_compression.json."
+            "`compress`) is summarised from its config.json and weights header."
         ),
         examples=["--adapter ./nsn-adapter", "--adapter ./nsn-adapter --ranks 64,128,full --layers --json"],
     )
@@ -180,19 +180,17 @@ def _report_lines(data: Mapping[str, Any], show_layers: bool, flops_table: bool 
 
 def compressed_info(folder: Path, args: argparse.Namespace) -> CommandResult:
     """The same report for a folder written by ``nsn-peft compress`` (ranks are fixed there)."""
-    from ..export.compressed import META_FILE
+    from ..export.compressed import describe_export
 
-    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    layers = {
-        n: {"out": int(v["out_features"]), "in": int(v["in_features"]), "max_rank": int(v["rank"])}
-        for n, v in sorted(meta.get("layers", {}).items(), key=lambda kv: _natural_key(kv[0]))
-    }
+    meta = describe_export(folder)
+    layers = {n: {"out": v["out"], "in": v["in"], "max_rank": v["max_rank"]}
+              for n, v in sorted(meta["layers"].items(), key=lambda kv: _natural_key(kv[0]))}
     if not layers:
-        raise ValueError(f"{folder}/{META_FILE} lists no factored layer")
-    active = {n: v["max_rank"] for n, v in layers.items()}
+        raise ValueError(f"{folder} lists no factored layer")
+    active = {n: meta["layers"][n]["rank"] for n in layers}
     report = _layer_report(layers, active, args.ranks, 64)
     data = {"path": str(folder), "kind": "compressed", "architecture": meta.get("architecture"), "dtype": meta.get("dtype"),
-            **report}
+            "budgets": sorted(float(b) for b in meta.get("budget_plans") or {}), **report}
     lines = [
         f"Compressed model {folder}",
         f"  architecture: {data['architecture']}; dtype: {data['dtype']}",

@@ -316,3 +316,23 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         return read(folder)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def fetch_hub_references(args: argparse.Namespace) -> None:
+    """Replace a Hub id given as ``--adapter`` (an NSN adapter or an export) or ``--model`` (an export) by its
+    downloaded folder, so every command takes Hub ids where it takes folders. Only the files needed are read;
+    other Hub models are left to transformers."""
+    from ..hub import fetch_adapter, fetch_hub_export
+    from ..io import looks_like_hub_id
+
+    adapter = getattr(args, "adapter", None)
+    if isinstance(adapter, str) and looks_like_hub_id(adapter):
+        try:
+            args.adapter = str(fetch_hub_export(adapter) or fetch_adapter(adapter))  # info reads exports too
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
+    model = getattr(args, "model", None)
+    if isinstance(model, str):
+        export = fetch_hub_export(model)
+        if export is not None:
+            args.model = str(export)

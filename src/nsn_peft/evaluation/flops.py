@@ -17,12 +17,16 @@ def compressed_flops(model: nn.Module) -> dict[str, Any]:
     """
     from transformers.pytorch_utils import Conv1D
 
-    from ..export.compressed import FactoredLinear
+    from ..export.compressed import is_factored_linear
     from ..linalg.flops import dense_flops, factored_flops
 
     ranks, factored, dense_of_factored, other = [], 0, 0, 0
+    # The factors are nn.Linear themselves: counted once, as their layer.
+    inside = {id(sub) for module in model.modules() if is_factored_linear(module) for sub in module.modules() if sub is not module}
     for module in model.modules():
-        if isinstance(module, FactoredLinear):
+        if id(module) in inside:
+            continue
+        if is_factored_linear(module):
             ranks.append(module.rank)
             factored += factored_flops(module.out_features, module.in_features, module.rank)
             dense_of_factored += dense_flops(module.out_features, module.in_features)

@@ -297,9 +297,9 @@ def _fixed_info(model: nn.Module) -> dict[str, Any]:
         report = estimate_flops(model)
         return {"mean_rank": sum(ranks) / len(ranks), "model_flops_fraction": report.model_fraction,
                 "targeted_flops_fraction": report.targeted_fraction}
-    from ..export.compressed import FactoredLinear
+    from ..export.compressed import is_factored_linear
 
-    if any(isinstance(m, FactoredLinear) for m in model.modules()):
+    if any(is_factored_linear(m) for m in model.modules()):
         from .flops import compressed_flops
 
         return compressed_flops(model)
