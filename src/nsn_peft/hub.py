@@ -298,7 +298,7 @@ def load_adapter(
     memory never exceeds the final size by more than one tensor. Other base models (``.gguf``, ``.bin``, Hub
     ids) are loaded whole first and each adapted layer's dense weight is freed as its factors arrive.
     """
-    from peft import PeftModel
+    from .tuner.loading import from_pretrained
 
     adapter = fetch_adapter(adapter)  # a Hub id: its adapter files only
     config = check_adapter_files(adapter)  # before the base model: a broken adapter fails in milliseconds
@@ -316,7 +316,7 @@ def load_adapter(
                                              device=device, trainable=trainable)
     else:
         base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype, device=device)
-        peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
+        peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
     if not trainable:
         peft_model.eval()
     return peft_model, tok, ref
@@ -344,9 +344,10 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
     """Build the base model empty, load the NSN factors, then read only the weights the factors do not replace."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .tuner.loading import from_pretrained
 
     torch_dtype = resolve_dtype(dtype)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
@@ -355,8 +356,7 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
         base = auto.from_config(model_config, **({"dtype": torch_dtype} if torch_dtype is not None else {}))
     target = torch.device(device) if device is not None else torch.device("cpu")
     logger.info("Loading %s for serving from factors only (dense weights of adapted layers are not read)", ref)
-    peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=False,
-                                           torch_device=str(target))
+    peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=False, torch_device=str(target))
     inner = peft_model.get_base_model()
     # Checkpoint keys are the plain model's names; inside an adapted layer the base weights sit under "base_layer".
     missing = {n.replace(".base_layer", ""): n for n, p in inner.named_parameters(remove_duplicate=False) if p.is_meta}

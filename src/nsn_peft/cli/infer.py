@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tuner.rank_points import RankPoint, describe_point
+from ..vocab import check_token_ids
 from .inputs import check_input_path, model_for_inference, read_adapter_config, resolve_rank_points
 from .options import (
     UsageError,
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> CommandResult:
         point = RankPoint("compressed", "compressed", "compressed")
         context, info = contextlib.nullcontext(), {"label": "compressed", "kind": "compressed", **fixed_rank_flops(model)}
     inputs, used_chat = encode_prompt(tokenizer, prompt, args.chat, args.system)
+    check_token_ids(model, inputs["input_ids"], "the tokenized prompt")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch.manual_seed(args.seed)

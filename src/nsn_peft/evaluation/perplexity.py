@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_texts, token_stream
 from ..devices import resolve_device
+from ..vocab import check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def evaluate_perplexity(
     stride = stride or seq_len
     windows = sliding_windows(0, seq_len, stride)  # validates the arguments before any tokenisation
     ids = _stream(data, tokenizer, max_tokens, protocol)
+    check_token_ids(model, ids, "the perplexity data")
     if ids.numel() < 2:
         raise ValueError(f"Need at least 2 tokens to compute perplexity, got {ids.numel()}")
     windows = sliding_windows(ids.numel(), seq_len, stride)

@@ -3,8 +3,9 @@
 ``config.py`` (what is configurable), ``layer.py`` (what an adapted layer does), ``model.py`` (how a model is
 rewritten), ``targeting.py`` (which modules are adapted), ``rank_spec.py`` (which operating point: ``RankSpec``
 and its resolution to per-layer ranks), ``ranks.py`` (rank control and FLOPs accounting), ``runtime.py``
-(per-model runtime options: kernels, storage layout), ``model_card.py``,
-and ``registration.py`` (how PEFT learns about the method).
+(per-model runtime options: kernels, storage layout), ``model_card.py``, ``loading.py`` (reading a saved
+adapter: what PEFT's config hook lets NSN do, and NSN's own ``from_pretrained``), and ``registration.py`` (how
+PEFT learns about the method: its registration API, and the one place that patches PEFT, NSN-scoped).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .compile import RankCompilation, compile_for_ranks
 from .config import NSNConfig
 from .dense import dense_model
 from .layer import NSNLayer, NSNLinear, RuntimeOptions
+from .loading import from_pretrained
 from .model import NSNModel
 from .rank_spec import RankSpec, resolve_ranks
 from .ranks import (
@@ -47,6 +49,7 @@ __all__ = [
     "budget_plans",
     "dense_model",
     "estimate_flops",
+    "from_pretrained",
     "get_max_rank",
     "get_rank",
     "get_runtime_options",

@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .loading import adapter_folder, check_config_fields, finish_interrupted_adapter_save, read_config_json
 from .peft_type import extend_peft_type
 from .rank_spec import budget_key
 
@@ -173,6 +174,39 @@ class NSNConfig(PeftConfig):
     def budgets(self) -> list[float]:
         """The FLOPs budgets that have a plan in :attr:`budget_plans`, ascending."""
         return sorted(float(key) for key in self.budget_plans)
+
+    # -- loading: PEFT reads a saved adapter's config through these (PeftModel.from_pretrained/load_adapter,
+    # AutoPeftModel*), so NSN's loading behaviour hangs off them rather than off PEFT's entry points.
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> NSNConfig:
+        """The config of a saved NSN adapter, marked as coming from a checkpoint (injection then skips the
+        factor initialisation its weights overwrite). A save of the folder that a kill interrupted after its
+        commit point is completed first. ``keep_base_weights=`` (``PeftModel.from_pretrained`` passes its extra
+        keywords here) overrides the saved value."""
+        keep_base_weights = kwargs.pop("keep_base_weights", None)
+        if keep_base_weights is not None and not isinstance(keep_base_weights, bool):
+            raise ValueError(f"keep_base_weights must be a bool, got {keep_base_weights!r}")
+        finish_interrupted_adapter_save(pretrained_model_name_or_path, subfolder)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if keep_base_weights is not None:
+            config.keep_base_weights = keep_base_weights
+        folder = adapter_folder(pretrained_model_name_or_path, subfolder)
+        # Not dataclass fields: never saved. The model consumes the mark when it injects this config.
+        config._from_checkpoint = True
+        config._checkpoint_folder = folder
+        weights = folder / "adapter_model.safetensors" if folder is not None else None
+        # What load errors name: the weights file, else the folder or Hub id.
+        config._checkpoint_source = str(weights if weights is not None and weights.is_file() else folder or pretrained_model_name_or_path)
+        return config
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
+        """The fields of an NSN ``adapter_config.json``; errors name the file (invalid JSON, missing fields)."""
+        loaded = read_config_json(path_json_file)
+        loaded.pop("runtime_config", None)  # as PEFT does: runtime options are never read from a file
+        if loaded.get("peft_type") == "NSN":
+            check_config_fields(loaded, path_json_file)
+        return loaded
 
     def to_dict(self) -> dict:
         # In-memory statistics are large tensors and never part of the serialised config.

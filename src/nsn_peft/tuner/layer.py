@@ -160,9 +160,7 @@ class NSNLayer(BaseTunerLayer):
     def _materialise_meta_factors(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Load-state-dict pre-hook: factors created on the meta device take the checkpoint's tensors as they are.
 
-        Factors-only loading thus allocates each factor once. NSN's reader (:func:`nsn_peft.io.read_safetensors`)
-        delivers ``nsn_B`` rank-major; a row-major one is re-laid out by :meth:`make_rank_major` after loading.
-        """
+        Factors-only loading thus allocates each factor once; ``nsn_B`` is installed rank-major (as NSN's reader delivers it)."""
         for factor in ("nsn_A", "nsn_B"):
             params = getattr(self, factor)
             for adapter, param in list(params.items()):
@@ -171,6 +169,8 @@ class NSNLayer(BaseTunerLayer):
                     continue
                 if not self.runtime_options.rank_major:  # nsn_B may arrive rank-major; training (FSDP) needs contiguous
                     state_dict[key] = state_dict[key].contiguous()
+                elif factor == "nsn_B" and param.is_meta:  # serving: rank-major as it is installed, never copied twice
+                    state_dict[key] = rank_major(state_dict[key])
                 if not param.is_meta:
                     continue
                 value = state_dict[key].to(device=self.get_base_layer().weight.device, dtype=param.dtype)

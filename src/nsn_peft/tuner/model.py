@@ -25,7 +25,8 @@ from . import runtime as _runtime
 from . import targeting
 from .config import NSNConfig
 from .layer import NSNLayer, NSNLinear, RuntimeOptions
-from .peft_type import keep_base_weights_override, loading_checkpoint, loading_source
+from .loading import check_weights_present
+from .peft_type import loading_checkpoint, loading_source
 from .targeting import check_supported_module
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,9 @@ class NSNModel(BaseTuner):
             return rank_for_params_fraction(m, d, config.params_fraction, config.rank_granularity)
         return config.max_rank or min(m, d)
 
-    def _keep_base_weights(self, config: NSNConfig) -> bool:
-        override = keep_base_weights_override() if self._loading else None
-        return config.keep_base_weights if override is None else override
+    @staticmethod
+    def _keep_base_weights(config: NSNConfig) -> bool:
+        return config.keep_base_weights
 
     def inject_adapter(
         self,
@@ -132,7 +133,14 @@ class NSNModel(BaseTuner):
         targeting.check_layers_to_transform(model, self.peft_config[adapter_name])
         # Chosen from the options as given, before PEFT rewrites "all-linear" into names (layer_selection.py).
         selection = self._selection = targeting.Selection(model, self.peft_config[adapter_name])
-        self._loading = loading_checkpoint() or low_cpu_mem_usage or state_dict is not None
+        config = self.peft_config[adapter_name]
+        # A config read from a saved adapter (NSNConfig.from_pretrained) marks it: its weights follow, so the
+        # factors are not computed here. The mark is consumed, so the same config adapts another model afresh.
+        from_checkpoint = getattr(config, "_from_checkpoint", False)
+        config._from_checkpoint = False
+        if from_checkpoint and getattr(config, "_checkpoint_folder", None) is not None:
+            check_weights_present(config._checkpoint_folder)
+        self._loading = from_checkpoint or loading_checkpoint() or low_cpu_mem_usage or state_dict is not None
         if not self._keep_base_weights(self.peft_config[adapter_name]):
             # Factors only: a model that serves; nsn_B rank-major from the start (no re-layout after loading).
             self.runtime_options = dataclasses.replace(self.runtime_options, rank_major=True)
@@ -153,7 +161,6 @@ class NSNModel(BaseTuner):
         finally:
             self._selection = None
         pending, self._pending_init = self._pending_init, []
-        config = self.peft_config[adapter_name]
         config.keep_base_weights = self._keep_base_weights(config)
         if not self._loading:
             self._initialize_factors(config, adapter_name, pending)
@@ -346,7 +353,7 @@ class NSNModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        source = loading_source()
+        source = loading_source() or getattr(config, "_checkpoint_source", None)
         origin = f" ({source})" if source else ""
         expected = {
             k: tuple(v.shape)

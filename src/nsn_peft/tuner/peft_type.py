@@ -44,26 +44,6 @@ def checkpoint_load_scope(source: Optional[str] = None) -> Iterator[None]:
         _LOADING_CHECKPOINT.reset(token)
 
 
-# ``keep_base_weights`` given to a loading entry point (``PeftModel.from_pretrained(..., keep_base_weights=False)``)
-# overrides the value saved in the adapter's config.
-_KEEP_BASE_WEIGHTS: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("nsn_keep_base_weights", default=None)
-
-
-def keep_base_weights_override() -> Optional[bool]:
-    return _KEEP_BASE_WEIGHTS.get()
-
-
-@contextlib.contextmanager
-def keep_base_weights_scope(value: Optional[bool]) -> Iterator[None]:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"keep_base_weights must be a bool, got {value!r}")
-    token = _KEEP_BASE_WEIGHTS.set(value)
-    try:
-        yield
-    finally:
-        _KEEP_BASE_WEIGHTS.reset(token)
-
-
 def extend_peft_type() -> PeftType:
     """Add ``PeftType.NSN`` to PEFT's enum (idempotent) and return it."""
     existing = PeftType.__members__.get(NSN_PEFT_TYPE_NAME)
