@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .flops import compressed_flops
 from .perplexity import PERPLEXITY_PROTOCOLS, evaluate_perplexity, perplexity, sliding_windows
 
 _TASK_NAMES = {
@@ -18,7 +19,7 @@ _TASK_NAMES = {
     "plot_accuracy": "report", "lm_eval_task_names": "tasks",
 }
 
-__all__ = ["PERPLEXITY_PROTOCOLS", "evaluate_perplexity", "perplexity", "sliding_windows", *_TASK_NAMES]
+__all__ = ["PERPLEXITY_PROTOCOLS", "compressed_flops", "evaluate_perplexity", "perplexity", "sliding_windows", *_TASK_NAMES]
 
 
 def __getattr__(name: str) -> Any:
