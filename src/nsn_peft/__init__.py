@@ -9,7 +9,7 @@ loading options (``keep_base_weights=False``: serve from the factors only).
 from __future__ import annotations
 
 from .calibrate import ActivationStats, collect_activation_stats, collect_gradient_stats
-from .evaluation import evaluate_perplexity, perplexity
+from .evaluation import evaluate_perplexity, fit_temperature, perplexity, with_temperature
 from .export import load_compressed, save_compressed
 from .planning import BudgetSchedule, RankPlan, allocate_ranks_for_budget, plan_budget_schedule, search_ranks
 from .refine import RefineConfig, RefineReport, compress_and_refine, refine_blockwise, refine_end_to_end
@@ -73,6 +73,7 @@ __all__ = [
     "refine_blockwise",
     "refine_end_to_end",
     "evaluate_perplexity",
+    "fit_temperature",
     "load_compressed",
     "perplexity",
     "save_compressed",
@@ -113,4 +114,5 @@ __all__ = [
     "selectable_ranks",
     "set_rank",
     "set_runtime_options",
+    "with_temperature",
 ]

@@ -117,3 +117,60 @@ def test_projected_weight_from_precomputed_bases_is_the_factored_product(weight_
         torch.testing.assert_close(product, direct.b @ direct.a)
     with pytest.raises(ValueError, match="does not match"):
         decompose.projection_bases(weight, gram[:5, :5])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 70), strip=st.integers(1, 32), seed=st.integers(0, 10_000))
+def test_symmetrized_in_strips_equals_the_mean_with_the_transpose_bit_for_bit(n, strip, seed):
+    c = _random(n, n, seed, torch.float32)
+    expected = c.double()
+    expected = (expected + expected.T) / 2
+    got = decompose.symmetrized(c, torch.float64, strip=strip)
+    assert torch.equal(got, expected) and torch.equal(c, _random(n, n, seed, torch.float32))  # the input is kept
+
+
+def test_damped_cholesky_leaves_its_input_alone_unless_told_to_overwrite():
+    x = _random(20, 6)
+    gram = x.T @ x  # rank 6 of 6: positive definite
+    kept = gram.clone()
+    factor = decompose.damped_cholesky(gram, 1e-6)
+    assert torch.equal(gram, kept)
+    eye = torch.eye(6, dtype=gram.dtype)
+    torch.testing.assert_close(factor, torch.linalg.cholesky(kept + 1e-6 * kept.diagonal().mean() * eye), rtol=0, atol=0)
+    singular = torch.zeros(4, 4, dtype=torch.float64)  # needs the damping to grow: still succeeds
+    assert torch.isfinite(decompose.damped_cholesky(singular, 0.0, overwrite=True)).all()
+
+
+@pytest.mark.parametrize("failures", [1, 2, 3])
+def test_robust_eigh_falls_back_when_the_solver_fails(monkeypatch, failures, caplog):
+    """A solver that fails to converge (as cuSOLVER does on some ill-conditioned Grams) is retried in float64 and
+    with a diagonal shift; the result is the eigendecomposition all the same."""
+    x = _random(30, 8, dtype=torch.float32)
+    matrix = x.T @ x
+    expected = torch.linalg.eigh(matrix.double())
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky(m, *args, **kwargs):
+        calls.append(m.dtype)
+        if len(calls) <= failures:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned")
+        return real_eigh(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    if failures == 3:  # float32 on the CPU: float64, then the shift; a third failure is the last
+        with pytest.raises(torch.linalg.LinAlgError, match="ill-conditioned"):
+            decompose.robust_eigh(matrix)
+        return
+    values, vectors = decompose.robust_eigh(matrix)
+    assert values.dtype == vectors.dtype == torch.float32
+    assert calls[1] == torch.float64 and "solved in float64" in caplog.text
+    torch.testing.assert_close(values.double(), expected.eigenvalues, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close((vectors @ torch.diag(values) @ vectors.T).double(), matrix.double(), rtol=1e-4, atol=1e-3)
+
+
+def test_robust_eigh_names_non_finite_input():
+    matrix = torch.eye(3)
+    matrix[1, 0] = matrix[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN|2 NaN"):
+        decompose.robust_eigh(matrix)

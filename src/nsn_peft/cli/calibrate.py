@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Optional
 
+import torch
+
+from ..calibrate.stats import GRADIENT_STATS_SUBDIR
 from ..devices import resolve_device
 from ..hub import base_model_reference
 from .inputs import check_output_dir, check_target_modules, load_base
 from .options import (
+    UsageError,
     add_common_options,
     add_data_options,
     add_model_options,
@@ -18,7 +24,7 @@ from .options import (
     positive_int,
 )
 from .output import CommandResult, format_table
-from .runtime import progress_enabled
+from .runtime import progress_enabled, set_progress
 
 
 def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
@@ -37,6 +43,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             "--model HuggingFaceTB/SmolLM2-135M --data ./calib.txt --max-tokens 131072 --output ./stats",
             "--data ./calib.txt --max-tokens 16384 --gradients --output ./stats",
             "--data wikitext:wikitext-2-raw-v1 --split train --target-modules q_proj,k_proj,v_proj --output ./stats",
+            "--data ./calib.txt --max-tokens 1048576 --num-processes 4 --output ./stats  # 4 processes, each a shard",
         ],
     )
     add_model_options(parser, task=False)
@@ -57,6 +64,12 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         "--gradient-tokens", type=positive_int, default=None, metavar="N",
         help="Tokens for the output-gradient statistics (default: --max-tokens).",
     )
+    parser.add_argument(
+        "--num-processes", type=positive_int, default=1, metavar="N",
+        help="Data-parallel calibration: N processes (gloo on CPUs, one GPU each with --device cuda) each run every "
+        "N-th calibration sequence, and the statistics are summed once at the end (equal to one process's). Under "
+        "`accelerate launch -m nsn_peft calibrate ...` or torchrun the launched processes do the same; leave this out.",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="DIR", help="Stats folder to write (required).")
     add_overwrite_option(out)
@@ -66,51 +79,89 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    from ..calibrate.stats import GRADIENT_STATS_SUBDIR
-    from ..io import atomic_directory
-    from .evaluate import load_texts
+    from ..calibrate.parallel import data_parallel_group, run_data_parallel
 
     output = check_output_dir(args.output, args.overwrite)
-    texts = load_texts(args)
-    model, tokenizer = load_base(args, task="causal-lm")
-    check_target_modules(model, args.target_modules)
-    if args.exclude_modules is not None and not isinstance(args.exclude_modules, str):
-        check_target_modules(model, list(args.exclude_modules), "--exclude-modules")
-    from .. import calibrate as calibration
-    stats = calibration.collect_activation_stats(
-        model, texts, tokenizer=tokenizer, max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-        target_modules=args.target_modules, exclude_modules=args.exclude_modules, device=resolve_device(args.device),
-        show_progress=progress_enabled(),
-    )
-    stats.model_id = base_model_reference(args.model, args.gguf_file)
-    gradients = None
-    if args.gradients:
-        gradients = calibration.collect_gradient_stats(
-            model, texts, tokenizer=tokenizer, max_tokens=args.gradient_tokens or args.max_tokens, seq_len=args.seq_len,
-            batch_size=args.batch_size, target_modules=args.target_modules, exclude_modules=args.exclude_modules,
-            device=resolve_device(args.device), show_progress=progress_enabled(),
-        )
-        gradients.model_id = stats.model_id
-    # Both sets of statistics appear together or not at all.
-    with atomic_directory(output) as tmp:
-        stats.save(tmp)
-        if gradients is not None:
-            gradients.save(tmp / GRADIENT_STATS_SUBDIR)
-    data = {
-        "output": str(output), "model": stats.model_id, "layers": len(stats.layer_names), "tokens": stats.num_tokens,
-        "in_features": {n: int(stats.grams[n].shape[0]) for n in stats.layer_names},
-        "gradient_tokens": gradients.num_tokens if gradients is not None else None,
-    }
+    if args.num_processes > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--num-processes starts its own processes: leave it out under accelerate launch or torchrun")
+        device = resolve_device(args.device)
+        data = run_data_parallel(collect_shard, args.num_processes, (args, str(output)), device=device)
+    else:
+        with data_parallel_group(resolve_device(args.device)):
+            data = collect_shard(args, str(output))
+    if not data:  # a process other than the first under a launcher: the first one reports
+        return CommandResult({}, printed=False)
     sizes: dict[int, int] = {}
     for d in data["in_features"].values():
         sizes[d] = sizes.get(d, 0) + 1
     text = "\n".join(
         [
-            f"Saved activation statistics of {data['layers']} layers ({data['tokens']:,} tokens) to {output}"
-            + (f", output-gradient statistics ({gradients.num_tokens:,} tokens) to {output / GRADIENT_STATS_SUBDIR}"
-               if gradients is not None else ""),
+            f"Saved activation statistics of {data['layers']} layers ({data['tokens']:,} tokens"
+            + (f", {data['processes']} processes" if data["processes"] > 1 else "") + f") to {output}"
+            + (f", output-gradient statistics ({data['gradient_tokens']:,} tokens) to {output / GRADIENT_STATS_SUBDIR}"
+               if data["gradient_tokens"] is not None else ""),
             "",
             format_table(sorted(sizes.items()), ["in_features", "layers"], align="rr"),
         ]
     )
     return CommandResult(data, text)
+
+
+def collect_shard(args: argparse.Namespace, output: str) -> dict[str, Any]:
+    """Collect the statistics (of this process's shard when several run) and save them (the first process).
+
+    Returns the summary on the first process, ``{}`` on the others.
+    """
+    from .. import calibrate as calibration
+    from ..calibrate.parallel import process_rank, shard_blocks
+    from ..data import token_blocks
+    from ..io import atomic_directory
+    from .evaluate import load_texts
+
+    rank, world_size = process_rank()
+    if rank > 0:
+        set_progress(False)  # one progress bar: the first process's
+    device = resolve_device(args.device)
+    if world_size > 1 and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    texts = load_texts(args)
+    model, tokenizer = load_base(args, task="causal-lm")
+    check_target_modules(model, args.target_modules)
+    if args.exclude_modules is not None and not isinstance(args.exclude_modules, str):
+        check_target_modules(model, list(args.exclude_modules), "--exclude-modules")
+
+    def data(max_tokens: int) -> tuple[Any, Optional[int]]:
+        """The texts as they are (one process), or this process's share of the same token blocks."""
+        if world_size == 1:
+            return texts, max_tokens
+        return shard_blocks(token_blocks(texts, tokenizer, args.seq_len, max_tokens)), None
+
+    calibration_data, max_tokens = data(args.max_tokens)
+    stats = calibration.collect_activation_stats(
+        model, calibration_data, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=args.seq_len,
+        batch_size=args.batch_size, target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+        device=device, show_progress=progress_enabled(),
+    )
+    stats.model_id = base_model_reference(args.model, args.gguf_file)
+    gradients = None
+    if args.gradients:
+        calibration_data, max_tokens = data(args.gradient_tokens or args.max_tokens)
+        gradients = calibration.collect_gradient_stats(
+            model, calibration_data, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=args.seq_len,
+            batch_size=args.batch_size, target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+            device=device, show_progress=progress_enabled(),
+        )
+        gradients.model_id = stats.model_id
+    if rank > 0:
+        return {}
+    # Both sets of statistics appear together or not at all.
+    with atomic_directory(Path(output)) as tmp:
+        stats.save(tmp)
+        if gradients is not None:
+            gradients.save(tmp / GRADIENT_STATS_SUBDIR)
+    return {
+        "output": output, "model": stats.model_id, "layers": len(stats.layer_names), "tokens": stats.num_tokens,
+        "in_features": {n: int(stats.grams[n].shape[0]) for n in stats.layer_names},
+        "gradient_tokens": gradients.num_tokens if gradients is not None else None, "processes": world_size,
+    }

@@ -34,6 +34,8 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             "Truncate the factors of an NSN model to its active ranks (or --rank / --target-flops) and save a "
             "compressed model folder that loads without the dense weights. The model is an adapter folder "
             "(--adapter) or --model adapted on the fly, typically with --rank-plan plan.json --stats DIR. The folder "
+            "is a transformers model (`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`; see "
+            "docs/export.md); an adapter with budget plans gives a nested export that keeps every budget. It "
             "loads with nsn_peft.load_compressed and works as --model for `eval` and `infer`."
         ),
         examples=[

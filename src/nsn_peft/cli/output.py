@@ -18,6 +18,7 @@ class CommandResult:
     data: dict[str, Any]
     text: str = ""
     exit_code: int = 0
+    printed: bool = True  # False: nothing on stdout (e.g. the other processes of a data-parallel run)
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], align: Optional[str] = None) -> str:
@@ -53,6 +54,8 @@ def clip_rows(rows: Sequence[Sequence[Any]], limit: int = 12) -> tuple[list[Sequ
 
 def emit(args: argparse.Namespace, result: CommandResult) -> None:
     """Print ``result`` as JSON (``--json``) or as text on stdout."""
+    if not result.printed:
+        return
     if args.json:
         sys.stdout.write(json.dumps(result.data, indent=2, default=_json_default) + "\n")
     elif result.text:

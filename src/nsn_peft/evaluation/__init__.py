@@ -11,6 +11,7 @@ from typing import Any
 
 from .flops import compressed_flops
 from .perplexity import PERPLEXITY_PROTOCOLS, evaluate_perplexity, perplexity, sliding_windows
+from .temperature import fit_temperature, with_temperature
 
 _TASK_NAMES = {
     "evaluate_tasks": "tasks", "TaskEvaluation": "tasks", "PointScores": "tasks", "TaskScore": "tasks",
@@ -19,7 +20,16 @@ _TASK_NAMES = {
     "plot_accuracy": "report", "lm_eval_task_names": "tasks",
 }
 
-__all__ = ["PERPLEXITY_PROTOCOLS", "compressed_flops", "evaluate_perplexity", "perplexity", "sliding_windows", *_TASK_NAMES]
+__all__ = [
+    "PERPLEXITY_PROTOCOLS",
+    "compressed_flops",
+    "evaluate_perplexity",
+    "fit_temperature",
+    "perplexity",
+    "sliding_windows",
+    "with_temperature",
+    *_TASK_NAMES,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,9 +17,12 @@ have the same scale, which keeps gradients of A and B comparable when the nested
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ProjectedFactors",
@@ -30,7 +33,9 @@ __all__ = [
     "projected_factors",
     "projected_weight",
     "projection_bases",
+    "robust_eigh",
     "svd_factors",
+    "symmetrized",
     "whitened_factors",
 ]
 
@@ -59,9 +64,79 @@ def balance_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, tor
     return b * scale, a / scale[:, None]
 
 
+def robust_eigh(matrix: torch.Tensor, *, values_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``torch.linalg.eigh`` (ascending) that does not give up on an ill-conditioned symmetric matrix.
+
+    The GPU solvers (cuSOLVER's ``syevd``) can fail to converge on matrices with clustered or huge-range
+    eigenvalues, e.g. the Gram products of random-weight models, which the CPU's LAPACK handles. On a failure
+    (or non-finite results) this retries in float64, then on the CPU in float64, then on the CPU with a tiny
+    diagonal shift (which moves every eigenvalue by the same amount and leaves the eigenvectors unchanged; it
+    is subtracted back). Results come back on the input's device and dtype. Raises ``ValueError`` for a
+    matrix with NaN/Inf entries, and ``torch.linalg.LinAlgError`` if every attempt fails.
+    """
+
+    def solve(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if values_only:
+            values, vectors = torch.linalg.eigvalsh(m), None
+        else:
+            values, vectors = torch.linalg.eigh(m)
+        if not torch.isfinite(values).all() or (vectors is not None and not torch.isfinite(vectors).all()):
+            raise torch.linalg.LinAlgError("eigh returned non-finite values")
+        return values, vectors
+
+    try:
+        return solve(matrix)
+    except torch.linalg.LinAlgError as err:
+        first = err
+    if not torch.isfinite(matrix).all():
+        bad = (~torch.isfinite(matrix)).sum().item()
+        raise ValueError(f"Cannot take the eigendecomposition of a matrix with {bad} NaN/Inf value(s)") from first
+    n = matrix.shape[-1]
+    scale = float(matrix.diagonal().abs().max()) if n else 0.0
+    attempts = []
+    if matrix.dtype != torch.float64:
+        attempts.append(("float64", lambda: matrix.double(), 0.0))
+    if matrix.device.type != "cpu":
+        attempts.append(("float64 on the CPU", lambda: matrix.double().cpu(), 0.0))
+    shift = max(scale, torch.finfo(torch.float64).tiny) * n * torch.finfo(torch.float64).eps
+    attempts.append(("float64 on the CPU with a diagonal shift", lambda: _shifted(matrix.double().cpu(), shift), shift))
+    for how, make, offset in attempts:
+        try:
+            values, vectors = solve(make())
+        except torch.linalg.LinAlgError:
+            continue
+        logger.warning("eigh of a %d×%d %s matrix on %s failed (%s); solved in %s", n, n,
+                       str(matrix.dtype).removeprefix("torch."), matrix.device, first, how)
+        values = (values - offset).to(device=matrix.device, dtype=matrix.dtype)
+        return values, None if vectors is None else vectors.to(device=matrix.device, dtype=matrix.dtype)
+    raise first
+
+
+def _shifted(matrix: torch.Tensor, shift: float) -> torch.Tensor:
+    matrix.diagonal().add_(shift)
+    return matrix
+
+
 def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, vectors = torch.linalg.eigh(matrix)
+    values, vectors = robust_eigh(matrix)
     return values.flip(0).clamp_min(0), vectors.flip(1)
+
+
+def symmetrized(gram: torch.Tensor, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+                strip: int = 1024) -> torch.Tensor:
+    """``(C + Cᵀ) / 2`` as a new ``dtype`` matrix on ``device``, with one strip of temporaries instead of two
+    full copies (a 28,672-wide float64 Gram is 6.6 GB: the difference decides whether a 70B block fits).
+
+    Equal bit for bit to ``(c + c.T) / 2`` of ``c = gram.to(dtype)``.
+    """
+    c = gram.to(device=device if device is not None else gram.device, dtype=dtype, copy=True)
+    n = c.shape[0]
+    for i in range(0, n, strip):
+        # Rows i:i+strip right of the diagonal and the mirrored columns below it: no later strip reads them.
+        mean = (c[i : i + strip, i:] + c[i:, i : i + strip].T) * 0.5
+        c[i : i + strip, i:] = mean
+        c[i:, i : i + strip] = mean.T
+    return c
 
 
 def svd_factors(
@@ -87,15 +162,23 @@ def svd_factors(
     return balance_factors(b, a)
 
 
-def damped_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """Cholesky factor of ``C + λI`` with λ relative to the mean diagonal; grows λ until it succeeds."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+def damped_cholesky(gram: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
+    """Cholesky factor of ``C + λI`` with λ relative to the mean diagonal; grows λ until it succeeds.
+
+    ``overwrite=True`` adds the damping to ``gram``'s diagonal in place (no copy of a matrix that may take
+    gigabytes; ``gram`` is garbage afterwards).
+    """
     scale = gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    work = gram if overwrite else gram.clone()
+    diagonal = work.diagonal()
+    original = diagonal.clone()
     lam = damp
     for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(gram + lam * scale * eye)
+        torch.add(original, lam * scale, out=diagonal)
+        factor, info = torch.linalg.cholesky_ex(work)
         if int(info) == 0:
             return factor
+        del factor
         lam = max(lam * 10, 1e-8)
     raise ValueError("Activation Gram matrix is not positive definite even after damping; check the stats.")
 
@@ -119,19 +202,20 @@ def whitened_factors(
         raise ValueError(f"Gram matrix shape {tuple(gram.shape)} does not match weight in_features {in_features}")
     rank = _check_rank(rank, min(out_features, in_features))
     w = weight.to(compute_dtype)
-    c = gram.to(device=w.device, dtype=compute_dtype)
-    c = (c + c.T) / 2
-    chol = damped_cholesky(c, damp)
+    # Peak memory: two d×d matrices (the symmetrised Gram, then its Cholesky factor) and a few m×d ones.
+    chol = damped_cholesky(symmetrized(gram, compute_dtype, w.device), damp, overwrite=True)
+    wl = w @ chol
     if out_features <= in_features:
-        wl = w @ chol
+        del chol
         _, u = _descending_eigh(wl @ wl.T)
+        del wl
         u = u[:, :rank]
         b, a = u, u.T @ w
     else:
-        wl = w @ chol
         _, v = _descending_eigh(wl.T @ wl)
         v = v[:, :rank]
         b = wl @ v
+        del wl
         # A = Vᵀ L⁻¹ computed as the solution of Lᵀ Aᵀ = V (triangular, stable).
         a = torch.linalg.solve_triangular(chol.T, v, upper=True).T
     return balance_factors(b, a)
@@ -187,9 +271,7 @@ def projection_bases(weight: torch.Tensor, gram: torch.Tensor, compute_dtype: to
     if gram.shape != (in_features, in_features):
         raise ValueError(f"Gram matrix shape {tuple(gram.shape)} does not match weight in_features {in_features}")
     w = weight.to(compute_dtype)
-    c = gram.to(device=w.device, dtype=compute_dtype)
-    c = (c + c.T) / 2
-    in_values, in_vectors = _descending_eigh(c)
+    in_values, in_vectors = _descending_eigh(symmetrized(gram, compute_dtype, w.device))
     # Output Gram W C Wᵀ = (W C^½)(W C^½)ᵀ; its eigenvectors are the left singular vectors of W C^½.
     root = in_vectors * in_values.clamp_min(0).sqrt()
     wr = w @ root

@@ -14,11 +14,11 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, damp: float = 1e
     """Squared singular values of ``W L`` (``C = LLᵀ``), descending: dropping component i of the whitened
     factorisation adds exactly ``σ_i²`` to the output error ``‖(W − W_r)Xᵀ‖²`` (per calibration token)."""
     w = weight.double()
-    c = gram.to(device=w.device, dtype=torch.float64)
-    chol = decompose.damped_cholesky((c + c.T) / 2, damp)
+    chol = decompose.damped_cholesky(decompose.symmetrized(gram, torch.float64, w.device), damp, overwrite=True)
     wl = w @ chol
+    del chol
     small = wl @ wl.T if w.shape[0] <= w.shape[1] else wl.T @ wl
-    return torch.linalg.eigvalsh(small).flip(0).clamp_min(0)
+    return decompose.robust_eigh(small, values_only=True)[0].flip(0).clamp_min(0)
 
 
 
@@ -43,6 +43,16 @@ def loss_weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, grad_gram: 
     if grad_gram.shape != (m, m):
         raise ValueError(f"Output-gradient Gram shape {tuple(grad_gram.shape)} does not match out_features {m}")
     b, a = decompose.whitened_factors(weight, gram, None, damp=damp)
-    c = gram.to(device=a.device, dtype=a.dtype)
-    g = grad_gram.to(device=b.device, dtype=b.dtype)
-    return (((b.T @ g) * b.T).sum(1) * ((a @ c) * a).sum(1)).clamp_min(0)
+    output_side = _quadratic_forms(b.T, grad_gram)
+    del b
+    return (output_side * _quadratic_forms(a, gram)).clamp_min(0)
+
+
+def _quadratic_forms(rows: torch.Tensor, matrix: torch.Tensor, strip: int = 2048) -> torch.Tensor:
+    """``v_i M v_iᵀ`` for every row ``v_i`` of ``rows``, reading ``matrix`` in column strips (moved to ``rows``'
+    device and dtype one strip at a time): a 14,336-wide float64 copy of ``M`` would take 1.6 GB."""
+    total = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    for j in range(0, matrix.shape[1], strip):
+        columns = matrix[:, j : j + strip].to(device=rows.device, dtype=rows.dtype)
+        total += ((rows @ columns) * rows[:, j : j + strip]).sum(1)
+    return total

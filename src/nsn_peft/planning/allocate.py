@@ -318,11 +318,10 @@ def projected_plan_for_budget(
     for name, (module, m, d) in tqdm(layers.items(), desc="Projection spectra", unit="layer", disable=not show_progress):
         weight = dense_weight(module).detach()
         weight = weight.to(device) if device is not None else weight
-        c = stats.gram(name).to(device=weight.device, dtype=torch.float64)
-        values, vectors = torch.linalg.eigh((c + c.T) / 2)
+        values, vectors = decompose.robust_eigh(decompose.symmetrized(stats.gram(name), torch.float64, weight.device))
         values = values.flip(0).clamp_min(0)
         wr = weight.double() @ (vectors.flip(1) * values.sqrt())  # W C^½: its Gram is the output Gram W C Wᵀ
-        out_values = torch.linalg.eigvalsh(wr @ wr.T if m <= d else wr.T @ wr).flip(0).clamp_min(0)
+        out_values = decompose.robust_eigh(wr @ wr.T if m <= d else wr.T @ wr, values_only=True)[0].flip(0).clamp_min(0)
         spectra[name] = (values.cpu(), out_values.cpu())
         weights[name] = weight
 

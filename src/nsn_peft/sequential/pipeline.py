@@ -51,7 +51,14 @@ from ..tuner.config import NSNConfig
 from ..tuner.peft_type import checkpoint_load_scope
 from .output import save_offloaded_adapter
 from .placement import BlockPlacement, Materialize
-from .statistics import HiddenStore, StatsStore, activation_bytes, backward_statistics, forward_statistics
+from .statistics import (
+    HiddenStore,
+    StatsStore,
+    activation_bytes,
+    backward_statistics,
+    decomposition_bytes,
+    forward_statistics,
+)
 from .trajectory import BlockLayout, Trajectory, block_layout
 
 logger = logging.getLogger(__name__)
@@ -69,7 +76,11 @@ class SequentialReport:
         seconds: per pass (``statistics``, ``gradients``, ``allocation``, ``refine``) and ``total``.
         block_seconds: per pass, the seconds of each block (bottom to top); ``spectra`` and ``init``: the parts of
             the ``gradients`` and ``refine`` passes spent on decompositions.
-        peak_device_bytes: per pass, the peak memory allocated on the device while each block was on it (CUDA).
+        peak_device_bytes: per pass, the peak memory allocated on the device while each block was on it (CUDA):
+            ``max`` over a pass's list is that pass's peak, ``max`` over all passes the run's.
+        estimated_bytes: per pass, the estimate checked before the block that needed the most (``weights``,
+            ``statistics``, ``activations``, ``decomposition`` / ``initialisation``, ``factors and optimizer
+            state``): upper bounds on what one block's work holds, to read beside the measured peaks.
         peak_rss_bytes: the process's peak resident memory at the end of each pass.
         error_before / error_after: per block, the block-wise refinement's relative output error (see
             :class:`~nsn_peft.refine.BlockwiseResult`).
@@ -91,6 +102,7 @@ class SequentialReport:
     seconds: dict[str, float] = field(default_factory=dict)
     block_seconds: dict[str, list[float]] = field(default_factory=dict)
     peak_device_bytes: dict[str, list[int]] = field(default_factory=dict)
+    estimated_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,8 +112,8 @@ class SequentialReport:
 class _Meter:
     """Seconds and peak device memory of each block of a pass."""
 
-    def __init__(self, report: SequentialReport, phase: str, device: torch.device) -> None:
-        self.report, self.phase, self.device = report, phase, device
+    def __init__(self, report: SequentialReport, phase: str, placement: BlockPlacement) -> None:
+        self.report, self.phase, self.placement, self.device = report, phase, placement, placement.device
         report.block_seconds[phase], report.peak_device_bytes[phase] = [], []
         self.started = self.last = time.perf_counter()
         self._reset()
@@ -112,6 +124,9 @@ class _Meter:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def block_done(self) -> None:
+        need, largest = self.placement.last_need, self.report.estimated_bytes.get(self.phase)
+        if need and (largest is None or sum(need.values()) > sum(largest.values())):
+            self.report.estimated_bytes[self.phase] = {k: int(v) for k, v in need.items() if v}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.report.peak_device_bytes[self.phase].append(int(torch.cuda.max_memory_allocated(self.device)))
@@ -125,16 +140,19 @@ class _Meter:
         self.report.peak_rss_bytes[self.phase] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _block_spectra(layout: BlockLayout, store: StatsStore, spectra: dict, damp: float, meter: _Meter,
-                   device: torch.device):
+def _block_spectra(layout: BlockLayout, store: StatsStore, spectra: dict, damp: float, meter: _Meter):
     seconds = meter.report.block_seconds.setdefault("spectra", [])
 
     def on_block(index: int, block: nn.Module, gradient_stats: ActivationStats) -> None:
         t = time.perf_counter()
-        stats = store.get(index).to(device)
+        stats = store.get(index)  # CPU: each layer's Gram goes to the device on its own, inside the decomposition
         for name, module in layout.targets[index].items():
             weight = dense_weight(module).detach()
-            spectra[name] = loss_weighted_spectrum(weight, stats.gram(name), gradient_stats.gram(name), damp).cpu()
+            # The layer's gradient Gram leaves the block's statistics (normalised in place): memory shrinks
+            # layer by layer instead of holding every Gram until the block is done.
+            grad = gradient_stats.grams.pop(name).div_(max(gradient_stats.token_counts[name], 1))
+            spectra[name] = loss_weighted_spectrum(weight, stats.gram(name), grad, damp).cpu()
+            del grad
         seconds.insert(0, round(time.perf_counter() - t, 3))
         meter.block_done()
 
@@ -146,9 +164,8 @@ def _factor_bytes(layout: BlockLayout, index: int, plan: RankPlan, element: int)
 
 
 def _init_bytes(layout: BlockLayout, index: int, plan: RankPlan) -> int:
-    """float64 temporaries of one layer's whitened factors (the largest layer of the block)."""
-    sizes = [plan.shapes[n] for n in layout.targets[index] if n in plan.ranks]
-    return max((8 * (d * d + 3 * m * d + min(m, d) ** 2) for m, d in sizes), default=0)
+    """Temporaries of one layer's whitened factors, the block's largest: see :func:`decomposition_bytes`."""
+    return decomposition_bytes(plan.shapes[n] for n in layout.targets[index] if n in plan.ranks)
 
 
 def compress_sequential(
@@ -191,8 +208,9 @@ def compress_sequential(
         offload_folder: keeps the statistics, the block inputs of the gradient pass and the factors of finished
             blocks on disk instead of in CPU memory during the run (the factors are read back at the end).
         max_memory: the most the run may hold on ``device`` (e.g. ``"20GiB"``); default: what is free.
-        stats_dtype: dtype the statistics are kept in between passes (float64: exactly the sums; float32 halves
-            their memory and files).
+        stats_dtype: dtype the statistics are accumulated in on the device and kept in between passes (float64:
+            exact sums over any number of tokens; float32 halves their memory on the device and on disk, at a
+            relative rounding of about ``batches × 6e-8`` on the sums).
         output_dir: the adapter is saved there (``PeftModel.save_pretrained``'s layout). With ``offload_folder`` it
             is written from the factor files one block at a time, and the returned model's factors stay on
             disk (``meta``): load the adapter from ``output_dir`` to use it.
@@ -235,21 +253,21 @@ def compress_sequential(
                 store.put(index, ActivationStats({n: stats.grams[n] for n in targets}, {n: stats.token_counts[n] for n in targets}))
         inputs = HiddenStore(os.path.join(offload_folder, "hidden") if offload_folder else None)
         if stats is None or mixed:
-            meter = _Meter(report, "statistics", run_device)
+            meter = _Meter(report, "statistics", placement)
             trajectory = Trajectory(placement, layout, train, bs, dtype)
-            forward_statistics(placement, layout, trajectory, store=store if stats is None else None,
+            forward_statistics(placement, layout, trajectory, store=store if stats is None else None, dtype=stats_dtype,
                                keep_inputs=gradient_tokens.shape[0] if mixed else 0, kept=inputs,
                                on_block=lambda i, b: meter.block_done(), show_progress=show_progress)
             del trajectory
             meter.done()
         t = time.perf_counter()
         if mixed:
-            meter = _Meter(report, "gradients", run_device)
+            meter = _Meter(report, "gradients", placement)
             calls = Trajectory(placement, layout, gradient_tokens, max(1, bs // 2), dtype).calls
             spectra: dict[str, torch.Tensor] = {}
             report.gradient_tokens = backward_statistics(
-                placement, layout, gradient_tokens, inputs, calls, batch_size=max(1, bs // 2),
-                on_block=_block_spectra(layout, store, spectra, 1e-6, meter, run_device), show_progress=show_progress)
+                placement, layout, gradient_tokens, inputs, calls, batch_size=max(1, bs // 2), dtype=stats_dtype,
+                on_block=_block_spectra(layout, store, spectra, 1e-6, meter), show_progress=show_progress)
             inputs.clear()
             meter.report.block_seconds["gradients"].reverse()
             meter.report.peak_device_bytes["gradients"].reverse()
@@ -297,7 +315,7 @@ def _refine(peft_model, placement: BlockPlacement, layout: BlockLayout, plan: Ra
     report.blockwise_tokens = int(tokens.numel())
     tuner = peft_model.base_model
     adapter_config = peft_model.peft_config[peft_model.active_adapter]
-    meter = _Meter(report, "refine", placement.device)
+    meter = _Meter(report, "refine", placement)
     init_seconds = report.block_seconds.setdefault("init", [])
     trajectory = Trajectory(placement, layout, tokens, bs, dtype)
     dense_h, student_h = trajectory.hidden, trajectory.hidden.clone()
@@ -312,7 +330,7 @@ def _refine(peft_model, placement: BlockPlacement, layout: BlockLayout, plan: Ra
         with placement.visit(index, sum(extra.values()), extra) as block:
             t = time.perf_counter()
             if names:
-                adapter_config.stats = store.get(index).to(placement.device)
+                adapter_config.stats = store.get(index)  # CPU: one layer's Gram at a time goes to the device
                 tuner.initialize_factors(names)
                 adapter_config.stats = None
             init_seconds.append(round(time.perf_counter() - t, 3))

@@ -136,6 +136,7 @@ class BlockPlacement:
         self.stored: set[tuple[int, str]] = set()  # tensors this placement keeps in the offload folder
         self.locations: dict[tuple[int, str], tuple[Path, str]] = {}  # … and where: (file, key)
         self._hooks: list[tuple[nn.Module, object]] = []
+        self.last_need: dict[str, int] = {}  # the parts of the estimate of the last group checked
         self._files: dict[Path, dict[str, torch.Tensor]] = {}
         for qualified, module in model.named_modules():
             for name, _, _ in _direct_tensors(module):
@@ -200,6 +201,7 @@ class BlockPlacement:
         """Raise :class:`BlockDoesNotFitError` unless group ``index`` plus ``extra_bytes`` fit on the device."""
         weights = self.resident_bytes(index)
         need = weights + extra_bytes
+        self.last_need = {"weights": weights, **(parts or {})}  # what the report shows beside the measured peak
         if self.max_memory is not None:
             held = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
             free, limit = self.max_memory - held, f"max_memory={format_bytes(self.max_memory)}"

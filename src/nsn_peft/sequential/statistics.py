@@ -12,7 +12,7 @@ the sums :func:`nsn_peft.collect_gradient_stats` forms with one backward through
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,7 +27,7 @@ from ..refine.blocks import BlockCall
 from .placement import BlockPlacement
 from .trajectory import BlockLayout, Trajectory, model_tail
 
-__all__ = ["HiddenStore", "StatsStore", "backward_statistics", "forward_statistics"]
+__all__ = ["HiddenStore", "StatsStore", "backward_statistics", "decomposition_bytes", "forward_statistics"]
 
 
 class StatsStore:
@@ -99,10 +99,18 @@ def _cast(stats: ActivationStats, dtype: torch.dtype) -> ActivationStats:
     return ActivationStats(grams, dict(stats.token_counts), stats.model_id, dict(stats.extra))
 
 
-def _gram_bytes(targets: dict[str, nn.Module], kind: str) -> int:
-    """Accumulators (float64) plus one batch product (float32) per layer: an upper bound (shared inputs share)."""
+def _gram_bytes(targets: dict[str, nn.Module], kind: str, dtype: torch.dtype = torch.float64) -> int:
+    """Accumulators (``dtype``) plus one batch product (float32) per layer: an upper bound (shared inputs share)."""
+    element = torch.empty(0, dtype=dtype).element_size() + 4
     side = 0 if kind == "input" else 1
-    return sum(12 * (layer_features(m)[1 - side] if side else layer_features(m)[1]) ** 2 for m in targets.values())
+    return sum(element * (layer_features(m)[1 - side] if side else layer_features(m)[1]) ** 2 for m in targets.values())
+
+
+def decomposition_bytes(shapes: Iterable[Sequence[int]]) -> int:
+    """Device memory of the largest layer's whitened decomposition (``(out, in)`` shapes), in float64: the
+    symmetrised Gram and its Cholesky factor (``2·d²``), the Gram's transfer (``d²`` float32) and about three
+    ``m×d`` matrices (the weight, ``W L``, the factors) plus the small-side eigenproblem (``min(m, d)²``)."""
+    return max((8 * (2 * d * d + 3 * m * d + min(m, d) ** 2) + 4 * d * d for m, d in shapes), default=0)
 
 
 def activation_bytes(targets: dict[str, nn.Module], rows: int, element: int, backward: bool = False) -> int:
@@ -135,7 +143,7 @@ def forward_statistics(
     element = trajectory.hidden.element_size()
     for index in tqdm(range(len(layout.blocks)), desc="Calibrating block by block", unit="block", disable=not show_progress):
         targets = layout.targets[index]
-        extra = {"statistics": _gram_bytes(targets, "input") if store is not None else 0,
+        extra = {"statistics": _gram_bytes(targets, "input", dtype) if store is not None else 0,
                  "activations": activation_bytes(targets, rows, element)}
         with placement.visit(index, sum(extra.values()), extra) as block:
             if keep_inputs:
@@ -206,8 +214,9 @@ def backward_statistics(
         for index in tqdm(reversed(range(len(layout.blocks))), total=len(layout.blocks), desc="Output gradients block by block",
                           unit="block", disable=not show_progress):
             targets = layout.targets[index]
-            extra = {"statistics": _gram_bytes(targets, "output"),
-                     "activations": activation_bytes(targets, rows, 4, backward=True)}
+            extra = {"statistics": _gram_bytes(targets, "output", dtype),
+                     "activations": activation_bytes(targets, rows, 4, backward=True),
+                     "decomposition": decomposition_bytes(layer_features(m) for m in targets.values())}
             with placement.visit(index, sum(extra.values()), extra) as block:
                 collector = OutputGradientCollector(targets, dtype, placement.device)
                 below = torch.empty_like(grads)
@@ -220,8 +229,10 @@ def backward_statistics(
                         y.backward(grads[start : start + batch_size].to(placement.device, y.dtype))
                         below[start : start + batch_size] = x.grad.to("cpu", below.dtype)
                         collector.end_batch()
-                grams, counts = collector.result(all_reduce=False)
-                on_block(index, block, ActivationStats(grams, counts, extra={"kind": "output_gradient"}))
+                gradient_stats = ActivationStats(*collector.result(all_reduce=False), extra={"kind": "output_gradient"})
+                del collector, hidden  # on_block may free the Grams one by one: no other reference to them
+                on_block(index, block, gradient_stats)
+                del gradient_stats
                 grads = below
     finally:
         for p, flag in frozen:

@@ -209,11 +209,11 @@ class NSNModel(BaseTuner):
                 if config.init == "svd":
                     b, a = decompose.svd_factors(weight, limit)
                 elif config.init == "whitened":
-                    b, a = decompose.whitened_factors(weight, stats.gram(name).to(device), limit, damp=config.whitening_damp)
+                    b, a = decompose.whitened_factors(weight, stats.gram(name), limit, damp=config.whitening_damp)
                 else:
                     key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
                     e_in, e_out = config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
-                    result = decompose.projected_factors(weight, stats.gram(name).to(device), e_in, e_out, rank=limit)
+                    result = decompose.projected_factors(weight, stats.gram(name), e_in, e_out, rank=limit)
                     b, a = result.b, result.a
             except (ValueError, RuntimeError) as err:  # torch.linalg.LinAlgError is a RuntimeError
                 origin = f" with statistics from {config.stats_path}" if config.needs_stats and config.stats_path else ""
