@@ -209,13 +209,9 @@ def _auto_class(architecture: str) -> str:
     return "AutoModelForCausalLM"
 
 
-def _modeling_source(architecture: str) -> str:
-    """``modeling_nsn.py`` with its base class set to ``architecture``."""
-    source = (Path(__file__).with_name(MODELING_FILE)).read_text(encoding="utf-8")
-    line = 'BASE_ARCHITECTURE = "LlamaForCausalLM"'
-    if line not in source:  # the template and this function are edited together
-        raise RuntimeError(f"{MODELING_FILE}: the BASE_ARCHITECTURE line is missing")
-    return source.replace(line, f'BASE_ARCHITECTURE = "{architecture}"', 1)
+def _modeling_source() -> str:
+    """``modeling_nsn.py`` as it is saved beside the weights (the same file for every architecture)."""
+    return Path(__file__).with_name(MODELING_FILE).read_text(encoding="utf-8")
 
 
 @torch.no_grad()
@@ -269,8 +265,9 @@ def save_compressed(
         setattr(config, key, value)
     config.nsn_base_architecture = architecture
     config.nsn_format_version = FORMAT_VERSION
-    config.architectures = ["NSNCompressedForCausalLM"]
-    config.auto_map = {_auto_class(architecture): "modeling_nsn.NSNCompressedForCausalLM"}
+    class_name = compressed_model_class(architecture).__name__
+    config.architectures = [class_name]
+    config.auto_map = {_auto_class(architecture): f"modeling_nsn.{class_name}"}
     if cast is not None:
         config.dtype = cast
     source = getattr(base.config, "_name_or_path", None) or None
@@ -283,7 +280,7 @@ def save_compressed(
         if generation is not None and getattr(base, "can_generate", lambda: False)():
             generation.save_pretrained(tmp)
         write_safetensors(tmp / WEIGHTS_FILE, state, metadata={"format": "pt"})
-        write_text(tmp / MODELING_FILE, _modeling_source(architecture))
+        write_text(tmp / MODELING_FILE, _modeling_source())
         write_text(tmp / CARD_FILE, card)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -349,6 +346,8 @@ def load_compressed(
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    # save_pretrained / push_to_hub then copy modeling_nsn.py beside the weights, as the folder had it.
+    model.register_for_auto_class(_auto_class(config["nsn_base_architecture"]))
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(f"{folder / WEIGHTS_FILE} lacks {len(missing)} weight(s) of the model, e.g. {missing[:4]}")

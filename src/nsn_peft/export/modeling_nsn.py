@@ -5,8 +5,10 @@ its ``config.json`` (``auto_map``), so the model opens with plain transformers a
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-It depends on torch and transformers only. The model is the base architecture's own class (``BASE_ARCHITECTURE``,
-rewritten when the file is saved) in which every layer named in ``config.nsn_ranks`` is a :class:`FactoredLinear`:
+It depends on torch and transformers only, and is the same file for every architecture: ``auto_map`` names the
+class ``NSNCompressed<base class>`` (e.g. ``NSNCompressedLlamaForCausalLM``), which this module builds on first use
+(:func:`compressed_model_class`). It is the base architecture's own class in which every layer named in
+``config.nsn_ranks`` is a :class:`FactoredLinear`:
 two ``nn.Linear`` (``down``: d→R, ``up``: R→m, the bias on ``up``), so quantizers (torchao, bitsandbytes),
 ``device_map`` and everything else that acts on ``nn.Linear`` reach the factors. A *nested* export stores the
 largest rank each layer runs at and every FLOPs-budget plan (``config.nsn_budget_plans``); ``set_budget`` switches
@@ -22,8 +24,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-# Rewritten by save_compressed to the class of the model that was compressed.
-BASE_ARCHITECTURE = "LlamaForCausalLM"
+CLASS_PREFIX = "NSNCompressed"
 
 
 class FactoredLinear(nn.Module):
@@ -138,19 +139,31 @@ class NSNCompressedMixin:
         self.config.nsn_active_budget = float(key)
 
 
+_CLASSES: dict[str, type] = {}
+
+
 def compressed_model_class(base_architecture: str) -> type:
-    """The class of a compressed ``base_architecture`` model (e.g. ``"LlamaForCausalLM"``)."""
+    """The class of a compressed ``base_architecture`` model (e.g. ``"LlamaForCausalLM"``), built once."""
+    if base_architecture in _CLASSES:
+        return _CLASSES[base_architecture]
     base = getattr(transformers, base_architecture, None)
-    if base is None:
+    if base is None or not isinstance(base, type):
         raise ValueError(f"transformers {transformers.__version__} has no model class {base_architecture!r}")
 
-    class NSNCompressedForCausalLM(NSNCompressedMixin, base):
-        def __init__(self, config, *args, **kwargs) -> None:
-            super().__init__(config, *args, **kwargs)
-            self._nsn_factor_layers()
+    def __init__(self, config, *args, **kwargs) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        self._nsn_factor_layers()
 
-    NSNCompressedForCausalLM.__qualname__ = NSNCompressedForCausalLM.__name__
-    return NSNCompressedForCausalLM
+    name = CLASS_PREFIX + base_architecture
+    # Named and placed as a class of this module, so transformers' save_pretrained copies this file and writes an
+    # auto_map entry that finds the class again.
+    cls = type(name, (NSNCompressedMixin, base), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    _CLASSES[base_architecture] = cls
+    return cls
 
 
-NSNCompressedForCausalLM = compressed_model_class(BASE_ARCHITECTURE)
+def __getattr__(name: str) -> type:
+    """``NSNCompressed<base class>``: what ``auto_map`` names, built on first access (PEP 562)."""
+    if name.startswith(CLASS_PREFIX) and name != CLASS_PREFIX:
+        return compressed_model_class(name[len(CLASS_PREFIX) :])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
