@@ -11,8 +11,9 @@ from peft import get_peft_model
 from tiny_models import build_tiny_model
 
 import nsn_peft
+from nsn_peft.devices import offloaded_to_disk
 from nsn_peft.export.compressed import save_compressed
-from nsn_peft.hub import load_adapter, load_compressed_model, load_model, offloaded_to_disk
+from nsn_peft.hub import load_adapter, load_compressed_model, load_model
 
 IDS = torch.tensor([[5, 9, 11, 4, 7, 13, 8, 6]])
 # Less CPU memory than the model takes: accelerate puts the rest on disk (the tiny model is ~0.2 MB).

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .devices import resolve_device, resolve_dtype
+from .devices import DeviceMap, dispatch, placement_kwargs, refuse_disk, resolve_device, resolve_dtype
 from .errors import NoTokenizerError
 from .gguf_models import clear_dequantized_gguf_marker, embedded_model_dir, fetch_embedded_model, is_embedded_reference
 from .io import local_or_hub_folder, looks_like_hub_id
@@ -41,7 +41,6 @@ __all__ = [
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
-    "offloaded_to_disk",
     "read_adapter_config",
 ]
 
@@ -102,16 +101,11 @@ def load_model(
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
     allow_missing_weights: bool = False,
-    device_map: Optional[DeviceMap] = None,
-    max_memory: Optional[dict[Any, Union[int, str]]] = None,
-    offload_folder: Optional[Union[str, os.PathLike]] = None,
+    device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None, offload_folder: Optional[str] = None,
     **model_kwargs: Any,
 ):
-    """A base model from a Hub id, a local folder, a ``.gguf`` file or the embedded default (``None``).
-
-    ``device_map`` places the model with accelerate instead of moving it to ``device``: ``"auto"`` (the GPUs,
-    then the CPU, then ``offload_folder`` on disk, within ``max_memory`` per device, e.g. ``{0: "70GiB", "cpu":
-    "200GiB"}``), ``"balanced"``, ``"sequential"``, a device (``"cpu"``, ``"cuda:1"``) or ``{module name: device}``.
+    """A base model from a Hub id, a local folder, a ``.gguf`` file or the embedded default (``None``), on
+    ``device`` or placed by accelerate (``device_map``, :data:`nsn_peft.devices.DeviceMap`).
 
     ``None`` is the embedded SmolLM2-135M-Instruct (a standard transformers folder, see
     :func:`nsn_peft.gguf_models.embedded_model_dir`). A path ending in ``.gguf`` is split into folder +
@@ -130,7 +124,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    kwargs.update(_placement(device_map, max_memory, offload_folder))
+    kwargs.update(placement_kwargs(device_map, max_memory, offload_folder))
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     logger.info("Loading %s%s", source, f" ({gguf_file})" if gguf_file else "")
     model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
@@ -146,30 +140,6 @@ def load_model(
         model = model.to(resolve_device(device))
     model.eval()
     return model
-
-
-#: accelerate's placement of a model: ``"auto"``, ``"balanced"``, ``"sequential"``, a device, or ``{module: device}``.
-DeviceMap = Union[str, dict[str, Union[int, str, torch.device]]]
-
-
-def _placement(device_map: Optional[DeviceMap], max_memory: Optional[dict], offload_folder: Optional[Union[str, os.PathLike]]
-               ) -> dict[str, Any]:
-    """``from_pretrained`` keywords of a placement (none without a ``device_map``)."""
-    if device_map is None:
-        if max_memory is not None or offload_folder is not None:
-            raise ValueError("max_memory and offload_folder apply to a device_map (e.g. device_map='auto')")
-        return {}
-    kwargs: dict[str, Any] = {"device_map": device_map}
-    if max_memory is not None:
-        kwargs["max_memory"] = max_memory
-    if offload_folder is not None:
-        kwargs["offload_folder"] = str(offload_folder)
-    return kwargs
-
-
-def offloaded_to_disk(model: Any) -> bool:
-    """Whether accelerate placed part of ``model`` on disk (``device_map`` with ``"disk"`` entries)."""
-    return "disk" in set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
 
 
 def load_tokenizer(name_or_path: Optional[Union[str, os.PathLike]] = None, *, gguf_file: Optional[str] = None):
@@ -319,15 +289,9 @@ def load_adapter(
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
     trainable: bool = False,
-    keep_base_weights: Optional[bool] = None,
-    device_map: Optional[DeviceMap] = None,
-    max_memory: Optional[dict[Any, Union[int, str]]] = None,
+    keep_base_weights: Optional[bool] = None, device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None,
 ):
-    """``(peft_model, tokenizer, base_ref)`` of a saved NSN adapter.
-
-    ``device_map``/``max_memory`` place the model across several GPUs or GPU + CPU (see :func:`load_model`);
-    the factors of each layer go where its dense weight goes. A placement with parts on disk is refused (the
-    factors of an offloaded layer would have no device): give the CPU enough ``max_memory`` instead.
+    """``(peft_model, tokenizer, base_ref)`` of a saved NSN adapter (``device_map``: GPUs and CPU, not disk).
 
     The base model is ``model`` when given, else the one the adapter records. The tokenizer is ``tokenizer``,
     else one saved beside the adapter, else the base model's.
@@ -354,39 +318,15 @@ def load_adapter(
     if shards:
         peft_model, tok = _load_factors_only(ref, shards, adapter, tokenizer=tokenizer, task=task, dtype=dtype,
                                              device=None if device_map is not None else device, trainable=trainable)
-        if device_map is not None:
-            peft_model = _dispatch(peft_model, device_map, max_memory)
+        peft_model = dispatch(peft_model, device_map, max_memory) if device_map is not None else peft_model
     else:
-        placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
         base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype,
-                                             device=device, **placement)
-        if offloaded_to_disk(base):
-            raise ValueError(f"device_map placed part of {ref} on disk ({base.hf_device_map}); NSN adapters load onto "
-                             "GPUs and the CPU only: raise max_memory['cpu'] or use a device with more memory")
+                                             device=device, **placement_kwargs(device_map, max_memory))
+        refuse_disk(base, str(ref))
         peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
     if not trainable:
         peft_model.eval()
     return peft_model, tok, ref
-
-
-def _dispatch(model: Any, device_map: DeviceMap, max_memory: Optional[dict]) -> Any:
-    """``model`` (in CPU memory) placed by accelerate: a named map as accelerate infers it, else the given one."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    no_split = list(getattr(inner, "_no_split_modules", None) or [])
-    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                             low_zero=device_map == "balanced_low_0")
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
-    elif not isinstance(device_map, dict):
-        device_map = {"": device_map}
-    if "disk" in set(map(str, device_map.values())):
-        raise ValueError(f"device_map {device_map} places part of the model on disk; NSN adapters load onto GPUs and "
-                         "the CPU only: raise max_memory['cpu'] or use a device with more memory")
-    return dispatch_model(model, device_map=device_map)
 
 
 def _safetensors_shards(ref: Optional[Union[str, os.PathLike]]) -> list[Path]:
@@ -462,15 +402,9 @@ def load_compressed_model(
     tokenizer: Optional[Union[str, os.PathLike]] = None,
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
-    device_map: Optional[DeviceMap] = None,
-    max_memory: Optional[dict[Any, Union[int, str]]] = None,
-    offload_folder: Optional[Union[str, os.PathLike]] = None,
+    device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None, offload_folder: Optional[str] = None,
 ):
-    """``(model, tokenizer)`` of a compressed export (fixed ranks, plain ``nn.Module`` layers, no PEFT).
-
-    ``device_map``, ``max_memory`` and ``offload_folder`` place it as :func:`load_model` places a base model
-    (across GPUs, GPU + CPU, or partly on disk); ``device`` is then ignored.
-    """
+    """``(model, tokenizer)`` of a compressed export (fixed ranks, plain layers, no PEFT), placed as in :func:`load_model`."""
     from transformers import AutoTokenizer
 
     from .export.compressed import HUB_FILES, load_compressed
@@ -478,8 +412,8 @@ def load_compressed_model(
     ref = local_or_hub_folder(ref, list(HUB_FILES), what="compressed model")
     if tokenizer is None and not any((Path(ref) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         raise NoTokenizerError(f"{ref} holds no tokenizer; pass one (tokenizer=... / --tokenizer)")
-    placement = _placement(device_map, max_memory, offload_folder)
-    model = load_compressed(ref, device=None if placement else device, dtype=resolve_dtype(dtype), **placement)
+    model = load_compressed(ref, device=None if device_map else device, dtype=resolve_dtype(dtype),
+                            **placement_kwargs(device_map, max_memory, offload_folder))
     tok = AutoTokenizer.from_pretrained(str(tokenizer or ref))
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
