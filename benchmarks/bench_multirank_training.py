@@ -48,9 +48,14 @@ from nsn_peft.evaluation import perplexity as _perplexity
 from nsn_peft.hub import load_model_and_tokenizer
 from nsn_peft.io import atomic_path, write_json, write_text
 from nsn_peft.planning import plan_budget_schedule
-from nsn_peft.refine._common import mean_nll
-from nsn_peft.training import NSNTrainer, activation_checkpointing_kwargs, clear_dequantized_gguf_marker
-from nsn_peft.training._lm_data import TokenBlocks, read_texts
+from nsn_peft.refine import mean_nll
+from nsn_peft.training import (
+    NSNTrainer,
+    TokenBlocks,
+    activation_checkpointing_kwargs,
+    clear_dequantized_gguf_marker,
+    read_texts,
+)
 
 logger = logging.getLogger("bench_multirank")
 

@@ -45,8 +45,7 @@ from nsn_peft.hub import load_model_and_tokenizer
 from nsn_peft.io import write_json
 from nsn_peft.planning.allocate import allocate_ranks_for_budget, uniform_plan, whitened_spectra
 from nsn_peft.planning.plan import RankPlan
-from nsn_peft.refine import RefineConfig, compress_and_refine, nsn_factors, refine_end_to_end
-from nsn_peft.refine._common import mean_nll
+from nsn_peft.refine import RefineConfig, compress_and_refine, mean_nll, nsn_factors, refine_end_to_end
 
 TARGETS = {"mlp": ["gate_proj", "up_proj", "down_proj"],
            "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}

@@ -113,8 +113,7 @@ def build_model_and_data(args) -> tuple[Any, Any, str]:
     else:
         from nsn_peft.data import load_texts, python_docs_dir, token_blocks
         from nsn_peft.hub import load_model_and_tokenizer
-        from nsn_peft.training import clear_dequantized_gguf_marker
-        from nsn_peft.training._lm_data import TokenBlocks
+        from nsn_peft.training import TokenBlocks, clear_dequantized_gguf_marker
 
         base, tokenizer = load_model_and_tokenizer(None, dtype="float32")
         clear_dequantized_gguf_marker(base)

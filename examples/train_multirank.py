@@ -40,8 +40,14 @@ from nsn_peft.calibrate.collect import collect_activation_stats
 from nsn_peft.data import token_blocks
 from nsn_peft.evaluation import perplexity as _perplexity
 from nsn_peft.hub import load_model_and_tokenizer
-from nsn_peft.training import FixedRankSampler, NSNTrainer, activation_checkpointing_kwargs, make_rank_sampler
-from nsn_peft.training._lm_data import TokenBlocks, read_texts
+from nsn_peft.training import (
+    FixedRankSampler,
+    NSNTrainer,
+    TokenBlocks,
+    activation_checkpointing_kwargs,
+    make_rank_sampler,
+    read_texts,
+)
 
 DOCS = Path(os.environ.get("NSN_PEFT_PYTHON_DOCS", "/usr/share/doc/python3.11/html/_sources"))
 TARGETS = ["up_proj", "gate_proj", "down_proj"]

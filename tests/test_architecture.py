@@ -220,3 +220,37 @@ def test_the_field_check_sees_every_kind_of_write(tmp_path):
     assert sorted(_field_writes(source, tmp_path)) == [
         "bad.py:1 nsn_rank", "bad.py:2 nsn_rank", "bad.py:3 use_kernels", "bad.py:4 _disable_adapters",
         "bad.py:5 rank_major_storage", "bad.py:6 nsn_rank"]
+
+
+def _private_imports(path: Path, root: Path = _ROOT) -> list[str]:
+    """Imports of a private nsn_peft module (``nsn_peft.x._y``) or private name (``from nsn_peft.x import _y``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "nsn_peft":
+            modules, names = [node.module], [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            modules, names = [a.name for a in node.names if a.name.split(".")[0] == "nsn_peft"], []
+        else:
+            continue
+        private = [m for m in modules if any(p.startswith("_") for p in m.split("."))]
+        private += [n for n in names if n.startswith("_")]
+        found += [f"{path.relative_to(root)}:{node.lineno} {name}" for name in private]
+    return found
+
+
+def test_examples_and_benchmarks_use_public_api_only():
+    """Examples and benchmarks are what users copy: they import only public modules and names of nsn_peft."""
+    files = [*(_ROOT / "examples").rglob("*.py"), *(_ROOT / "benchmarks").rglob("*.py")]
+    private = [hit for path in files for hit in _private_imports(path)]
+    assert not private, "private nsn_peft imports in examples/benchmarks:\n" + "\n".join(private)
+
+
+def test_the_private_import_check_sees_every_form(tmp_path):
+    source = tmp_path / "bad.py"
+    source.write_text(
+        "from nsn_peft.refine._common import mean_nll\nimport nsn_peft.training._lm_data\n"
+        "from nsn_peft.hub import _resolve\nfrom nsn_peft.refine import mean_nll\nimport nsn_peft\n"
+        "from nsn_peft.tuner import register as _register\n"
+    )
+    assert _private_imports(source, tmp_path) == [
+        "bad.py:1 nsn_peft.refine._common", "bad.py:2 nsn_peft.training._lm_data", "bad.py:3 _resolve"]

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .devices import resolve_device, resolve_dtype
+from .errors import NoTokenizerError
 from .gguf_models import clear_dequantized_gguf_marker, embedded_model_dir, fetch_embedded_model, is_embedded_reference
 from .io import local_or_hub_folder, looks_like_hub_id
 
@@ -150,7 +151,7 @@ def load_tokenizer(name_or_path: Optional[Union[str, os.PathLike]] = None, *, gg
         if Path(source).is_dir() and gguf_file is None and not any(
             (Path(source) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         ):
-            raise ValueError(f"{source} holds no tokenizer; pass one (tokenizer=... / --tokenizer)") from None
+            raise NoTokenizerError(f"{source} holds no tokenizer; pass one (tokenizer=... / --tokenizer)") from None
         raise ValueError(f"cannot load the tokenizer of {source}: {' '.join(str(err).split())}") from err
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -403,7 +404,7 @@ def load_compressed_model(
 
     ref = local_or_hub_folder(ref, list(HUB_FILES), what="compressed model")
     if tokenizer is None and not any((Path(ref) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        raise ValueError(f"{ref} holds no tokenizer; pass one (tokenizer=... / --tokenizer)")
+        raise NoTokenizerError(f"{ref} holds no tokenizer; pass one (tokenizer=... / --tokenizer)")
     model = load_compressed(ref, device=device, dtype=resolve_dtype(dtype))
     tok = AutoTokenizer.from_pretrained(str(tokenizer or ref))
     if tok.pad_token is None and tok.eos_token is not None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections import Counter
 from typing import Any
 
 from ..hub import base_model_reference
+from ..tuner.build import adapter_summary
 from .inputs import adapt_model, check_output_dir, load_base, nsn_config_from_args
 from .options import (
     FULL,
@@ -59,28 +59,6 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     return {"adapt": parser}
 
 
-def layer_summary(model: Any) -> dict[str, Any]:
-    """Counts, ranks and parameter/FLOPs totals of an in-memory NSN model."""
-    from ..linalg.flops import factored_params
-    from ..tuner.ranks import estimate_flops, get_max_rank, get_rank, nsn_layers
-
-    layers = nsn_layers(model)
-    maxima = get_max_rank(model)
-    current = get_rank(model)
-    dense_params = sum(layer.out_features * layer.in_features for layer in layers.values())
-    factored = sum(factored_params(layer.out_features, layer.in_features, maxima[n]) for n, layer in layers.items())
-    report = estimate_flops(model)
-    return {
-        "layers": len(layers),
-        "max_rank_counts": {str(k): v for k, v in sorted(Counter(maxima.values()).items())},
-        "active_rank_counts": {str(k): v for k, v in sorted(Counter(current.values()).items())},
-        "targeted_dense_params": dense_params,
-        "factor_params": factored,
-        "targeted_flops_fraction": report.targeted_fraction,
-        "model_flops_fraction": report.model_fraction,
-    }
-
-
 def run(args: argparse.Namespace) -> CommandResult:
     from ..io import atomic_directory
     from ..tuner.ranks import get_max_rank, set_rank
@@ -99,7 +77,7 @@ def run(args: argparse.Namespace) -> CommandResult:
         model.save_pretrained(str(tmp))
         if args.save_tokenizer:
             tokenizer.save_pretrained(str(tmp))
-    summary = layer_summary(model)
+    summary = adapter_summary(model)
     data = {"output": str(output), "base_model": ref, "init": config.init, "max_rank": config.max_rank, **summary}
     rows, more = clip_rows([(rank, count) for rank, count in summary["max_rank_counts"].items()])
     text = "\n".join(

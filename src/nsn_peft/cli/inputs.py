@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..devices import resolve_device
+from ..errors import NoTokenizerError, UnknownModulesError
 from ..hub import base_model_reference, is_compressed_folder
 from .options import UsageError
 
@@ -112,10 +113,8 @@ def load_base(args: argparse.Namespace, *, model: Optional[str] = None, task: Op
     if tokenizer or getattr(args, "tokenizer", None):
         try:
             tok = load_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(ref, gguf_file=args.gguf_file)
-        except ValueError as err:
-            if "holds no tokenizer" in str(err):
-                raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
-            raise
+        except NoTokenizerError:
+            raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
     dtype = None if args.dtype == "auto" else args.dtype
     task = task or getattr(args, "task", "causal-lm")
     base = load_model(ref, gguf_file=args.gguf_file, task=task, dtype=dtype, device=resolve_device(args.device))
@@ -241,28 +240,21 @@ def rank_plan_kwargs(path: str) -> dict[str, Any]:
 
 def check_target_modules(model: Any, target_modules: Any, what: str = "--target-modules") -> None:
     """Usage error when a listed module name matches no Linear/Conv1D layer of ``model``."""
-    if target_modules is None or isinstance(target_modules, str):
-        return
-    from ..layer_selection import is_linear, unmatched_targets
+    from ..tuner.build import check_module_names
 
-    unknown = unmatched_targets(model, target_modules)
-    if unknown:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
-        raise UsageError(f"{what}: {', '.join(unknown)} match(es) no linear layer of the model (layer names: {', '.join(suffixes)})")
+    try:
+        check_module_names(model, target_modules, what)
+    except UnknownModulesError as err:
+        raise UsageError(str(err)) from None
 
 
 def adapt_model(base: Any, config: Any, model_ref: Optional[str]):
-    """``get_peft_model(base, config)``, recording ``model_ref`` as the adapter's base model."""
-    from peft import get_peft_model
+    """:func:`nsn_peft.adapt_model`, its name errors as usage errors naming the CLI's options."""
+    from ..tuner.build import adapt_model as adapt
 
     check_target_modules(base, config.target_modules)
-    if config.exclude_modules is not None and not isinstance(config.exclude_modules, str):
-        check_target_modules(base, list(config.exclude_modules), "--exclude-modules")
-    model = get_peft_model(base, config)
-    if model_ref is not None:
-        model.peft_config[model.active_adapter].base_model_name_or_path = model_ref
-    model.eval()
-    return model
+    check_target_modules(base, config.exclude_modules, "--exclude-modules")
+    return adapt(base, config, base_model_name_or_path=model_ref)
 
 
 def load_compressed_model(args: argparse.Namespace, ref: str):
@@ -272,10 +264,8 @@ def load_compressed_model(args: argparse.Namespace, ref: str):
     try:
         return load(ref, tokenizer=args.tokenizer or None, dtype=None if args.dtype == "auto" else args.dtype,
                     device=resolve_device(args.device))
-    except ValueError as err:
-        if "holds no tokenizer" in str(err):
-            raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
-        raise
+    except NoTokenizerError:
+        raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
 
 
 def model_for_inference(args: argparse.Namespace, *, allow_compressed: bool = False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .flops import compressed_flops
 from .perplexity import PERPLEXITY_PROTOCOLS, evaluate_perplexity, perplexity, sliding_windows
 from .temperature import fit_temperature, with_temperature
 
@@ -21,6 +22,7 @@ _TASK_NAMES = {
 
 __all__ = [
     "PERPLEXITY_PROTOCOLS",
+    "compressed_flops",
     "evaluate_perplexity",
     "fit_temperature",
     "perplexity",

@@ -7,12 +7,14 @@
 * :func:`refine_blockwise` — each transformer block's factors trained to reproduce the dense block's output,
   on the inputs the refined blocks below produce.
 * :func:`refine_end_to_end` — distillation of the dense model's logits (KL) over a token budget.
+* :func:`mean_nll` — mean next-token negative log-likelihood over token blocks (what refinement reports).
 
 The teacher is always the dense model the adapter was made from (its base weights, adapters bypassed).
 """
 
 from __future__ import annotations
 
+from ._common import mean_nll
 from .blocks import find_blocks, nsn_factors
 from .blockwise import BlockwiseResult, refine_blockwise
 from .budgets import budgets_at_step, check_budgets
@@ -33,6 +35,7 @@ __all__ = [
     "compress_and_refine",
     "find_blocks",
     "ladder_nll",
+    "mean_nll",
     "nsn_factors",
     "plan_ladder",
     "refine_blockwise",

@@ -5,6 +5,8 @@
 * :class:`UncertaintyWeightedLoss`, :class:`RankBuckets` — how per-rank losses are combined.
 * :func:`save_trained_adapter` — the trained adapter in the PEFT layout, from one process or a sharded run
   (FSDP2, DeepSpeed ZeRO-3; ``distributed.py`` holds what sharded runs do differently).
+* :class:`TokenBlocks`, :func:`read_texts` — causal-LM examples from token blocks, documents from text folders
+  with some subfolders held out (``lm_data.py``).
 * Rank samplers — :class:`UniformRankSampler`, :class:`SandwichRankSampler`, :class:`FixedRankSampler`,
   :class:`ScheduledRankSampler`, :class:`StagedRankSampler`.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 from .distributed import save_trained_adapter
+from .lm_data import TokenBlocks, read_texts
 from .loss import RankBuckets, UncertaintyWeightedLoss, distillation_loss
 from .samplers import (
     FixedRankSampler,
@@ -44,6 +47,7 @@ __all__ = [
     "SandwichRankSampler",
     "ScheduledRankSampler",
     "StagedRankSampler",
+    "TokenBlocks",
     "UncertaintyWeightedLoss",
     "UniformRankSampler",
     "activation_checkpointing_kwargs",
@@ -52,5 +56,6 @@ __all__ = [
     "default_eval_ranks",
     "distillation_loss",
     "make_rank_sampler",
+    "read_texts",
     "save_trained_adapter",
 ]

@@ -1,6 +1,6 @@
 """The NSN PEFT method, laid out like PEFT's own tuners.
 
-``config.py`` (what is configurable), ``layer.py`` (what an adapted layer does), ``model.py`` (how a model is
+``config.py`` (what is configurable), ``build.py`` (adapting a dense model with name checks; what it holds), ``layer.py`` (what an adapted layer does), ``model.py`` (how a model is
 rewritten), ``targeting.py`` (which modules are adapted), ``rank_spec.py`` (which operating point: ``RankSpec``
 and its resolution to per-layer ranks), ``ranks.py`` (rank control and FLOPs accounting), ``runtime.py``
 (per-model runtime options: kernels, storage layout), ``model_card.py``, ``loading.py`` (reading a saved
@@ -10,6 +10,7 @@ PEFT learns about the method: its registration API, and the one place that patch
 
 from __future__ import annotations
 
+from .build import adapt_model, adapter_summary, check_module_names
 from .compile import RankCompilation, compile_for_ranks
 from .config import NSNConfig
 from .dense import dense_model
@@ -44,9 +45,12 @@ __all__ = [
     "NSNModel",
     "RankSpec",
     "RuntimeOptions",
+    "adapt_model",
+    "adapter_summary",
     "at_rank",
     "budget_plan",
     "budget_plans",
+    "check_module_names",
     "dense_model",
     "estimate_flops",
     "from_pretrained",

@@ -1,4 +1,4 @@
-"""Language-modelling data for the multi-rank example and benchmark (private).
+"""Language-modelling data for ``Trainer``: text folders with held-out subfolders, fixed-length token blocks.
 
 Reading several text folders with some subfolders held out, and the ``Dataset`` of fixed-length token blocks
 that ``Trainer`` consumes. Tokenisation, perplexity and calibration come from :mod:`nsn_peft.data`,
