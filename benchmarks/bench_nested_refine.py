@@ -300,6 +300,9 @@ def prepare(base: Any, tok: Any, args: argparse.Namespace, device: torch.device)
             data.gradient_stats.save(cache / "gradient_stats", dtype=torch.float64)
             save_file({k: v.contiguous() for k, v in tokens.items()}, str(cache / "tokens.safetensors"))
             write_json(cache / "info.json", data.info)
+            # Every invocation reads the same statistics (as stored), so rows of different calls compare exactly.
+            data.stats = ActivationStats.load(cache / "stats", device=device)
+            data.gradient_stats = ActivationStats.load(cache / "gradient_stats", device=device)
     data.train, data.valid = tokens["train"], tokens["valid"]
     data.held_out = {k.split(".", 1)[1]: v for k, v in tokens.items() if k.startswith("held_out.")}
     data.info["prepare_s"] = round(time.perf_counter() - t, 1)

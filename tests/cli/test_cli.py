@@ -471,6 +471,26 @@ def test_compress_refine_resumable_and_loadable(ws):
     assert_one_line_error(proc.stderr, "compress", "--refine needs --budget")
 
 
+def test_compress_refine_budgets_saves_one_adapter_for_every_budget(ws):
+    args = ["compress", "--model", "tiny", "--refine", "--budgets", "0.5,0.8", "--data", "train.txt", "--seq-len", "16",
+            "--max-tokens", "640", "--batch-size", "4", "--e2e-tokens", "256", "--blockwise-epochs", "0",
+            "--allocation", "uniform", "--output", "ladder", "--json"]
+    data = json.loads(run_cli(*args, cwd=ws).stdout)
+    assert data["budgets"] == [0.5, 0.8] and set(data["validation_nll_per_budget"]["end_to_end"]) == {"0.5", "0.8"}
+    saved = json.loads((ws / "ladder" / "adapter_config.json").read_text())
+    assert saved["budget_plans"] == data["budget_plans"]
+    for budget in ("0.5", "0.8"):
+        proc = run_cli("eval", "--adapter", "ladder", "--target-flops", budget, "--data", "valid.txt", "--seq-len", "16",
+                       "--max-tokens", "256", "--json", cwd=ws)
+        assert json.loads(proc.stdout)["results"][0]["perplexity"] > 1
+    proc = run_cli("compress", "--model", "tiny", "--refine", "--budgets", "0.8,0.5", "--data", "train.txt",
+                   "--output", "x", cwd=ws, expect=2)
+    assert_one_line_error(proc.stderr, "compress", "not sorted")
+    proc = run_cli("compress", "--model", "tiny", "--refine", "--budget", "0.5", "--budgets", "0.5,0.8",
+                   "--output", "x", cwd=ws, expect=2)
+    assert_one_line_error(proc.stderr, "compress", "not both")
+
+
 def test_target_flops_uses_the_budget_plans(ws, tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -489,6 +509,13 @@ def test_target_flops_uses_the_budget_plans(ws, tmp_path):
     proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.3",
                    "--output", tmp_path / "c30", cwd=ws, expect=2)
     assert_one_line_error(proc.stderr, "compress", "has plans for the FLOPs budgets 0.5, 1")
+    assert set(json.loads((tmp_path / "c50" / "config.json").read_text())["nsn_max_ranks"].values()) == {8}
+    # No rank chosen: a nested export, every budget in one folder.
+    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--output", tmp_path / "nested",
+                   "--json", cwd=ws)
+    assert json.loads(proc.stdout)["budgets"] == [0.5, 1.0]
+    config = json.loads((tmp_path / "nested" / "config.json").read_text())
+    assert sorted(config["nsn_budget_plans"], key=float) == ["0.5", "1"] and set(config["nsn_max_ranks"].values()) == {16}
     proc = run_cli("eval", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
                    "--max-tokens", "256", "--target-flops", "0.5,1", "--json", cwd=ws)
     rows = json.loads(proc.stdout)["results"]
