@@ -14,14 +14,14 @@ end after ``--time-limit`` seconds are skipped (and recorded so), a running one 
 
 GPU (one H100; the 70B block comes second so that it is measured whatever the time left for the deep 8B runs)::
 
-    PYTHONPATH=src python benchmarks/bench_scale.py --device cuda --variants 8b:4,70b:1,8b:16,8b:32 \
+    PYTHONPATH=src python benchmarks/bench_scale.py --device cuda --variants 8b:4,70b:1,8b:16,8b:32 \\
         --time-limit 285 --out benchmarks/results/scale_gpu.json
 
 CPU, flat memory in depth (statistics, factors and hidden states on disk; one thread, on a shared CPU)::
 
-    PYTHONPATH=src nice -n 10 python benchmarks/bench_scale.py --device cpu --variants small:4,small:16,small:64 \
-        --tokens 2048 --seq-len 128 --threads 1 --offload-folder /tmp/nsn-scale --time-limit 7200 \
-        --out benchmarks/results/scale_cpu.json
+    PYTHONPATH=src nice -n 10 python benchmarks/bench_scale.py --device cpu --variants small:4,small:16,small:64 \\
+        --tokens 2048 --seq-len 128 --threads 1 --mmap-threshold 65536 --offload-folder /tmp/nsn-scale \\
+        --time-limit 7200 --out benchmarks/results/scale_cpu.json
 """
 
 from __future__ import annotations
@@ -137,9 +137,14 @@ def run_isolated(args: argparse.Namespace, shape: str, blocks: int, timeout: flo
             value = getattr(args, key)
             if value is not None:
                 argv += [f"--{key.replace('_', '-')}", str(value)]
+        env = dict(os.environ)
+        if args.mmap_threshold:
+            # glibc's mmap threshold grows with the largest block freed, after which large temporaries come from the
+            # heap, whose holes the process keeps: a fixed threshold returns every large block to the system when freed.
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
         started = time.perf_counter()
         try:
-            subprocess.run(argv, check=True, timeout=timeout)
+            subprocess.run(argv, check=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"stopped after {timeout:.0f} s (--time-limit)") from None
         except subprocess.CalledProcessError as err:
@@ -216,6 +221,9 @@ def main() -> None:
                         help="statistics accumulated and kept in (fp64: exact sums, twice the memory)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of torch (on a CPU shared with other work, 1 avoids oversubscription)")
+    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="fixed glibc mmap threshold for the variants' processes (e.g. 65536): without it the heap "
+                        "fragments and the peak RSS creeps up with the number of blocks processed, with or without held tensors")
     parser.add_argument("--isolate", choices=("yes", "no"), default="yes",
                         help="one process per variant, so that its peak memory is its own")
     parser.add_argument("--time-limit", type=float, default=540.0,
@@ -239,7 +247,8 @@ def main() -> None:
             "calibration_tokens": args.tokens // args.seq_len * args.seq_len, "seq_len": args.seq_len,
             "batch_size": args.batch_size, "fraction": args.fraction, "allocation": args.allocation,
             "blockwise_epochs": args.blockwise_epochs, "dtype": args.dtype, "stats_dtype": args.stats_dtype,
-            "offload_folder": bool(args.offload_folder), "threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
+            "offload_folder": bool(args.offload_folder), "threads": torch.get_num_threads(),
+            "mmap_threshold": args.mmap_threshold, "command": "python " + " ".join(sys.argv)}
     rows: list[dict] = []
     started = time.perf_counter()
     header = (f"{'variant':>9} {'wall s':>7} {'s/block':>8} {'peak GiB':>9} {'stats':>6} {'grads':>6} {'refine':>6} "

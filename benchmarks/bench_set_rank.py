@@ -45,7 +45,7 @@ def measure(calls: int) -> dict[str, float]:
     maxima = nsn_peft.get_max_rank(model)
     plans = {b: {n: max(1, int(m * b)) for n, m in maxima.items()} for b in (0.25, 0.5, 1.0)}
     model.peft_config["default"].budget_plans = {str(b): p for b, p in plans.items()}
-    low = {n: 8 + 8 * (i % 3) for i, n in enumerate(names)}
+    low = {n: min(maxima[n], 8 + 8 * (i % 3)) for i, n in enumerate(names)}  # per-layer ranks must fit (k/v: 16)
     high = {n: m for n, m in maxima.items()}
 
     cases = {

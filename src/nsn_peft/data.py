@@ -1,15 +1,18 @@
 """Text sources for calibration and evaluation: local folders/files, JSONL, ``datasets`` datasets.
 
-``load_texts`` turns any of them into a list of documents; ``token_blocks`` concatenates documents
-(EOS between them) into fixed-length blocks of token ids.
+``iter_texts`` reads any of them lazily, one document at a time (``datasets`` Hub names are streamed, so a
+corpus that never ends, such as C4, is read only as far as it is used); ``load_texts`` is the same as a list;
+``token_stream`` and ``token_blocks`` tokenise documents in batches, stop reading at a token budget, and
+concatenate them (EOS between them) into fixed-length blocks of token ids.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +23,7 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".rst", ".md")
 PYTHON_DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 
-__all__ = ["load_texts", "python_docs_dir", "token_blocks", "token_stream"]
+__all__ = ["iter_texts", "load_texts", "python_docs_dir", "token_blocks", "token_stream"]
 
 
 def python_docs_dir(part: str = "tutorial") -> Path:
@@ -58,6 +61,11 @@ def _is_dataset_dict(source: Any) -> bool:
     return type(source).__name__ in ("DatasetDict", "IterableDatasetDict") and type(source).__module__.startswith("datasets")
 
 
+def _is_iterable_dataset(source: Any) -> bool:
+    """A ``datasets.IterableDataset`` (streamed: no length, no random access), or any object like it."""
+    return hasattr(source, "column_names") and not hasattr(source, "__len__") and hasattr(source, "__iter__")
+
+
 def _looks_like_dataset_name(text: str) -> bool:
     """``"name"``, ``"org/name"`` or ``"name:config"``; not a path (``./x``, ``/x``, ``a/b/c``, ``x.txt``)."""
     name = text.partition(":")[0]
@@ -70,39 +78,27 @@ def _looks_like_dataset_name(text: str) -> bool:
     )
 
 
-def load_texts(
-    source: Any, *, split: Optional[str] = None, text_field: str = "text", max_docs: Optional[int] = None
-) -> list[str]:
-    """Documents from ``source``.
+def _column(source: Any, text_field: str) -> Iterator[str]:
+    """The ``text_field`` of every row of a ``datasets`` dataset, row by row (nothing read ahead)."""
+    columns = source.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"Dataset has no column '{text_field}' (columns: {columns})")
+    for row in source:
+        if text_field not in row:
+            raise ValueError(f"Dataset has no column '{text_field}' (columns: {list(row)})")
+        yield str(row[text_field])
 
-    Args:
-        source: a folder (every ``*.txt``/``*.rst``/``*.md`` below it, sorted), a text file, a ``.jsonl``
-            file (one JSON object per line, text in ``text_field``), a ``datasets.Dataset`` or ``DatasetDict``,
-            a list of strings, or a ``datasets`` Hub name ``"name"`` / ``"org/name"`` / ``"name:config"`` (e.g.
-            ``"wikitext:wikitext-2-raw-v1"``, split ``split`` or ``"train"``; needs network access).
-        split: dataset split for Hub names and ``DatasetDict`` objects (default ``"train"``).
-        text_field: the column / JSON field holding the text.
-        max_docs: keep only the first documents.
 
-    Returns:
-        The non-empty documents, in order.
-
-    Raises:
-        FileNotFoundError: ``source`` looks like a path that does not exist.
-        ValueError: no text, a missing column/field, or an invalid JSONL line (file and line named).
-        TypeError: an unsupported source type.
-    """
+def _documents(source: Any, split: Optional[str], text_field: str) -> Iterator[str]:
     if isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
-        texts = list(source)
+        yield from source
     elif _is_dataset_dict(source):  # datasets.DatasetDict: pick the split
         split = split or ("train" if "train" in source else next(iter(source)))
         if split not in source:
             raise ValueError(f"Dataset has no split '{split}' (splits: {list(source)})")
-        return load_texts(source[split], text_field=text_field, max_docs=max_docs)
-    elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
-        if text_field not in source.column_names:
-            raise ValueError(f"Dataset has no column '{text_field}' (columns: {source.column_names})")
-        texts = list(source[text_field])
+        yield from _documents(source[split], None, text_field)
+    elif hasattr(source, "column_names") and (hasattr(source, "__getitem__") or _is_iterable_dataset(source)):
+        yield from _column(source, text_field)  # datasets.Dataset or IterableDataset
     elif not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"Unsupported text source of type {type(source).__name__}: pass a path, a list of strings, "
                         "a datasets.Dataset or a dataset name")
@@ -112,41 +108,99 @@ def load_texts(
             files = _text_files(path)
             if not files:
                 raise ValueError(f"No text files ({', '.join(TEXT_SUFFIXES)}) under {path}")
-            texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+            for f in files:
+                yield f.read_text(encoding="utf-8", errors="replace")
         elif path.is_file():
-            texts = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8", errors="replace")]
+            yield from _read_jsonl(path, text_field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8", errors="replace")]
         elif not _looks_like_dataset_name(str(source)):
             raise FileNotFoundError(f"Data file or folder not found: {path}")
         else:
             import datasets  # only needed for Hub datasets
 
             name, _, config = str(source).partition(":")
-            dataset = datasets.load_dataset(name, config or None, split=split or "train")
-            return load_texts(dataset, text_field=text_field, max_docs=max_docs)
-    texts = [t for t in texts if t.strip()]
-    if max_docs is not None:
-        texts = texts[:max_docs]
+            # Streamed: rows arrive as they are read, and reading stops where the caller stops.
+            yield from _documents(datasets.load_dataset(name, config or None, split=split or "train", streaming=True),
+                                  None, text_field)
+
+
+def iter_texts(
+    source: Any, *, split: Optional[str] = None, text_field: str = "text", max_docs: Optional[int] = None
+) -> Iterator[str]:
+    """The non-empty documents of ``source``, one at a time, read only as far as they are consumed.
+
+    Accepts what :func:`load_texts` accepts, and ``datasets.IterableDataset`` objects; ``datasets`` Hub names are
+    loaded with ``streaming=True``. After ``max_docs`` documents nothing more is read. Errors as in
+    :func:`load_texts`, raised when the iteration starts.
+    """
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"max_docs must be positive or None, got {max_docs}")
+    documents = (t for t in _documents(source, split, text_field) if t.strip())
+    return itertools.islice(documents, max_docs)
+
+
+def load_texts(
+    source: Any, *, split: Optional[str] = None, text_field: str = "text", max_docs: Optional[int] = None
+) -> list[str]:
+    """Documents from ``source``.
+
+    Args:
+        source: a folder (every ``*.txt``/``*.rst``/``*.md`` below it, sorted), a text file, a ``.jsonl``
+            file (one JSON object per line, text in ``text_field``), a ``datasets.Dataset``, ``IterableDataset``
+            or ``DatasetDict``, a list of strings, or a ``datasets`` Hub name ``"name"`` / ``"org/name"`` /
+            ``"name:config"`` (e.g. ``"wikitext:wikitext-2-raw-v1"``, split ``split`` or ``"train"``; streamed,
+            needs network access).
+        split: dataset split for Hub names and ``DatasetDict`` objects (default ``"train"``).
+        text_field: the column / JSON field holding the text.
+        max_docs: keep only the first documents (nothing after them is read). A streamed corpus without
+            ``max_docs`` is read to its end: use :func:`iter_texts` with a token budget instead.
+
+    Returns:
+        The non-empty documents, in order.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path that does not exist.
+        ValueError: no text, a missing column/field, or an invalid JSONL line (file and line named).
+        TypeError: an unsupported source type.
+    """
+    texts = list(iter_texts(source, split=split, text_field=text_field, max_docs=max_docs))
     if not texts:
         raise ValueError(f"No non-empty text in {source!r}")
     return texts
 
 
-def token_stream(texts: Sequence[str], tokenizer, max_tokens: Optional[int] = None) -> torch.Tensor:
-    """All documents tokenised and concatenated (EOS between documents), as one 1-D id tensor."""
+def token_stream(texts: Iterable[str], tokenizer, max_tokens: Optional[int] = None, batch_size: int = 64) -> torch.Tensor:
+    """All documents tokenised and concatenated (EOS between documents), as one 1-D id tensor.
+
+    ``texts`` may be lazy (:func:`iter_texts`): documents are tokenised ``batch_size`` at a time (fast
+    tokenizers work through a batch in parallel), and once ``max_tokens`` is reached no further document is
+    read. Near the budget a batch holds only as many documents as the mean length so far says are needed, so
+    at most a few documents past the budget are ever read.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if max_tokens is not None and len(ids) >= max_tokens:
+    documents = iter(texts)
+    read = 0
+    while max_tokens is None or len(ids) < max_tokens:
+        wanted = batch_size
+        if max_tokens is not None:  # one document first, then as many as the mean length says are still needed
+            mean = max(len(ids) / read, 1.0) if read else float(max_tokens)
+            wanted = max(1, min(batch_size, int((max_tokens - len(ids)) / mean) + 1))
+        batch = list(itertools.islice(documents, wanted))
+        if not batch:
             break
+        read += len(batch)
+        for document in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.extend(document)
+            if eos is not None:
+                ids.append(eos)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def token_blocks(texts: Sequence[str], tokenizer, block_size: int, max_tokens: Optional[int] = None) -> torch.Tensor:
+def token_blocks(texts: Iterable[str], tokenizer, block_size: int, max_tokens: Optional[int] = None) -> torch.Tensor:
     """``(n, block_size)`` blocks of token ids cut from :func:`token_stream` (the remainder is dropped)."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .devices import resolve_device, resolve_dtype
+from .devices import DeviceMap, dispatch, placement_kwargs, refuse_disk, resolve_device, resolve_dtype
 from .errors import NoTokenizerError
 from .gguf_models import clear_dequantized_gguf_marker, embedded_model_dir, fetch_embedded_model, is_embedded_reference
 from .io import local_or_hub_folder, looks_like_hub_id
@@ -101,9 +101,11 @@ def load_model(
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
     allow_missing_weights: bool = False,
+    device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None, offload_folder: Optional[str] = None,
     **model_kwargs: Any,
 ):
-    """A base model from a Hub id, a local folder, a ``.gguf`` file or the embedded default (``None``).
+    """A base model from a Hub id, a local folder, a ``.gguf`` file or the embedded default (``None``), on
+    ``device`` or placed by accelerate (``device_map``, :data:`nsn_peft.devices.DeviceMap`).
 
     ``None`` is the embedded SmolLM2-135M-Instruct (a standard transformers folder, see
     :func:`nsn_peft.gguf_models.embedded_model_dir`). A path ending in ``.gguf`` is split into folder +
@@ -122,6 +124,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    kwargs.update(placement_kwargs(device_map, max_memory, offload_folder))
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     logger.info("Loading %s%s", source, f" ({gguf_file})" if gguf_file else "")
     model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
@@ -133,7 +136,7 @@ def load_model(
         model.config._name_or_path = shown
         if "name_or_path" in vars(model):
             model.name_or_path = shown
-    if device is not None:
+    if device is not None and device_map is None:
         model = model.to(resolve_device(device))
     model.eval()
     return model
@@ -286,9 +289,9 @@ def load_adapter(
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
     trainable: bool = False,
-    keep_base_weights: Optional[bool] = None,
+    keep_base_weights: Optional[bool] = None, device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None,
 ):
-    """``(peft_model, tokenizer, base_ref)`` of a saved NSN adapter.
+    """``(peft_model, tokenizer, base_ref)`` of a saved NSN adapter (``device_map``: GPUs and CPU, not disk).
 
     The base model is ``model`` when given, else the one the adapter records. The tokenizer is ``tokenizer``,
     else one saved beside the adapter, else the base model's.
@@ -314,9 +317,12 @@ def load_adapter(
     shards = _safetensors_shards(ref) if not keep and gguf_file is None else []
     if shards:
         peft_model, tok = _load_factors_only(ref, shards, adapter, tokenizer=tokenizer, task=task, dtype=dtype,
-                                             device=device, trainable=trainable)
+                                             device=None if device_map is not None else device, trainable=trainable)
+        peft_model = dispatch(peft_model, device_map, max_memory) if device_map is not None else peft_model
     else:
-        base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype, device=device)
+        base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype,
+                                             device=device, **placement_kwargs(device_map, max_memory))
+        refuse_disk(base, str(ref))
         peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
     if not trainable:
         peft_model.eval()
@@ -396,8 +402,9 @@ def load_compressed_model(
     tokenizer: Optional[Union[str, os.PathLike]] = None,
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
+    device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None, offload_folder: Optional[str] = None,
 ):
-    """``(model, tokenizer)`` of a compressed export (fixed ranks, plain ``nn.Module`` layers, no PEFT)."""
+    """``(model, tokenizer)`` of a compressed export (fixed ranks, plain layers, no PEFT), placed as in :func:`load_model`."""
     from transformers import AutoTokenizer
 
     from .export.compressed import HUB_FILES, load_compressed
@@ -405,7 +412,8 @@ def load_compressed_model(
     ref = local_or_hub_folder(ref, list(HUB_FILES), what="compressed model")
     if tokenizer is None and not any((Path(ref) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         raise NoTokenizerError(f"{ref} holds no tokenizer; pass one (tokenizer=... / --tokenizer)")
-    model = load_compressed(ref, device=device, dtype=resolve_dtype(dtype))
+    model = load_compressed(ref, device=None if device_map else device, dtype=resolve_dtype(dtype),
+                            **placement_kwargs(device_map, max_memory, offload_folder))
     tok = AutoTokenizer.from_pretrained(str(tokenizer or ref))
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

@@ -509,6 +509,13 @@ def test_target_flops_uses_the_budget_plans(ws, tmp_path):
     proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.3",
                    "--output", tmp_path / "c30", cwd=ws, expect=2)
     assert_one_line_error(proc.stderr, "compress", "has plans for the FLOPs budgets 0.5, 1")
+    assert set(json.loads((tmp_path / "c50" / "config.json").read_text())["nsn_max_ranks"].values()) == {8}
+    # No rank chosen: a nested export, every budget in one folder.
+    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--output", tmp_path / "nested",
+                   "--json", cwd=ws)
+    assert json.loads(proc.stdout)["budgets"] == [0.5, 1.0]
+    config = json.loads((tmp_path / "nested" / "config.json").read_text())
+    assert sorted(config["nsn_budget_plans"], key=float) == ["0.5", "1"] and set(config["nsn_max_ranks"].values()) == {16}
     proc = run_cli("eval", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
                    "--max-tokens", "256", "--target-flops", "0.5,1", "--json", cwd=ws)
     rows = json.loads(proc.stdout)["results"]

@@ -18,7 +18,7 @@ from nsn_peft import ActivationStats
 from nsn_peft.calibrate.stats import GRADIENT_STATS_SUBDIR
 
 
-def run(*args: object, cwd: Path, launcher: tuple[str, ...] = ("-m", "nsn_peft")) -> subprocess.CompletedProcess:
+def run(*args: object, cwd: Path, launcher: tuple[str, ...] = ("-m", "nsn_peft"), expect: int = 0) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -30,7 +30,7 @@ def run(*args: object, cwd: Path, launcher: tuple[str, ...] = ("-m", "nsn_peft")
     proc = subprocess.run(
         [sys.executable, *launcher, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
 
 
@@ -76,6 +76,17 @@ def test_calibrate_in_two_processes_saves_the_single_process_statistics(ws):
     data = json.loads(proc.stdout)
     assert data["processes"] == 2 and data["tokens"] == 256 and data["gradient_tokens"] == 128
     _assert_same_statistics(ws / "parallel", ws / "single")
+
+
+def test_calibrate_with_a_device_map_and_its_usage_errors(ws):
+    if not (ws / "single").exists():
+        run(*CALIBRATE, "--output", "single", cwd=ws)
+    run(*CALIBRATE, "--device-map", "auto", "--max-memory", "cpu=2GiB", "--output", "placed", cwd=ws)
+    _assert_same_statistics(ws / "placed", ws / "single")
+    proc = run(*CALIBRATE, "--max-memory", "cpu=2GiB", "--output", "unplaced", cwd=ws, expect=2)
+    assert "--max-memory and --offload-folder apply to --device-map" in proc.stderr
+    proc = run(*CALIBRATE, "--device-map", "auto", "--max-memory", "cpu", "--output", "unplaced", cwd=ws, expect=2)
+    assert "DEVICE=SIZE" in proc.stderr
 
 
 @pytest.mark.slow

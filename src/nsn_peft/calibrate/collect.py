@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import load_texts, token_blocks
+from ..data import iter_texts, token_blocks
 from ..devices import resolve_device
 from ..layer_selection import LayerSelection, is_linear
 from .hooks import InputGramCollector, OutputGradientCollector
@@ -64,9 +64,12 @@ def calibration_targets(
 
 
 def _batches(data: Any, tokenizer, max_tokens: Optional[int], seq_len: int, batch_size: int) -> Iterable[dict]:
+    texts = isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], str)
     if isinstance(data, (str, os.PathLike)) or hasattr(data, "column_names"):
-        data = load_texts(data)  # a folder, a file, a dataset name or a datasets.Dataset
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], str):
+        # A folder, a file, a dataset name (streamed) or a datasets (Iterable)Dataset: read lazily, so that
+        # reading stops at max_tokens.
+        data, texts = iter_texts(data), True
+    if texts:
         if tokenizer is None:
             raise ValueError("Texts need a tokenizer: collect_activation_stats(model, texts, tokenizer=tok)")
         data = token_blocks(data, tokenizer, seq_len, max_tokens)
@@ -198,8 +201,9 @@ def collect_activation_stats(
     Args:
         model: a transformers model, or a ``PeftModel`` with NSN layers (their inputs are recorded under the
             plain base-model names; the model runs as it is, i.e. at its current ranks).
-        data: a list of texts (with ``tokenizer``); a folder, text/JSONL file, ``datasets.Dataset`` or dataset
-            name (read with :func:`nsn_peft.data.load_texts`); a tensor of token ids (``(n, seq_len)``
+        data: a list of texts (with ``tokenizer``); a folder, text/JSONL file, ``datasets.Dataset`` /
+            ``IterableDataset`` or dataset name (read lazily with :func:`nsn_peft.data.iter_texts`, Hub names
+            streamed: reading stops at ``max_tokens``); a tensor of token ids (``(n, seq_len)``
             blocks or a 1-D stream cut into ``seq_len`` blocks); or an iterable/``DataLoader`` of dicts with
             ``input_ids`` and optional ``attention_mask`` (padded positions are excluded from the statistics).
         tokenizer: needed for text data.

@@ -12,7 +12,7 @@ import torch
 from ..calibrate.stats import GRADIENT_STATS_SUBDIR
 from ..devices import resolve_device
 from ..hub import base_model_reference
-from .inputs import check_output_dir, check_target_modules, load_base
+from .inputs import check_output_dir, check_target_modules, compute_device, load_base
 from .options import (
     UsageError,
     add_common_options,
@@ -122,7 +122,7 @@ def collect_shard(args: argparse.Namespace, output: str) -> dict[str, Any]:
     rank, world_size = process_rank()
     if rank > 0:
         set_progress(False)  # one progress bar: the first process's
-    device = resolve_device(args.device)
+    device = compute_device(args)
     if world_size > 1 and device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     texts = load_texts(args)

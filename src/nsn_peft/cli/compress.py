@@ -53,7 +53,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         "--adapter", default=None, metavar="DIR", help="NSN adapter folder (else --model is adapted on the fly)."
     )
     add_adapter_creation_options(parser, title="on-the-fly adapter (without --adapter)")
-    ranks = parser.add_argument_group("rank (at most one; default: the active ranks)")
+    ranks = parser.add_argument_group("rank (at most one; default: the active ranks, and every budget of an adapter with budget plans: a nested export)")
     ranks.add_argument(
         "--rank", type=rank_value, default=None, metavar="R", help="Rank of every layer (int or 'full')."
     )
@@ -186,10 +186,13 @@ def run(args: argparse.Namespace) -> CommandResult:
     layers = nsn_layers(model)
     dense_params = sum(layer.out_features * layer.in_features for layer in layers.values())
     kept_params = sum(r * (layers[n].out_features + layers[n].in_features) for n, r in ranks.items())
-    compression.save_compressed(model, output, tokenizer=tokenizer if args.save_tokenizer else None)
+    # No rank chosen: an adapter with budget plans gives a nested export (every budget); a chosen rank is cut to.
+    nested = None if args.rank is None and args.target_flops is None else False
+    compression.save_compressed(model, output, tokenizer=tokenizer if args.save_tokenizer else None, nested=nested)
     data = {
         "output": str(output),
         "base_model": ref,
+        "budgets": sorted(budget_plans(model)) if nested is None else [],
         "layers": len(ranks),
         "mean_rank": sum(ranks.values()) / len(ranks),
         "factored_params": kept_params,

@@ -9,9 +9,15 @@ import argparse
 import logging
 from typing import Any, Optional
 
-from ..devices import resolve_device
 from ..tuner.rank_points import RankPoint, describe_point
-from .inputs import check_data_ref, check_output_file, model_for_inference, read_adapter_config, resolve_rank_points
+from .inputs import (
+    check_data_ref,
+    check_output_file,
+    compute_device,
+    model_for_inference,
+    read_adapter_config,
+    resolve_rank_points,
+)
 from .options import (
     UsageError,
     add_adapter_creation_options,
@@ -140,7 +146,7 @@ def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: lis
     from .. import evaluation
     result = evaluation.evaluate_perplexity(
         model, texts, tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, device=resolve_device(args.device), show_progress=progress_enabled(),
+        batch_size=args.batch_size, device=compute_device(args), show_progress=progress_enabled(),
         protocol=getattr(args, "ppl_protocol", "nsn"),
     )
     return {"perplexity": float(result["perplexity"]), "nll": float(result["nll"]), "tokens": int(result["tokens"])}

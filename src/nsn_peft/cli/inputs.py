@@ -117,8 +117,23 @@ def load_base(args: argparse.Namespace, *, model: Optional[str] = None, task: Op
             raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
     dtype = None if args.dtype == "auto" else args.dtype
     task = task or getattr(args, "task", "causal-lm")
-    base = load_model(ref, gguf_file=args.gguf_file, task=task, dtype=dtype, device=resolve_device(args.device))
+    base = load_model(ref, gguf_file=args.gguf_file, task=task, dtype=dtype, device=resolve_device(args.device),
+                      **placement(args))
     return base, tok
+
+
+def placement(args: argparse.Namespace) -> dict[str, Any]:
+    """``--device-map``/``--max-memory``/``--offload-folder`` as loading keywords (none without ``--device-map``)."""
+    if getattr(args, "device_map", None) is None:
+        if getattr(args, "max_memory", None) is not None or getattr(args, "offload_folder", None) is not None:
+            raise UsageError("--max-memory and --offload-folder apply to --device-map (e.g. --device-map auto)")
+        return {}
+    return {"device_map": args.device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
+
+
+def compute_device(args: argparse.Namespace) -> Optional[str]:
+    """Where the work runs: ``--device``, or ``None`` (wherever accelerate placed the model) with ``--device-map``."""
+    return None if getattr(args, "device_map", None) is not None else resolve_device(args.device)
 
 
 def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Optional[str] = None):
@@ -137,6 +152,7 @@ def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Opt
         args.adapter, model=args.model or None, gguf_file=args.gguf_file, tokenizer=args.tokenizer or None,
         task=task, dtype=None if args.dtype == "auto" else args.dtype, device=resolve_device(args.device),
         trainable=trainable, keep_base_weights=keep_base_weights(args),
+        **{k: v for k, v in placement(args).items() if k != "offload_folder"},
     )
 
 
@@ -263,7 +279,7 @@ def load_compressed_model(args: argparse.Namespace, ref: str):
 
     try:
         return load(ref, tokenizer=args.tokenizer or None, dtype=None if args.dtype == "auto" else args.dtype,
-                    device=resolve_device(args.device))
+                    device=resolve_device(args.device), **placement(args))
     except NoTokenizerError:
         raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
 

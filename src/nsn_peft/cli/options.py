@@ -135,6 +135,18 @@ def rank_list(text: str) -> list[Union[int, str]]:
     return [rank_value(item) for item in csv_list(text)]
 
 
+def memory_map(text: str) -> dict[Union[int, str], str]:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` → ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's ``max_memory``)."""
+    result: dict[Union[int, str], str] = {}
+    for part in csv_list(text):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE pairs such as 0=70GiB,cpu=200GiB, got {part!r}")
+        device = device.strip()
+        result[int(device) if device.isdigit() else device] = size.strip()
+    return result
+
+
 def module_list(text: str) -> Union[list[str], str]:
     """Module names (comma-separated), ``all-linear``, or ``re:<regex>`` (a full-match regex, PEFT semantics)."""
     text = str(text).strip()
@@ -187,7 +199,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, task: bool = True, model_help: Optional[str] = None) -> None:
-    """``--model``, ``--gguf-file``, ``--tokenizer``, ``--device``, ``--dtype`` (and ``--task``)."""
+    """``--model``, ``--gguf-file``, ``--tokenizer``, ``--device``, ``--dtype``, ``--device-map`` (+ ``--max-memory``,
+    ``--offload-folder``) and ``--task``."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=None, metavar="ID_OR_PATH",
@@ -202,6 +215,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: bool = True, mod
     group.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="Weights dtype (default: auto = as saved)."
     )
+    group.add_argument(
+        "--device-map", default=None, metavar="MAP",
+        help="Place the model with accelerate instead of --device: auto (the GPUs, then the CPU, then --offload-folder on "
+        "disk), balanced, sequential, or a device (cpu, cuda:1). Adapters load onto GPUs and the CPU only.",
+    )
+    group.add_argument(
+        "--max-memory", type=memory_map, default=None, metavar="DEV=SIZE,...",
+        help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.",
+    )
+    group.add_argument("--offload-folder", default=None, metavar="DIR", help="Where --device-map puts what fits nowhere else.")
     if task:
         group.add_argument(
             "--task", default="causal-lm", choices=["causal-lm", "sequence-classification"], help="Model head (default: causal-lm)."

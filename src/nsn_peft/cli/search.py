@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..devices import resolve_device
 from ..hub import base_model_reference
-from .inputs import check_output_file, check_stats_dir, check_target_modules, load_base
+from .inputs import check_output_file, check_stats_dir, check_target_modules, compute_device, load_base
 from .options import (
     PROG,
     UsageError,
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     if texts is not None:
         check_enough_tokens(args, tokenizer, texts)
     stats = ActivationStats.load(args.stats)
-    device = resolve_device(args.device)
+    device = compute_device(args)
     epsilon = None
     if args.epsilon is not None:
         from .. import evaluation

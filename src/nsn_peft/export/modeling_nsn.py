@@ -165,5 +165,8 @@ def compressed_model_class(base_architecture: str) -> type:
 def __getattr__(name: str) -> type:
     """``NSNCompressed<base class>``: what ``auto_map`` names, built on first access (PEP 562)."""
     if name.startswith(CLASS_PREFIX) and name != CLASS_PREFIX:
-        return compressed_model_class(name[len(CLASS_PREFIX) :])
+        try:
+            return compressed_model_class(name[len(CLASS_PREFIX) :])
+        except ValueError as err:
+            raise AttributeError(str(err)) from None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..calibrate.stats import ActivationStats
 from ..devices import resolve_device
+from ..errors import UnknownModulesError
 from ..linalg import decompose
 from ..linalg.flops import factoring_saves, rank_for_params_fraction
 from ..naming import canonical_module_name, lookup_pattern, strip_wrapper_names
@@ -144,20 +145,19 @@ class NSNModel(BaseTuner):
         if not self._keep_base_weights(self.peft_config[adapter_name]):
             # Factors only: a model that serves; nsn_B rank-major from the start (no re-layout after loading).
             self.runtime_options = dataclasses.replace(self.runtime_options, rank_major=True)
+        if not selection.keys:  # before PEFT, which would raise a bare ValueError with less to go on
+            available = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+            self._selection = None
+            raise UnknownModulesError(
+                f"NSN target_modules={self.peft_config[adapter_name].target_modules!r} (with exclude_modules and "
+                f"layers_to_transform) match no module of {type(model).__name__}. Linear/Conv1D modules available "
+                f"({len(available)}): {available[:12]}{' …' if len(available) > 12 else ''}"
+            )
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                 low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
             )
-        except ValueError as err:
-            if "not found in the base model" in str(err):
-                available = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-                raise ValueError(
-                    f"NSN target_modules={self.peft_config[adapter_name].target_modules!r} match no module of "
-                    f"{type(model).__name__}. Linear/Conv1D modules available ({len(available)}): "
-                    f"{available[:12]}{' …' if len(available) > 12 else ''}"
-                ) from None
-            raise
         finally:
             self._selection = None
         pending, self._pending_init = self._pending_init, []
