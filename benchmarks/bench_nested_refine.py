@@ -24,10 +24,10 @@ token budget of the refined rows in docs/benchmarks.md), ``cpu`` (budgets 0.5/0.
 and ``tiny`` (seconds: checks the script). On one GPU, in two calls that each stop cleanly before their limit
 (``--time-limit``; the JSON is rewritten after every row) and share the dense statistics (``--cache-dir``)::
 
-    python benchmarks/bench_nested_refine.py --config gpu --only "dense;nested" --tasks --time-limit 500 \\
+    python benchmarks/bench_nested_refine.py --config gpu --only "nested;dense" --tasks --time-limit 480 \\
         --cache-dir /tmp/nr_cache --out benchmarks/results/nested_refine_gpu_1.json
     python benchmarks/bench_nested_refine.py --config gpu --only "specialist=0.4,0.5,0.6,0.8" --tasks \\
-        --time-limit 500 --cache-dir /tmp/nr_cache --out benchmarks/results/nested_refine_gpu_2.json
+        --time-limit 480 --cache-dir /tmp/nr_cache --out benchmarks/results/nested_refine_gpu_2.json
     python benchmarks/bench_nested_refine.py --merge benchmarks/results/nested_refine_gpu_1.json \\
         benchmarks/results/nested_refine_gpu_2.json --out benchmarks/results/nested_refine_gpu.json
 
@@ -78,7 +78,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "e2e_tokens": None,
         "gradient_tokens": 131_072,
         "ppl_tokens": 65_536,
-        "limit": 500,
+        "limit": 200,
         "batch_size": 8,
     },
     "cpu": {
@@ -115,7 +115,7 @@ def parse_args() -> argparse.Namespace:
         default="dense;nested;specialist",
         help='rows, ";"-separated: dense (with dense_t), nested, specialist or specialist=0.5,0.8',
     )
-    parser.add_argument("--samplings", default="cycle", help="budget sampling of the nested rows, e.g. cycle,all")
+    parser.add_argument("--samplings", default="all", help="budget sampling of the nested rows, e.g. all,cycle")
     parser.add_argument("--weighting", default="sum", choices=["sum", "uncertainty"])
     parser.add_argument("--budgets", default=None, help="override the config's budgets, e.g. 0.5,0.6,0.8")
     parser.add_argument(

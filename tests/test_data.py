@@ -7,7 +7,7 @@ import torch
 from tiny_models import char_tokenizer, sentences, tiny_llama
 
 from nsn_peft import collect_activation_stats
-from nsn_peft.data import iter_texts, load_texts, token_blocks, token_stream
+from nsn_peft.data import block_dataset, iter_texts, load_texts, token_blocks, token_stream
 
 
 class StreamStandIn:
@@ -73,3 +73,22 @@ def test_batched_tokenisation_gives_the_document_by_document_ids():
         expected += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert torch.equal(token_stream(texts, tok, batch_size=7), torch.tensor(expected))
     assert torch.equal(token_stream(iter(texts), tok, max_tokens=333), torch.tensor(expected[:333]))
+
+
+def test_block_dataset_tokenises_and_groups_with_datasets():
+    tok = char_tokenizer()
+    texts = sentences(40, 5)
+    blocks = block_dataset(texts, tok, 32, batch_size=8)
+    expected = []
+    for start in range(0, len(texts), 8):  # each batch of documents is concatenated and cut; its remainder dropped
+        stream = token_stream(texts[start : start + 8], tok)
+        expected += stream[: stream.numel() // 32 * 32].view(-1, 32).tolist()
+    assert blocks["input_ids"] == expected and blocks["labels"] == expected
+    assert set(blocks.column_names) == {"input_ids", "labels", "attention_mask"}
+    assert all(m == [1] * 32 for m in blocks["attention_mask"])
+
+
+def test_block_dataset_with_a_token_budget_reads_only_what_it_needs():
+    stream = StreamStandIn(limit=30)  # 41 tokens per document: 10 blocks of 64 need 16 documents, in batches of 10
+    blocks = block_dataset(stream, char_tokenizer(), 64, max_tokens=640, batch_size=10)
+    assert len(blocks) == 10 and stream.read <= 30

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".rst", ".md")
 PYTHON_DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 
-__all__ = ["iter_texts", "load_texts", "python_docs_dir", "token_blocks", "token_stream"]
+__all__ = ["block_dataset", "iter_texts", "load_texts", "python_docs_dir", "token_blocks", "token_stream"]
 
 
 def python_docs_dir(part: str = "tutorial") -> Path:
@@ -209,3 +209,55 @@ def token_blocks(texts: Iterable[str], tokenizer, block_size: int, max_tokens: O
     if n == 0:
         raise ValueError(f"Only {stream.numel()} tokens of text: not one block of {block_size}")
     return stream[: n * block_size].view(n, block_size)
+
+
+def block_dataset(
+    source: Any,
+    tokenizer,
+    block_size: int,
+    *,
+    max_tokens: Optional[int] = None,
+    split: Optional[str] = None,
+    text_field: str = "text",
+    max_docs: Optional[int] = None,
+    batch_size: int = 1000,
+):
+    """A ``datasets.Dataset`` of causal-LM examples (``input_ids``, ``labels``, ``attention_mask``) of ``block_size``
+    tokens, built the ``datasets`` way: tokenised with ``map(batched=True)`` (EOS after each document), then
+    grouped into blocks with a second batched ``map`` (each batch of ``batch_size`` documents is concatenated
+    and cut; its remainder is dropped, as in transformers' ``run_clm``).
+
+    ``source`` is anything :func:`iter_texts` reads (``datasets`` Hub names streamed). With ``max_tokens`` the
+    pipeline runs lazily and stops after ``max_tokens // block_size`` blocks, so only the documents those blocks
+    need are read and tokenised.
+    """
+    import datasets
+
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids] if eos is not None else ids}
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        stream = list(itertools.chain.from_iterable(batch["input_ids"]))
+        blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks], "attention_mask": [[1] * block_size for _ in blocks]}
+
+    def documents() -> Iterator[dict[str, str]]:
+        for text in iter_texts(source, split=split, text_field=text_field, max_docs=max_docs):
+            yield {"text": text}
+
+    raw = datasets.IterableDataset.from_generator(documents)
+    if max_tokens is None:  # every document: a map-style dataset from the start
+        raw = datasets.Dataset.from_list(list(raw))
+    tokenized = raw.map(tokenize, batched=True, batch_size=batch_size, remove_columns=["text"])
+    blocks = tokenized.map(group, batched=True, batch_size=batch_size, remove_columns=["input_ids"])
+    if max_tokens is not None:
+        # Only the blocks asked for are computed; they become a map-style dataset (Trainer needs a length).
+        blocks = datasets.Dataset.from_list(list(blocks.take(max(1, max_tokens // block_size))))
+    if len(blocks) == 0:
+        raise ValueError(f"Too little text in {source!r}: not one block of {block_size} tokens")
+    return blocks

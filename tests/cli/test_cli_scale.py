@@ -18,7 +18,9 @@ from nsn_peft import ActivationStats
 from nsn_peft.calibrate.stats import GRADIENT_STATS_SUBDIR
 
 
-def run(*args: object, cwd: Path, launcher: tuple[str, ...] = ("-m", "nsn_peft"), expect: int = 0) -> subprocess.CompletedProcess:
+def run(
+    *args: object, cwd: Path, launcher: tuple[str, ...] = ("-m", "nsn_peft"), expect: int = 0
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -105,3 +107,64 @@ def test_calibrate_under_torchrun(ws):
     )
     assert json.loads(proc.stdout)["processes"] == 2  # the first process reports, the other prints nothing
     _assert_same_statistics(ws / "launched", ws / "single")
+
+
+def test_train_takes_every_training_arguments_field_and_builds_its_set_with_datasets(ws):
+    from nsn_peft.cli import build_parser
+
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        [
+            "train",
+            "--data",
+            "train.txt",
+            "--output",
+            "o",
+            "--report_to",
+            "tensorboard",
+            "--optim",
+            "adafactor",
+            "--adam-beta2",
+            "0.9",
+            "--push_to_hub",
+            "--learning-rate",
+            "3e-4",
+        ]
+    )
+    from nsn_peft.cli.train import _training_overrides
+
+    assert _training_overrides(args) == {
+        "report_to": "tensorboard",
+        "optim": "adafactor",
+        "adam_beta2": 0.9,
+        "push_to_hub": True,
+    }
+    assert args.learning_rate == 3e-4  # the command's own option keeps its name
+    if not (ws / "adapter").exists():
+        run("adapt", "--model", "tiny", "--max-rank", "16", "--output", "adapter", cwd=ws)
+    proc = run(
+        "train",
+        "--adapter",
+        "adapter",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--optim",
+        "sgd",
+        "--max_grad_norm",
+        "0.5",
+        "--output",
+        "trained",
+        "--json",
+        cwd=ws,
+    )
+    data = json.loads(proc.stdout)
+    assert data["steps"] == 2 and data["train_blocks"] == 16  # 256 tokens in blocks of 16, grouped by datasets' map
+    assert data["optimizer"] == "SGD" and data["training_arguments"]["max_grad_norm"] == 0.5

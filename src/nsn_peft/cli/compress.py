@@ -89,7 +89,7 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         "--budget-sampling",
         default=None,
         choices=["cycle", "all", "sandwich"],
-        help="With --budgets: which budgets each training step trains (default: cycle, one per step in turn).",
+        help="With --budgets: which budgets each training step trains (default: all; cycle: one per step in turn, the cost of one single-budget run).",
     )
     refine.add_argument(
         "--budget-weighting",

@@ -112,28 +112,64 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     out.add_argument("--save-tokenizer", action=argparse.BooleanOptionalAction, default=False, help="Also save the tokenizer.")
     add_overwrite_option(out)
     add_common_options(parser)
+    _add_training_arguments(parser)  # last: the options above keep their names
     parser.set_defaults(func=run)
     return {"train": parser}
 
 
-def _blocks(args: argparse.Namespace, source: str, tokenizer: Any, max_tokens: Optional[int]) -> Any:
-    """A ``datasets.Dataset`` of ``input_ids``/``labels`` blocks of ``--seq-len`` tokens."""
-    import datasets
-    import torch
+# TrainingArguments fields this command sets from its own options (or itself): the rest are options of their own.
+OWN_TRAINING_FIELDS = frozenset({
+    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+    "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit", "seed", "bf16", "fp16",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "use_cpu", "fsdp", "fsdp_config", "deepspeed",
+    "disable_tqdm", "remove_unused_columns", "resume_from_checkpoint",
+})
+TRAINING_ARGUMENT_PREFIX = "training_argument__"
 
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every other field of transformers' ``TrainingArguments`` as ``--<field_name>`` (through ``HfArgumentParser``,
+    so types, choices and help are transformers' own): ``--report_to wandb``, ``--optim adamw_torch_fused``,
+    ``--push_to_hub --hub_model_id me/model``, ``--dataloader_num_workers 4``…"""
+    import copy
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    group = parser.add_argument_group(
+        "every other TrainingArguments field (transformers' own options, e.g. --report_to wandb, --optim "
+        "adamw_torch_fused, --push_to_hub; see the TrainingArguments documentation)"
+    )
+    taken = set(parser._option_string_actions)
+    for action in HfArgumentParser(TrainingArguments)._actions:
+        if isinstance(action, argparse._HelpAction) or action.dest in OWN_TRAINING_FIELDS:
+            continue
+        options = [o for o in action.option_strings if o not in taken]
+        if not options:
+            continue
+        option = copy.copy(action)
+        option.option_strings, option.dest, option.default, option.required = options, (
+            TRAINING_ARGUMENT_PREFIX + action.dest), argparse.SUPPRESS, False
+        if option.metavar is None and option.nargs != 0:
+            option.metavar = action.dest.upper()
+        option.training_arguments_field = True  # type: ignore[attr-defined]  (documented as a group in docs/cli.md)
+        group._add_action(option)
+        taken.update(options)
+
+
+def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainingArguments`` fields given on the command line through :func:`_add_training_arguments`."""
+    return {k.removeprefix(TRAINING_ARGUMENT_PREFIX): v for k, v in vars(args).items() if k.startswith(TRAINING_ARGUMENT_PREFIX)}
+
+
+def _blocks(args: argparse.Namespace, source: str, tokenizer: Any, max_tokens: Optional[int]) -> Any:
+    """A ``datasets.Dataset`` of ``input_ids``/``labels`` blocks of ``--seq-len`` tokens (:func:`nsn_peft.data.block_dataset`:
+    batched ``map`` tokenisation and grouping; with a token budget only what it needs is read)."""
     from .. import data
+
     check_data_ref(source)
-    texts = data.load_texts(source, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
-    if not texts:
-        raise UsageError(f"{source} holds no text")
-    blocks = data.token_blocks(texts, tokenizer, args.seq_len, max_tokens)
-    if isinstance(blocks, torch.Tensor):
-        rows = blocks.tolist()
-    else:
-        rows = [b.tolist() if isinstance(b, torch.Tensor) else list(b) for b in blocks]
-    if not rows:
-        raise UsageError(f"{source} yields no block of --seq-len {args.seq_len} tokens; lower --seq-len or add data")
-    return datasets.Dataset.from_dict({"input_ids": rows, "labels": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    return data.block_dataset(source, tokenizer, args.seq_len, max_tokens=max_tokens, split=args.split,
+                              text_field=args.text_field, max_docs=args.max_docs)
 
 
 def _sampler(args: argparse.Namespace, model: Any) -> Any:
@@ -214,7 +250,7 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
     from transformers import TrainingArguments, default_data_collator
 
     from .. import training
-    training_args = TrainingArguments(
+    own = dict(
         output_dir=checkpoint_dir,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps or -1,
@@ -241,6 +277,7 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
         disable_tqdm=not _progress_enabled(args),
         remove_unused_columns=False,
     )
+    training_args = TrainingArguments(**{**own, **_training_overrides(args)})
     trainer = training.NSNTrainer(
         model=model,
         args=training_args,
@@ -268,6 +305,8 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
         "training_loss": float(result.training_loss), "metrics": metrics,
         "rank_counts": {str(k): v for k, v in trainer.rank_counts.items()},
         "processes": int(training_args.world_size), "sharding": training.distributed.sharding_name(trainer),
+        "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+        "training_arguments": {k: getattr(training_args, k) for k in _training_overrides(args)},
     }
     if "gloo" in (training.distributed.end_distributed() or ""):  # also "cpu:gloo,cuda:nccl"
         exit_without_finalization()
