@@ -54,9 +54,10 @@ def _resolve(name_or_path: Optional[Union[str, os.PathLike]], gguf_file: Optiona
     path = Path(name_or_path).expanduser()
     if is_compressed_folder(path):
         raise ValueError(
-            f"{path} is a compressed export (written by save_compressed / `nsn-peft compress`), not a transformers "
-            "model: its factored layers would load as random weights. Load it with nsn_peft.load_compressed(...) "
-            "(CLI: eval/infer --model accept it); to train or adapt again, start from the adapter it came from"
+            f"{path} is a compressed export (written by save_compressed / `nsn-peft compress`), not a base model "
+            "to adapt: its layers are already factored. Load it with nsn_peft.load_compressed(...) or "
+            "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (CLI: eval/infer --model accept it); "
+            "to train or adapt again, start from the adapter it came from"
         )
     if str(name_or_path).endswith(".gguf"):
         if not path.is_file():

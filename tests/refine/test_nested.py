@@ -232,3 +232,55 @@ def test_single_budget_results_are_unchanged_on_a_fixed_seed():
         assert report.validation_nll[stage] == pytest.approx(value, rel=1e-6), stage
     total = sum(float(v.detach().double().abs().sum()) for v in nsn_factors(model).values())
     assert total == pytest.approx(418.4945781176275, rel=1e-5)
+
+
+def test_a_refined_ladder_keeps_training_with_nsn_trainer(tmp_path):
+    """The recipe's ladder and NSNTrainer(budgets=..., distill_teacher="dense") share the operating points (the stored
+    plans), the teacher (the dense base weights) and the loss (α = 1: T²·KL only), so the trainer continues the
+    end-to-end stage with what transformers.Trainer adds (gradient accumulation, several GPUs, checkpoints)."""
+    from transformers import TrainingArguments
+
+    from nsn_peft import NSNTrainer
+
+    config = RefineConfig(**{**CONFIG.__dict__, "blockwise_epochs": 0, "e2e_tokens": 0})
+    calib = _calibration()
+    model, report = compress_and_refine(
+        tiny_llama(), calib, budgets=BUDGETS, allocation="uniform", config=config, show_progress=False
+    )
+    before = {}
+    for b in BUDGETS:
+        with nsn_peft.at_rank(model, RankSpec.flops(b)):
+            before[b] = _kl_to_dense(model, calib)
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(calib)
+
+        def __getitem__(self, i):
+            return {"input_ids": calib[i], "labels": calib[i]}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        gradient_accumulation_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = NSNTrainer(
+        model,
+        args,
+        train_dataset=Blocks(),
+        budgets=report.budgets,
+        distill_teacher="dense",
+        distill_alpha=1.0,
+        weighting="sum",
+    )
+    trainer.train()
+    assert trainer.rank_counts == dict.fromkeys([1, 2, 3], 6)  # every budget at every optimizer step
+    for b in BUDGETS:
+        with nsn_peft.at_rank(model, RankSpec.flops(b)):
+            assert _kl_to_dense(model, calib) < before[b], b

@@ -54,7 +54,7 @@ def check_model_ref(ref: Optional[str], what: str = "model", *, allow_compressed
         check_input_path(ref, what)
     if not allow_compressed and is_compressed_folder(ref):
         raise UsageError(
-            f"--{what} {ref} is a compressed export (from `nsn-peft compress`), not a transformers model; "
+            f"--{what} {ref} is a compressed export (from `nsn-peft compress`), not a base model to adapt; "
             "eval and infer run it with --model, but to adapt or train again start from the adapter it came from (--adapter)"
         )
 
