@@ -1,7 +1,8 @@
 """End-to-end refinement: distil the dense model's next-token distribution into the factored model.
 
 The teacher is the untouched dense model, computed by the same module with its NSN layers bypassed
-(:func:`nsn_peft.tuner.dense.dense_model`), so no second copy is held in memory. The loss is
+(:func:`nsn_peft.training.dense_distill.dense_teacher_logits`, shared with ``NSNTrainer(distill_teacher="dense")``),
+so no second copy is held in memory. The loss is
 ``T²·KL(p_dense^T ‖ p_model^T)`` averaged over every position of the calibration sequences; no
 language-model loss is added, so the dense model stays the fair baseline (the factored model learns to
 imitate it, never to beat it on the calibration text).
@@ -20,8 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..training.loss import distillation_loss
-from ..tuner.dense import dense_model
+from ..training.dense_distill import dense_teacher_logits, teacher_distillation_loss
 from ..tuner.rank_spec import RankLike, RankSpec
 from ..tuner.ranks import at_rank
 from ._common import (
@@ -143,13 +143,13 @@ def refine_end_to_end(
         with only_these_trainable(model, params):
             for step in range(start_step, total):
                 ids = calibration[step_batch(step, sequences, batch_size, seed)].to(device)
-                with torch.no_grad(), dense_model(model, eval_mode=False), autocast(device, precision):
-                    teacher = model(input_ids=ids).logits
+                # Teacher and per-point loss are NSNTrainer(distill_teacher="dense")'s own (training.dense_distill).
+                teacher = dense_teacher_logits(model, {"input_ids": ids}, context=autocast(device, precision))
                 set_lr(optimizer, lr_factor(step, total, warmup))
                 if points is None:
                     with autocast(device, precision):
                         student = model(input_ids=ids).logits
-                    loss = distillation_loss(student, teacher, temperature=temperature)
+                    loss = teacher_distillation_loss(student, teacher, temperature=temperature)
                     loss.backward()
                     del student
                 else:
@@ -158,7 +158,7 @@ def refine_end_to_end(
                         with at_rank(model, points[k]):
                             with autocast(device, precision):
                                 student = model(input_ids=ids).logits
-                            point_loss = distillation_loss(student, teacher, temperature=temperature)
+                            point_loss = teacher_distillation_loss(student, teacher, temperature=temperature)
                             # One backward per point: one graph in memory; the gradients add up in the factors.
                             combine.term(k, point_loss).backward()
                             del student

@@ -19,9 +19,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..tuner.dense import dense_model
+from .dense_distill import dense_teacher_logits, teacher_distillation_loss
+from .dense_distill import output_logits as _logits
 from .distributed import accumulate_without_sync
-from .loss import distillation_loss
 
 __all__ = ["MultiRankStepMixin"]
 
@@ -86,32 +86,42 @@ class MultiRankStepMixin:
             kd = self._distillation(student, teacher_logits, inputs, num_items_in_batch)
         return loss, kd, outputs
 
-    def _distillation(self, logits: torch.Tensor, teacher: torch.Tensor, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        mask = None
-        student_logits, teacher_logits = logits, teacher
-        if logits.dim() == 3:
-            if inputs.get("shift_labels") is not None:
-                mask = inputs["shift_labels"] != -100
-            elif inputs.get("labels") is not None:
-                # Causal LM: the logits at position i predict label i+1, as in the model's own loss.
-                mask = inputs["labels"][..., 1:] != -100
-                student_logits, teacher_logits = logits[..., :-1, :], teacher[..., :-1, :]
+    def _distillation(
+        self, logits: torch.Tensor, teacher: torch.Tensor, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> torch.Tensor:
         normalizer = None
         token_normalised = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         if token_normalised:
-            normalizer = num_items_in_batch.to(logits.device).float() if torch.is_tensor(num_items_in_batch) else float(num_items_in_batch)
-        kd = distillation_loss(student_logits, teacher_logits, mask, self.distill_temperature, normalizer)
+            normalizer = (
+                num_items_in_batch.to(logits.device).float()
+                if torch.is_tensor(num_items_in_batch)
+                else float(num_items_in_batch)
+            )
+        kd = teacher_distillation_loss(
+            logits,
+            teacher,
+            temperature=self.distill_temperature,
+            labels=inputs.get("labels"),
+            shift_labels=inputs.get("shift_labels"),
+            normalizer=normalizer,
+        )
         if token_normalised and self.args.average_tokens_across_devices:
             # Same scaling Trainer.compute_loss applies to the cross-entropy in this case.
-            kd = kd * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+            kd = kd * (
+                self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+            )
         return kd
 
     @torch.no_grad()
     def _teacher_logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """The distillation teacher's logits: the frozen dense model (``distill_teacher="dense"``) or the top rank."""
+        if self.distill_teacher == "dense":
+            # The same teacher as the refinement recipe's end-to-end stage.
+            return dense_teacher_logits(
+                model, inputs, nsn_model=self._nsn_model, context=self.compute_loss_context_manager()
+            )
         batch = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-        context = dense_model(self._nsn_model) if self.distill_teacher == "dense" else self.at_point(self.top_rank)
-        with context, self.compute_loss_context_manager():
+        with self.at_point(self.top_rank), self.compute_loss_context_manager():
             outputs = model(**batch)
         return _logits(outputs).detach()
 
@@ -120,10 +130,17 @@ class MultiRankStepMixin:
         explicit = getattr(self, "loss_is_scaled_for_ga", None)
         if explicit is not None:
             return bool(explicit)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
 
     def _rank_objective(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any, rank_pass: _RankPass, want_outputs: bool
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Any,
+        rank_pass: _RankPass,
+        want_outputs: bool,
     ) -> tuple[torch.Tensor, Any]:
         """The weighted term of rank ``rank_pass.ranks[rank_pass.index]`` (the model already runs at that rank).
 
@@ -137,12 +154,20 @@ class MultiRankStepMixin:
         divisor, regularizer = (1.0, 1.0 / ga) if scaled else (float(ga), 1.0)
         dense_teacher = self.distill_teacher == "dense"
         distill = self.distill_alpha > 0 and (len(self.rank_grid) > 1 or dense_teacher)
-        if rank_pass.index == 0 and distill and (dense_teacher or (rank != top and any(r < top for r in rank_pass.ranks))):
+        if (
+            rank_pass.index == 0
+            and distill
+            and (dense_teacher or (rank != top and any(r < top for r in rank_pass.ranks)))
+        ):
             rank_pass.teacher = self._teacher_logits(model, inputs)
         student = distill and (dense_teacher or rank < top)
         makes_teacher = distill and not dense_teacher and rank == top
         task, kd, outputs = self.compute_rank_loss(
-            model, inputs, num_items_in_batch, rank_pass.teacher if student else None, return_outputs=want_outputs or makes_teacher
+            model,
+            inputs,
+            num_items_in_batch,
+            rank_pass.teacher if student else None,
+            return_outputs=want_outputs or makes_teacher,
         )
         if self.args.n_gpu > 1:
             task = task.mean()
@@ -176,7 +201,9 @@ class MultiRankStepMixin:
             for index, rank in enumerate(rank_pass.ranks):
                 rank_pass.index = index
                 with self.at_point(rank):
-                    objective, outputs = self._rank_objective(model, inputs, num_items_in_batch, rank_pass, return_outputs)
+                    objective, outputs = self._rank_objective(
+                        model, inputs, num_items_in_batch, rank_pass, return_outputs
+                    )
                 loss = objective if loss is None else loss + objective
         return (loss, outputs) if return_outputs else loss
 
@@ -216,7 +243,11 @@ class MultiRankStepMixin:
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """Adds ``loss@r=…``, ``distill@r=…`` and ``logvar@r=…`` to training logs (a collective call under DDP,
         like Trainer's)."""
-        if "loss" in logs and not any(k.startswith("eval_") for k in logs) and getattr(self, "rank_meter", None) is not None:
+        if (
+            "loss" in logs
+            and not any(k.startswith("eval_") for k in logs)
+            and getattr(self, "rank_meter", None) is not None
+        ):
             for rank, (task, kd) in self.rank_meter.collect().items():
                 label = self.point_label(rank)
                 logs[f"loss@{label}"] = task
@@ -233,12 +264,3 @@ def _base_compute_loss_owner(trainer: Any) -> str:
     mro = type(trainer).__mro__
     after = mro[mro.index(MultiRankStepMixin) + 1 :]
     return next((c.__name__ for c in after if "compute_loss" in vars(c)), "Trainer")
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
-        if "logits" in outputs:
-            return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and len(outputs) > 1:
-        return outputs[1]
-    raise ValueError("Self-distillation needs the model outputs to hold `logits`")
