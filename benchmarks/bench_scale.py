@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -238,6 +239,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.single:
+        # One line per block and pass (seconds, peak device memory): readable even if the variant is stopped.
+        logging.basicConfig(format=f"[{args.single}] %(message)s", stream=sys.stdout)
+        logging.getLogger("nsn_peft.sequential").setLevel(logging.INFO)
         shape, blocks = args.single.split(":")
         args.result_file.write_text(json.dumps(run_variant(args, shape, int(blocks))))
         return

@@ -106,8 +106,7 @@ def load_model(
     device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None, offload_folder: Optional[str] = None,
     **model_kwargs: Any,
 ):
-    """A base model from a Hub id, a local folder, a ``.gguf`` file or the embedded default (``None``), on
-    ``device`` or placed by accelerate (``device_map``, :data:`nsn_peft.devices.DeviceMap`).
+    """A base model from a Hub id, folder, ``.gguf`` file or the embedded default (``None``); ``device_map``: accelerate's.
 
     ``None`` is the embedded SmolLM2-135M-Instruct (a standard transformers folder, see
     :func:`nsn_peft.gguf_models.embedded_model_dir`). A path ending in ``.gguf`` is split into folder +
@@ -410,8 +409,8 @@ def load_compressed_model(
     ref = local_or_hub_folder(ref, list(HUB_FILES), what="compressed model")
     if tokenizer is None and not any((Path(ref) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         raise NoTokenizerError(f"{ref} holds no tokenizer; pass one (tokenizer=... / --tokenizer)")
-    model = load_compressed(ref, device=None if device_map else device, dtype=resolve_dtype(dtype),
-                            **placement_kwargs(device_map, max_memory, offload_folder))
+    placed = placement_kwargs(device_map, max_memory, offload_folder)
+    model = load_compressed(ref, device=None if placed else device, dtype=resolve_dtype(dtype), **placed)
     tok = AutoTokenizer.from_pretrained(str(tokenizer or ref))
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

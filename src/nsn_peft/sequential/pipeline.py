@@ -50,7 +50,7 @@ from ..refine.config import RefineConfig
 from ..tuner.config import NSNConfig
 from ..tuner.peft_type import checkpoint_load_scope
 from .output import save_offloaded_adapter
-from .placement import BlockPlacement, Materialize
+from .placement import BlockPlacement, Materialize, format_bytes
 from .statistics import (
     HiddenStore,
     StatsStore,
@@ -132,6 +132,9 @@ class _Meter:
             self.report.peak_device_bytes[self.phase].append(int(torch.cuda.max_memory_allocated(self.device)))
         now = time.perf_counter()
         self.report.block_seconds[self.phase].append(round(now - self.last, 3))
+        peaks = self.report.peak_device_bytes[self.phase]
+        logger.info("%s, block %d of the pass: %.2f s%s", self.phase, len(self.report.block_seconds[self.phase]),
+                    now - self.last, f", peak {format_bytes(peaks[-1])}" if peaks else "")
         self.last = now
         self._reset()
 
