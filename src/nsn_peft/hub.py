@@ -19,6 +19,7 @@ from .devices import DeviceMap, dispatch, placement_kwargs, refuse_disk, resolve
 from .errors import NoTokenizerError
 from .gguf_models import clear_dequantized_gguf_marker, embedded_model_dir, fetch_embedded_model, is_embedded_reference
 from .io import local_or_hub_folder, looks_like_hub_id
+from .tuner.loading import from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +303,6 @@ def load_adapter(
     memory never exceeds the final size by more than one tensor. Other base models (``.gguf``, ``.bin``, Hub
     ids) are loaded whole first and each adapted layer's dense weight is freed as its factors arrive.
     """
-    from .tuner.loading import from_pretrained
-
     adapter = fetch_adapter(adapter)  # a Hub id: its adapter files only
     config = check_adapter_files(adapter)  # before the base model: a broken adapter fails in milliseconds
     ref = model if model is not None else config.get("base_model_name_or_path")
@@ -353,8 +352,6 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from .tuner.loading import from_pretrained
 
     torch_dtype = resolve_dtype(dtype)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
