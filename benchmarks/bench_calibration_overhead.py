@@ -78,30 +78,57 @@ def measure(model, blocks: torch.Tensor, device: torch.device, batch_size: int, 
             model(input_ids=batch, use_cache=False, logits_to_keep=1)
 
     def calibrate() -> None:
-        collect_activation_stats(model, blocks, max_tokens=None, batch_size=batch_size, device=device,
-                                 stats_device=None, show_progress=False)
+        collect_activation_stats(
+            model, blocks, max_tokens=None, batch_size=batch_size, device=device, stats_device=None, show_progress=False
+        )
 
     # Warm-up (kernel selection, allocator) on one batch each.
     model(input_ids=batches[0], use_cache=False)
-    collect_activation_stats(model, blocks[:batch_size], max_tokens=None, batch_size=batch_size, device=device,
-                             stats_device=None, show_progress=False)
-    result = {"forward_s": timed(forward, device, repeats), "trunk_s": timed(trunk, device, repeats),
-              "calibration_s": timed(calibrate, device, repeats)}
+    collect_activation_stats(
+        model,
+        blocks[:batch_size],
+        max_tokens=None,
+        batch_size=batch_size,
+        device=device,
+        stats_device=None,
+        show_progress=False,
+    )
+    result = {
+        "forward_s": timed(forward, device, repeats),
+        "trunk_s": timed(trunk, device, repeats),
+        "calibration_s": timed(calibrate, device, repeats),
+    }
     if device.type == "cuda" and next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
-        reference = collect_activation_stats(model, blocks, max_tokens=None, batch_size=batch_size, device=device,
-                                             stats_device=None, show_progress=False)
+        reference = collect_activation_stats(
+            model, blocks, max_tokens=None, batch_size=batch_size, device=device, stats_device=None, show_progress=False
+        )
         original = calibration.batch_gram
         calibration.batch_gram = lambda x: torch.mm(x.T, x, out_dtype=torch.float32)
         try:
             result["calibration_tensor_core_s"] = timed(calibrate, device, repeats)
-            other = collect_activation_stats(model, blocks, max_tokens=None, batch_size=batch_size, device=device,
-                                             stats_device=None, show_progress=False)
+            other = collect_activation_stats(
+                model,
+                blocks,
+                max_tokens=None,
+                batch_size=batch_size,
+                device=device,
+                stats_device=None,
+                show_progress=False,
+            )
         finally:
             calibration.batch_gram = original
         result["tensor_core_max_relative_difference"] = max(
-            ((other.grams[n] - g).abs().max() / g.abs().max()).item() for n, g in reference.grams.items())
-    stats = collect_activation_stats(model, blocks[:batch_size], max_tokens=None, batch_size=batch_size, device=device,
-                                     stats_device=None, show_progress=False)
+            ((other.grams[n] - g).abs().max() / g.abs().max()).item() for n, g in reference.grams.items()
+        )
+    stats = collect_activation_stats(
+        model,
+        blocks[:batch_size],
+        max_tokens=None,
+        batch_size=batch_size,
+        device=device,
+        stats_device=None,
+        show_progress=False,
+    )
     sync(device)
     start = time.perf_counter()
     stats.to("cpu")
@@ -132,25 +159,45 @@ def main() -> None:
     for name in args.dtypes.split(","):
         dtype = resolve_dtype(name)
         model = base.to(device=device, dtype=dtype).eval()
-        row = {"dtype": name, "tokens": int(blocks.numel()), **measure(model, blocks, device, args.batch_size, args.repeats)}
+        row = {
+            "dtype": name,
+            "tokens": int(blocks.numel()),
+            **measure(model, blocks, device, args.batch_size, args.repeats),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| dtype | tokens | forward (s) | trunk (s) | calibration (s) | vs forward | vs trunk | Gram MB | copy to CPU (s) |")
+    print(
+        "\n| dtype | tokens | forward (s) | trunk (s) | calibration (s) | vs forward | vs trunk | Gram MB | copy to CPU (s) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['tokens']:,} | {r['forward_s']:.3f} | {r['trunk_s']:.3f} | {r['calibration_s']:.3f} | "
-              f"{r['overhead_vs_forward']:.2f}x | {r['overhead_vs_trunk']:.2f}x | {r['gram_megabytes']:.0f} | {r['copy_to_cpu_s']:.3f} |")
+        print(
+            f"| {r['dtype']} | {r['tokens']:,} | {r['forward_s']:.3f} | {r['trunk_s']:.3f} | {r['calibration_s']:.3f} | "
+            f"{r['overhead_vs_forward']:.2f}x | {r['overhead_vs_trunk']:.2f}x | {r['gram_megabytes']:.0f} | {r['copy_to_cpu_s']:.3f} |"
+        )
     for r in rows:
         if "calibration_tensor_core_s" in r:
-            print(f"{r['dtype']}: with tensor-core Gram products {r['calibration_tensor_core_s']:.3f} s "
-                  f"({r['calibration_tensor_core_s'] / r['forward_s']:.2f}x forward), statistics differ by up to "
-                  f"{r['tensor_core_max_relative_difference']:.1e} (relative)")
+            print(
+                f"{r['dtype']}: with tensor-core Gram products {r['calibration_tensor_core_s']:.3f} s "
+                f"({r['calibration_tensor_core_s'] / r['forward_s']:.2f}x forward), statistics differ by up to "
+                f"{r['tensor_core_max_relative_difference']:.1e} (relative)"
+            )
     worst = max(r["overhead_vs_forward"] for r in rows)
-    print(f"\ncalibration overhead: worst {worst:.2f}x a plain forward (target <= 1.2x): {'met' if worst <= 1.2 else 'NOT met'}")
+    print(
+        f"\ncalibration overhead: worst {worst:.2f}x a plain forward (target <= 1.2x): {'met' if worst <= 1.2 else 'NOT met'}"
+    )
     if args.out is not None:
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        write_json(args.out, {"device": device_name, "model": args.model or "embedded SmolLM2-135M-Instruct",
-                              "seq_len": args.seq_len, "batch_size": args.batch_size, "rows": rows})
+        write_json(
+            args.out,
+            {
+                "device": device_name,
+                "model": args.model or "embedded SmolLM2-135M-Instruct",
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+                "rows": rows,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -49,14 +49,20 @@ BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 SETTINGS = ("eager", "threads1", "int8", "bf16", "compile")
 
 
-def compressed_models(base: torch.nn.Module, fractions: list[float], folder: Path) -> dict[str, tuple[torch.nn.Module, dict]]:
+def compressed_models(
+    base: torch.nn.Module, fractions: list[float], folder: Path
+) -> dict[str, tuple[torch.nn.Module, dict]]:
     """``{label: (model, info)}``: the export of ``base`` with every block linear at the rank of each FLOPs fraction."""
     with checkpoint_load_scope():  # no SVD: random factors are installed below
         nsn = get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=BLOCK_LINEARS, rank_granularity=8))
     generator = torch.Generator().manual_seed(0)
     for layer in nsn_layers(nsn).values():
         r, m, d = layer.nsn_max_rank["default"], layer.out_features, layer.in_features
-        layer.set_factors("default", torch.randn(m, r, generator=generator) * r**-0.5, torch.randn(r, d, generator=generator) * d**-0.5)
+        layer.set_factors(
+            "default",
+            torch.randn(m, r, generator=generator) * r**-0.5,
+            torch.randn(r, d, generator=generator) * d**-0.5,
+        )
     out = {}
     for fraction in fractions:
         rank = "full" if fraction >= 1 else nsn.select_rank_for_target_flops(fraction, scope="model")
@@ -66,8 +72,15 @@ def compressed_models(base: torch.nn.Module, fractions: list[float], folder: Pat
         model = load_compressed(folder / f"f{fraction}")
         label = "full rank" if fraction >= 1 else f"{fraction:.0%} FLOPs"
         dense = fraction >= 1  # the export writes every layer dense at full rank: factoring does not pay there
-        out[label] = (model, {"rank": rank, "model_flops_fraction": 1.0 if dense else report.model_fraction,
-                              "written_dense": dense, "params": sum(p.numel() for p in model.parameters())})
+        out[label] = (
+            model,
+            {
+                "rank": rank,
+                "model_flops_fraction": 1.0 if dense else report.model_fraction,
+                "written_dense": dense,
+                "params": sum(p.numel() for p in model.parameters()),
+            },
+        )
     return out
 
 
@@ -94,7 +107,13 @@ def workloads(vocab: int, setting: str, new_tokens: int, prefill: int) -> dict:
     prompt1, prompt8 = torch.randint(0, vocab, (1, 16), generator=g), torch.randint(0, vocab, (8, 16), generator=g)
     long = torch.randint(0, vocab, (1, prefill), generator=g)
     extra = {"cache_implementation": "static"} if setting == "compile" else {}
-    kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": 0, **extra}
+    kwargs = {
+        "do_sample": False,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "pad_token_id": 0,
+        **extra,
+    }
 
     def decode(ids):
         return lambda model: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -133,8 +152,13 @@ def measure(models: dict[str, torch.nn.Module], setting: str, repeats: int, new_
     medians = {label: {name: statistics.median(v) for name, v in per.items()} for label, per in times.items()}
     ratios = {label: {name: statistics.median(v) for name, v in per.items()} for label, per in paired.items()}
     spread = {label: {name: [min(v), max(v)] for name, v in per.items()} for label, per in paired.items()}
-    return {"seconds_median": medians, "seconds_all": times, "dense_over_compressed": ratios,
-            "dense_over_compressed_range": spread, "paired_ratios": paired}
+    return {
+        "seconds_median": medians,
+        "seconds_all": times,
+        "dense_over_compressed": ratios,
+        "dense_over_compressed_range": spread,
+        "paired_ratios": paired,
+    }
 
 
 def profile(model: torch.nn.Module, label: str, setting: str, rows: int = 14) -> dict:
@@ -147,7 +171,12 @@ def profile(model: torch.nn.Module, label: str, setting: str, rows: int = 14) ->
             model.generate(input_ids=ids, **kwargs)
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::linear", "aten::matmul"))
+    matmul = sum(
+        e.self_cpu_time_total
+        for e in events
+        if e.key
+        in ("aten::addmm", "aten::mm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::linear", "aten::matmul")
+    )
     top = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in events[:rows]]
     print(f"\n{label} ({setting}): {total / 1e3:.1f} ms for 8 tokens, matmuls {100 * matmul / total:.0f}%")
     for row in top:
@@ -172,25 +201,39 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     base, _ = load_model_and_tokenizer(None, dtype="float32")
     fractions = [float(f) for f in args.fractions.split(",")]
-    results = {"model": "SmolLM2-135M-Instruct (embedded)", "layers_factored": "q,k,v,o,gate,up,down of every block",
-               "torch": torch.__version__, "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
-               "cores": os.cpu_count(), "new_tokens": args.new_tokens, "prefill": args.prefill, "repeats": args.repeats,
-               "settings": {}}
+    results = {
+        "model": "SmolLM2-135M-Instruct (embedded)",
+        "layers_factored": "q,k,v,o,gate,up,down of every block",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "new_tokens": args.new_tokens,
+        "prefill": args.prefill,
+        "repeats": args.repeats,
+        "settings": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         built = compressed_models(base, fractions, Path(tmp))
         results["points"] = {label: info for label, (_model, info) in built.items()}
         for setting in args.setting or ["eager"]:
             torch.set_num_threads(1 if setting == "threads1" or args.threads == 1 else default_threads)
             models = {"dense": apply_setting(copy.deepcopy(base), setting)}
-            models.update({label: apply_setting(copy.deepcopy(model), setting) for label, (model, _info) in built.items()})
+            models.update(
+                {label: apply_setting(copy.deepcopy(model), setting) for label, (model, _info) in built.items()}
+            )
             entry = {"threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
             if args.profile:
-                entry["profile"] = {label: profile(models[label], label, setting) for label in ("dense", "50% FLOPs") if label in models}
+                entry["profile"] = {
+                    label: profile(models[label], label, setting) for label in ("dense", "50% FLOPs") if label in models
+                }
             entry.update(measure(models, setting, args.repeats, args.new_tokens, args.prefill))
             entry["load_average_after"] = os.getloadavg()
             results["settings"][setting] = entry
-            print(f"\n{setting} ({entry['threads']} threads, load average {entry['load_average_before'][0]:.1f} → "
-                  f"{entry['load_average_after'][0]:.1f}): dense / compressed, median of {args.repeats} interleaved runs")
+            print(
+                f"\n{setting} ({entry['threads']} threads, load average {entry['load_average_before'][0]:.1f} → "
+                f"{entry['load_average_after'][0]:.1f}): dense / compressed, median of {args.repeats} interleaved runs"
+            )
             for label, ratios in entry["dense_over_compressed"].items():
                 print(f"  {label:<12} " + "  ".join(f"{k} {v:.2f}×" for k, v in ratios.items()))
             del models

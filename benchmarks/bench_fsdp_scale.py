@@ -44,11 +44,21 @@ logger = logging.getLogger("bench_fsdp_scale")
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {  # Llama-3 shapes (8b: Llama-3-8B, 3b/1b: Llama-3.2), 13b: Llama-2-13B widths with grouped KV
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
+    "3b": dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8
+    ),
+    "8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    ),
+    "13b": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8
+    ),
 }
 STRATEGIES = ("nsn-fsdp2", "nsn-ddp", "dense-fsdp2")
 
@@ -119,8 +129,11 @@ def worker(args) -> None:
     started = time.perf_counter()
     model = build_model(args.size, args.vocab, torch.bfloat16 if cuda else torch.float32)
     if nsn:
-        config = nsn_peft.NSNConfig(target_modules=ALL_LINEARS, rank_granularity=args.granularity,
-                                    init_device=f"cuda:{local_rank}" if cuda else None)
+        config = nsn_peft.NSNConfig(
+            target_modules=ALL_LINEARS,
+            rank_granularity=args.granularity,
+            init_device=f"cuda:{local_rank}" if cuda else None,
+        )
         model = get_peft_model(model, config)
     else:
         for name, param in model.named_parameters():
@@ -139,13 +152,30 @@ def worker(args) -> None:
     dataset = [{"input_ids": row, "labels": row} for row in data]
     sharding = {}
     if fsdp and world > 1:
-        sharding = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                                          "reshard_after_forward": True}}
+        sharding = {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "reshard_after_forward": True,
+            },
+        }
     targs = TrainingArguments(
-        output_dir=args.run_dir, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-5,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
-        ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None, disable_tqdm=True, dataloader_drop_last=True,
-        **activation_checkpointing_kwargs(True), **sharding,
+        output_dir=args.run_dir,
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=cuda,
+        use_cpu=not cuda,
+        ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        **activation_checkpointing_kwargs(True),
+        **sharding,
     )
     timer = StepTimer()
     if nsn:
@@ -163,7 +193,7 @@ def worker(args) -> None:
         peaks = [None] * world
         torch.distributed.all_gather_object(peaks, (allocated, reserved))
     if trainer.is_world_process_zero():
-        measured = timer.times[args.warmup:]
+        measured = timer.times[args.warmup :]
         step_s = sum(measured) / len(measured) if measured else None
         tokens_per_step = args.batch_size * world * args.seq_len
         result = {
@@ -185,13 +215,31 @@ def worker(args) -> None:
 
 def launch(args, size: str, strategy: str, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", __file__,
-           "--worker", "--run-dir", str(run_dir), "--size", size, "--strategy", strategy, "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        __file__,
+        "--worker",
+        "--run-dir",
+        str(run_dir),
+        "--size",
+        size,
+        "--strategy",
+        strategy,
+        "--device",
+        args.device,
+    ]
     for key in ("steps", "warmup", "batch_size", "seq_len", "vocab", "granularity", "num_random"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4"),
-           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4"),
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]),
+    }
     logger.info("%s / %s: %s", size, strategy, " ".join(cmd))
     start = time.perf_counter()
     try:
@@ -212,8 +260,10 @@ def launch(args, size: str, strategy: str, run_dir: Path) -> dict:
 
 
 def render(results: dict) -> str:
-    lines = ["| size | strategy | status | trainable params | peak GiB/GPU (alloc) | s/step | tokens/s |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| size | strategy | status | trainable params | peak GiB/GPU (alloc) | s/step | tokens/s |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for size, by_strategy in results.items():
         for strategy, r in by_strategy.items():
             peak = max((p for p in r.get("peak_allocated_gib_per_gpu") or [] if p is not None), default=None)
@@ -273,14 +323,26 @@ def main() -> None:
             results[size][strategy] = launch(args, size, strategy, work / f"{size}_{strategy}")
             if results[size][strategy]["status"] == "oom":
                 stopped.add(strategy)
-            logger.info("%s / %s: %s", size, strategy, {k: v for k, v in results[size][strategy].items() if k != "log_tail"})
-    largest = {s: max((size for size in sizes if results[size][s]["status"] == "ok"), key=sizes.index, default=None)
-               for s in strategies}
+            logger.info(
+                "%s / %s: %s", size, strategy, {k: v for k, v in results[size][strategy].items() if k != "log_tail"}
+            )
+    largest = {
+        s: max((size for size in sizes if results[size][s]["status"] == "ok"), key=sizes.index, default=None)
+        for s in strategies
+    }
     from nsn_peft.io import write_json
 
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    write_json(args.out, {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "run_dir", "size", "strategy")},
-                          "device": gpu, "torch": torch.__version__, "results": results, "largest_ok": largest})
+    write_json(
+        args.out,
+        {
+            "config": {k: v for k, v in vars(args).items() if k not in ("worker", "run_dir", "size", "strategy")},
+            "device": gpu,
+            "torch": torch.__version__,
+            "results": results,
+            "largest_ok": largest,
+        },
+    )
     print(f"\n{args.nproc} x {gpu}\n" + render(results))
     print(f"largest size that trained: {largest}\nresults: {args.out}")
 

@@ -98,8 +98,11 @@ def host_overhead() -> dict:
     b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     out = {}
-    for name, fn in (("dense", lambda: F.linear(x, a)), ("reference", lambda: nested_linear_reference(x, a, b, 512)),
-                     ("triton", lambda: nested_linear_triton(x, a, b, 512))):
+    for name, fn in (
+        ("dense", lambda: F.linear(x, a)),
+        ("reference", lambda: nested_linear_reference(x, a, b, 512)),
+        ("triton", lambda: nested_linear_triton(x, a, b, 512)),
+    ):
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
@@ -150,11 +153,20 @@ def bench_shape(m: int, d: int, token_counts: list[int], rotate: int, sweep: boo
         for frac, rank in zip(FRACTIONS, ranks):
             x0 = xs[0][:n]
             ref64 = nested_linear_reference(x0.double(), a[0].double(), b[0].double(), rank)
-            row = {"m": m, "d": d, "tokens": n, "rank": rank, "fraction_of_break_even": frac,
-                   "bytes_fraction": rank * (m + d) / (m * d), "dense_us": dense_eager, "dense_graph_us": dense_graph,
-                   "rel_err_triton": _rel_err(nested_linear_triton(x0, a[0], b[0], rank), ref64),
-                   "rel_err_reference": _rel_err(nested_linear_reference(x0, a[0], b[0], rank), ref64),
-                   "config": vars(choose_config(n, d, m, rank, dtype)), "copies": copies}
+            row = {
+                "m": m,
+                "d": d,
+                "tokens": n,
+                "rank": rank,
+                "fraction_of_break_even": frac,
+                "bytes_fraction": rank * (m + d) / (m * d),
+                "dense_us": dense_eager,
+                "dense_graph_us": dense_graph,
+                "rel_err_triton": _rel_err(nested_linear_triton(x0, a[0], b[0], rank), ref64),
+                "rel_err_reference": _rel_err(nested_linear_reference(x0, a[0], b[0], rank), ref64),
+                "config": vars(choose_config(n, d, m, rank, dtype)),
+                "copies": copies,
+            }
             calls = {
                 "reference": _caller(nested_linear_reference, xs, a, b, n, rank),
                 "triton": _caller(nested_linear_triton, xs, a, b, n, rank),
@@ -167,11 +179,14 @@ def bench_shape(m: int, d: int, token_counts: list[int], rotate: int, sweep: boo
             row["triton_graph_GBps"] = (rank * (m + d) * 2 + act_bytes) / (row["triton_graph_us"] * 1e-6) / 1e9
             row["dense_graph_GBps"] = (m * d * 2 + act_bytes) / (dense_graph * 1e-6) / 1e9
             result["rows"].append(row)
-            print(f"{m:>5}x{d:<5} r={rank:<4} n={n:<2} | dense {dense_eager:6.1f} / {dense_graph:6.1f} us | "
-                  f"ref {row['reference_us'] / dense_eager:5.2f} / {row['reference_graph_us'] / dense_graph:5.2f} | "
-                  f"triton {row['triton_us'] / dense_eager:5.2f} / {row['triton_graph_us'] / dense_graph:5.2f} | "
-                  f"fused {row['triton_fused_graph_us'] / dense_graph:5.2f} | bytes {row['bytes_fraction']:.2f} | "
-                  f"{row['triton_graph_GBps']:5.0f} GB/s | err {row['rel_err_triton']:.1e}", flush=True)
+            print(
+                f"{m:>5}x{d:<5} r={rank:<4} n={n:<2} | dense {dense_eager:6.1f} / {dense_graph:6.1f} us | "
+                f"ref {row['reference_us'] / dense_eager:5.2f} / {row['reference_graph_us'] / dense_graph:5.2f} | "
+                f"triton {row['triton_us'] / dense_eager:5.2f} / {row['triton_graph_us'] / dense_graph:5.2f} | "
+                f"fused {row['triton_fused_graph_us'] / dense_graph:5.2f} | bytes {row['bytes_fraction']:.2f} | "
+                f"{row['triton_graph_GBps']:5.0f} GB/s | err {row['rel_err_triton']:.1e}",
+                flush=True,
+            )
             if not sweep:
                 continue
             for cname, cfg in SWEEP[1 if n == 1 else (16 if n <= 16 else 64)].items():
@@ -179,8 +194,18 @@ def bench_shape(m: int, d: int, token_counts: list[int], rotate: int, sweep: boo
                     continue
                 cerr = _rel_err(nested_linear_triton(x0, a[0], b[0], rank, config=cfg), ref64)
                 t = time_graph(_caller(nested_linear_triton, xs, a, b, n, rank, config=cfg), copies)
-                result["sweep"].append({"m": m, "d": d, "tokens": n, "rank": rank, "config": cname, "graph_us": t,
-                                        "ratio": t / dense_graph, "rel_err": cerr})
+                result["sweep"].append(
+                    {
+                        "m": m,
+                        "d": d,
+                        "tokens": n,
+                        "rank": rank,
+                        "config": cname,
+                        "graph_us": t,
+                        "ratio": t / dense_graph,
+                        "rel_err": cerr,
+                    }
+                )
                 print(f"    sweep {cname:<24} {t:7.2f} us  {t / dense_graph:5.2f}x  err {cerr:.1e}", flush=True)
 
 
@@ -200,13 +225,23 @@ def main() -> None:
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     token_counts = [int(t) for t in args.tokens.split(",")]
     result = {
-        "device": props.name, "sms": props.multi_processor_count, "l2_bytes": props.L2_cache_size,
-        "torch": torch.__version__, "triton": triton.__version__, "dtype": "bfloat16",
-        "copy_GBps": copy_bandwidth(), "host_us_per_call": host_overhead(), "rotate_bytes": rotate,
-        "rows": [], "sweep": [],
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "l2_bytes": props.L2_cache_size,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": "bfloat16",
+        "copy_GBps": copy_bandwidth(),
+        "host_us_per_call": host_overhead(),
+        "rotate_bytes": rotate,
+        "rows": [],
+        "sweep": [],
     }
-    print(f"{props.name}: copy {result['copy_GBps']:.0f} GB/s, L2 {props.L2_cache_size >> 20} MiB, host us/call "
-          + ", ".join(f"{k} {v:.1f}" for k, v in result["host_us_per_call"].items()), flush=True)
+    print(
+        f"{props.name}: copy {result['copy_GBps']:.0f} GB/s, L2 {props.L2_cache_size >> 20} MiB, host us/call "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result["host_us_per_call"].items()),
+        flush=True,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     for m, d in shapes:
@@ -221,14 +256,18 @@ def main() -> None:
 def print_table(result: dict) -> None:
     """Ratios vs dense (eager / CUDA graph) for the reference and the Triton path, one line per case."""
     print("\nratio vs dense F.linear (eager | CUDA graph); bytes = r(m+d)/(md), the floor of the ratio")
-    print(f"{'m x d':>11} {'rank':>5} {'n':>3} {'bytes':>5} | {'dense us':>8} {'ref':>5} {'triton':>6} | "
-          f"{'dense us':>8} {'ref':>5} {'triton':>6} {'fused':>5} {'GB/s':>5}")
+    print(
+        f"{'m x d':>11} {'rank':>5} {'n':>3} {'bytes':>5} | {'dense us':>8} {'ref':>5} {'triton':>6} | "
+        f"{'dense us':>8} {'ref':>5} {'triton':>6} {'fused':>5} {'GB/s':>5}"
+    )
     for r in result["rows"]:
-        print(f"{r['m']:>5}x{r['d']:<5} {r['rank']:>5} {r['tokens']:>3} {r['bytes_fraction']:5.2f} | "
-              f"{r['dense_us']:8.1f} {r['reference_us'] / r['dense_us']:5.2f} {r['triton_us'] / r['dense_us']:6.2f} | "
-              f"{r['dense_graph_us']:8.1f} {r['reference_graph_us'] / r['dense_graph_us']:5.2f} "
-              f"{r['triton_graph_us'] / r['dense_graph_us']:6.2f} "
-              f"{r['triton_fused_graph_us'] / r['dense_graph_us']:5.2f} {r['triton_graph_GBps']:5.0f}")
+        print(
+            f"{r['m']:>5}x{r['d']:<5} {r['rank']:>5} {r['tokens']:>3} {r['bytes_fraction']:5.2f} | "
+            f"{r['dense_us']:8.1f} {r['reference_us'] / r['dense_us']:5.2f} {r['triton_us'] / r['dense_us']:6.2f} | "
+            f"{r['dense_graph_us']:8.1f} {r['reference_graph_us'] / r['dense_graph_us']:5.2f} "
+            f"{r['triton_graph_us'] / r['dense_graph_us']:6.2f} "
+            f"{r['triton_fused_graph_us'] / r['dense_graph_us']:5.2f} {r['triton_graph_GBps']:5.0f}"
+        )
 
 
 if __name__ == "__main__":

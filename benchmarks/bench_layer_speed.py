@@ -65,8 +65,11 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.125,0.25,0.5,0.75")
     parser.add_argument("--granularity", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--layouts", action="store_true",
-                        help="also time each cuBLAS operand layout of the two products (ablation, ~4x longer)")
+    parser.add_argument(
+        "--layouts",
+        action="store_true",
+        help="also time each cuBLAS operand layout of the two products (ablation, ~4x longer)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
@@ -87,8 +90,11 @@ def main() -> None:
                 layer.set_rank(rank)
                 actual = factored_params(m, d, rank) / (m * d)
                 a, b = layer.nsn_A["default"][:rank], layer.nsn_B["default"][:, :rank]
-                variants = {f"{f}/{s}": (lambda f=f, s=s, x=x, a=a, b=b: _second(s, _first(f, x, a), b))
-                            for f, s in LAYOUTS} if args.layouts else {}
+                variants = (
+                    {f"{f}/{s}": (lambda f=f, s=s, x=x, a=a, b=b: _second(s, _first(f, x, a), b)) for f, s in LAYOUTS}
+                    if args.layouts
+                    else {}
+                )
                 with torch.no_grad():
                     dense_samples, nsn_samples = [], []
                     variant_samples = {name: [] for name in variants}
@@ -100,18 +106,37 @@ def main() -> None:
                 dense_ms, nsn_ms = statistics.median(dense_samples), statistics.median(nsn_samples)
                 ratio = nsn_ms / dense_ms
                 limit = 1.15 if tokens >= 512 else 1.25
-                rows.append({
-                    "in": d, "out": m, "tokens": tokens, "target_fraction": fraction, "rank": rank,
-                    "flops_fraction": actual, "dense_ms": dense_ms, "nsn_ms": nsn_ms, "time_ratio": ratio,
-                    "ratio_over_fraction": ratio / actual, "limit": limit, "ok": ratio <= limit * actual,
-                    "layouts": {name: statistics.median(v) / dense_ms for name, v in variant_samples.items()},
-                })
-                print(f"{d:>5}->{m:<5} tok={tokens:<5} f={fraction:<5} r={rank:<5} flops={actual:.3f} "
-                      f"dense={dense_ms:.4f}ms nsn={nsn_ms:.4f}ms ratio={ratio:.3f} "
-                      f"({ratio / actual:.2f}x of fraction, limit {limit}) {'ok' if rows[-1]['ok'] else 'MISS'}"
-                      + "".join(f" {k}={v:.3f}" for k, v in rows[-1]["layouts"].items()), flush=True)
-    result = {"device": torch.cuda.get_device_name(), "dtype": "bf16", "torch": torch.__version__, "rows": rows,
-              "all_ok": all(r["ok"] for r in rows)}
+                rows.append(
+                    {
+                        "in": d,
+                        "out": m,
+                        "tokens": tokens,
+                        "target_fraction": fraction,
+                        "rank": rank,
+                        "flops_fraction": actual,
+                        "dense_ms": dense_ms,
+                        "nsn_ms": nsn_ms,
+                        "time_ratio": ratio,
+                        "ratio_over_fraction": ratio / actual,
+                        "limit": limit,
+                        "ok": ratio <= limit * actual,
+                        "layouts": {name: statistics.median(v) / dense_ms for name, v in variant_samples.items()},
+                    }
+                )
+                print(
+                    f"{d:>5}->{m:<5} tok={tokens:<5} f={fraction:<5} r={rank:<5} flops={actual:.3f} "
+                    f"dense={dense_ms:.4f}ms nsn={nsn_ms:.4f}ms ratio={ratio:.3f} "
+                    f"({ratio / actual:.2f}x of fraction, limit {limit}) {'ok' if rows[-1]['ok'] else 'MISS'}"
+                    + "".join(f" {k}={v:.3f}" for k, v in rows[-1]["layouts"].items()),
+                    flush=True,
+                )
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "dtype": "bf16",
+        "torch": torch.__version__,
+        "rows": rows,
+        "all_ok": all(r["ok"] for r in rows),
+    }
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     if args.out:
         nsn_peft.io.write_json(args.out, result)

@@ -73,8 +73,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--exclude", nargs="*", default=["howto"], help="folder names left out of the training data")
     p.add_argument("--eval-data", default=str(DOCS / "howto"), help="held-out text")
     p.add_argument("--budgets", default="0.25,0.5,0.75,1.0", help="FLOPs budgets (fractions of the MLP's dense FLOPs)")
-    p.add_argument("--schedule", choices=["auto", "mixed", "uniform"], default="auto",
-                   help="auto: the schedule with the lower validation NLL before training")
+    p.add_argument(
+        "--schedule",
+        choices=["auto", "mixed", "uniform"],
+        default="auto",
+        help="auto: the schedule with the lower validation NLL before training",
+    )
     p.add_argument("--granularity", type=int, default=32, help="rank granularity of the schedules")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (the token budget)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -190,27 +194,64 @@ def main() -> None:
     texts = read_texts(args.train_data, exclude=args.exclude)
     random.Random(args.seed).shuffle(texts)
     tokens_per_step = args.batch_size * args.block_size
-    pool = token_blocks(texts, tokenizer, args.block_size, max_tokens=(args.steps * args.batch_size + args.valid_blocks) * args.block_size)
+    pool = token_blocks(
+        texts,
+        tokenizer,
+        args.block_size,
+        max_tokens=(args.steps * args.batch_size + args.valid_blocks) * args.block_size,
+    )
     valid_blocks, train_blocks = pool[: args.valid_blocks], pool[args.valid_blocks :]
     eval_blocks = token_blocks(read_texts(args.eval_data), tokenizer, args.block_size, max_tokens=args.eval_tokens)
     if len(train_blocks) < args.steps * args.batch_size:
-        logger.warning("Only %d training blocks for %d steps x %d: the data repeats", len(train_blocks), args.steps, args.batch_size)
+        logger.warning(
+            "Only %d training blocks for %d steps x %d: the data repeats",
+            len(train_blocks),
+            args.steps,
+            args.batch_size,
+        )
     train_set = TokenBlocks(train_blocks)
     t = mark("load model + data", t)
 
     dense_ppl = perplexity(dense, eval_blocks, args.eval_batch_size, autocast)
     calib = train_blocks[: max(1, args.calib_tokens // args.block_size)]
-    stats = collect_activation_stats(dense, calib, max_tokens=None, seq_len=args.block_size, batch_size=args.eval_batch_size,
-                                     target_modules=TARGETS, show_progress=False)
-    grads = collect_gradient_stats(dense, train_blocks[: max(1, args.gradient_tokens // args.block_size)], max_tokens=None,
-                                   seq_len=args.block_size, batch_size=4, target_modules=TARGETS, show_progress=False)
-    schedules = {kind: plan_budget_schedule(dense, stats, budgets, target_modules=TARGETS, gradient_stats=grads,
-                                            allocation=kind, granularity=args.granularity, device=device, show_progress=False)
-                 for kind in ("mixed", "uniform")}
+    stats = collect_activation_stats(
+        dense,
+        calib,
+        max_tokens=None,
+        seq_len=args.block_size,
+        batch_size=args.eval_batch_size,
+        target_modules=TARGETS,
+        show_progress=False,
+    )
+    grads = collect_gradient_stats(
+        dense,
+        train_blocks[: max(1, args.gradient_tokens // args.block_size)],
+        max_tokens=None,
+        seq_len=args.block_size,
+        batch_size=4,
+        target_modules=TARGETS,
+        show_progress=False,
+    )
+    schedules = {
+        kind: plan_budget_schedule(
+            dense,
+            stats,
+            budgets,
+            target_modules=TARGETS,
+            gradient_stats=grads,
+            allocation=kind,
+            granularity=args.granularity,
+            device=device,
+            show_progress=False,
+        )
+        for kind in ("mixed", "uniform")
+    }
     t = mark("dense eval + statistics + schedules", t)
 
     # Choose the schedule on validation text before any training (mixed only when it is better).
-    probe = get_peft_model(copy.deepcopy(dense), nsn_peft.NSNConfig(target_modules=TARGETS, init="whitened", stats=stats)).eval()
+    probe = get_peft_model(
+        copy.deepcopy(dense), nsn_peft.NSNConfig(target_modules=TARGETS, init="whitened", stats=stats)
+    ).eval()
     choice_nll = {}
     for kind, schedule in schedules.items():
         values = []
@@ -238,8 +279,15 @@ def main() -> None:
                 result[b] = perplexity(model, eval_blocks, args.eval_batch_size, autocast)
         return result
 
-    partial: dict[str, Any] = {"config": vars(args), "complete": False, "budgets": budgets, "schedule": chosen,
-                               "schedule_validation_nll": choice_nll, "dense_ppl": dense_ppl, "phases_seconds": phases}
+    partial: dict[str, Any] = {
+        "config": vars(args),
+        "complete": False,
+        "budgets": budgets,
+        "schedule": chosen,
+        "schedule_validation_nll": choice_nll,
+        "dense_ppl": dense_ppl,
+        "phases_seconds": phases,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save_partial(**items: Any) -> None:
@@ -257,7 +305,9 @@ def main() -> None:
 
     def run(name: str, model, trainer_cls=NSNTrainer, **kwargs) -> tuple[Any, dict]:
         meter = Throughput(min(args.throughput_warmup, max(args.steps - 1, 0)))
-        trainer = trainer_cls(model, training_args(args, work / name, device), train_dataset=train_set, callbacks=[meter], **kwargs)
+        trainer = trainer_cls(
+            model, training_args(args, work / name, device), train_dataset=train_set, callbacks=[meter], **kwargs
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -277,13 +327,17 @@ def main() -> None:
 
     recipe = {"distill_teacher": "dense", "distill_alpha": args.distill_alpha}
     model = make_nsn()
-    trainer, nested = run("nested", model, budgets=budgets, weighting="uncertainty", logvar_learning_rate=args.logvar_lr, **recipe)
+    trainer, nested = run(
+        "nested", model, budgets=budgets, weighting="uncertainty", logvar_learning_rate=args.logvar_lr, **recipe
+    )
     nested["ppl"] = ppl_at(model, budgets)
     nested["log_vars"] = dict(zip(trainer.bucket_labels(), trainer.rank_loss.log_vars.detach().tolist()))
     del trainer, model
     release_memory()
     t = mark("nested", t)
-    save_partial(nested={k: v for k, v in nested.items() if k != "ppl"}, ppl_nested={str(b): v for b, v in nested["ppl"].items()})
+    save_partial(
+        nested={k: v for k, v in nested.items() if k != "ppl"}, ppl_nested={str(b): v for b, v in nested["ppl"].items()}
+    )
 
     specialists: dict[float, dict] = {}
     for b in [] if args.no_specialists else budgets:
@@ -334,13 +388,19 @@ def main() -> None:
     for b, goal in TARGET_RATIOS.items():
         row = next((r for r in rows if abs(r["budget"] - b) < 1e-9), None)
         if row and row["nested_over_finetuned_dense"] is not None:
-            targets[f"at_{b:g}_le_{goal}x_finetuned_dense"] = {"ratio": row["nested_over_finetuned_dense"],
-                                                                "met": row["nested_over_finetuned_dense"] <= goal}
+            targets[f"at_{b:g}_le_{goal}x_finetuned_dense"] = {
+                "ratio": row["nested_over_finetuned_dense"],
+                "met": row["nested_over_finetuned_dense"] <= goal,
+            }
     ratios = [r["nested_over_specialist"] for r in rows if "nested_over_specialist" in r]
     if ratios:
         targets["within_5pct_of_specialists"] = {"worst_ratio": max(ratios), "met": max(ratios) <= 1.05}
     total = time.perf_counter() - t_start
-    gpu_train = nested["train_seconds"] + sum(s["train_seconds"] for s in specialists.values()) + (dense_run or {}).get("train_seconds", 0)
+    gpu_train = (
+        nested["train_seconds"]
+        + sum(s["train_seconds"] for s in specialists.values())
+        + (dense_run or {}).get("train_seconds", 0)
+    )
     result = {
         "complete": True,
         "config": vars(args),
@@ -350,7 +410,10 @@ def main() -> None:
         "train_tokens_per_run": args.steps * tokens_per_step,
         "train_blocks_available": len(train_blocks),
         "eval_tokens": int(eval_blocks.numel()),
-        "statistics_tokens": {"activation": int(calib.numel()), "gradient": int(min(args.gradient_tokens, train_blocks.numel()))},
+        "statistics_tokens": {
+            "activation": int(calib.numel()),
+            "gradient": int(min(args.gradient_tokens, train_blocks.numel())),
+        },
         "budgets": budgets,
         "schedule": chosen,
         "schedule_validation_nll": choice_nll,
@@ -389,15 +452,23 @@ def render_markdown(res: dict) -> str:
         spec = f"{row['ppl_specialist']:.2f}" if row["ppl_specialist"] else "–"
         ratio = f"{row['nested_over_specialist']:.3f}" if "nested_over_specialist" in row else "–"
         vs = f"{row['nested_over_finetuned_dense']:.2f}×" if row["nested_over_finetuned_dense"] else "–"
-        lines.append(f"| {row['budget']:.0%} ({row['mlp_flops_fraction']:.3f}) | {row['mean_rank']:.0f} | {row['ppl_before']:.2f} | "
-                     f"{row['ppl_nested']:.2f} | {vs} | {spec} | {ratio} |")
+        lines.append(
+            f"| {row['budget']:.0%} ({row['mlp_flops_fraction']:.3f}) | {row['mean_rank']:.0f} | {row['ppl_before']:.2f} | "
+            f"{row['ppl_nested']:.2f} | {vs} | {spec} | {ratio} |"
+        )
     lines += ["", "| run | tokens | GPU s | tokens/s |", "|---|---:|---:|---:|"]
     n = res["nested"]
-    lines.append(f"| nested (4 budgets per step + dense teacher) | {n['train_tokens']:,} | {n['train_seconds']:.0f} | {n['tokens_per_second']:,.0f} |")
+    lines.append(
+        f"| nested (4 budgets per step + dense teacher) | {n['train_tokens']:,} | {n['train_seconds']:.0f} | {n['tokens_per_second']:,.0f} |"
+    )
     for b, info in res["specialists"].items():
-        lines.append(f"| specialist {float(b):.0%} | {info['train_tokens']:,} | {info['train_seconds']:.0f} | {info['tokens_per_second']:,.0f} |")
+        lines.append(
+            f"| specialist {float(b):.0%} | {info['train_tokens']:,} | {info['train_seconds']:.0f} | {info['tokens_per_second']:,.0f} |"
+        )
     if fin:
-        lines.append(f"| dense MLP finetuning | {fin['train_tokens']:,} | {fin['train_seconds']:.0f} | {fin['tokens_per_second']:,.0f} |")
+        lines.append(
+            f"| dense MLP finetuning | {fin['train_tokens']:,} | {fin['train_seconds']:.0f} | {fin['tokens_per_second']:,.0f} |"
+        )
     lines += ["", "Targets:"]
     for name, t in res["targets"].items():
         value = t.get("ratio", t.get("worst_ratio"))
@@ -421,7 +492,9 @@ def plot(res: dict, path: Path) -> None:
         ax.plot(*zip(*spec), "s--", label="specialist per budget")
     ax.axhline(res["dense_ppl"], color="black", lw=1, label="dense")
     if res["dense_mlp_finetuned"]:
-        ax.axhline(res["dense_mlp_finetuned"]["ppl"], color="black", lw=1, ls="--", label="dense MLP finetuned (same tokens)")
+        ax.axhline(
+            res["dense_mlp_finetuned"]["ppl"], color="black", lw=1, ls="--", label="dense MLP finetuned (same tokens)"
+        )
     ax.set_yscale("log")
     ax.set_xlabel("MLP FLOPs vs dense")
     ax.set_ylabel("held-out perplexity (howto/)")

@@ -64,7 +64,11 @@ def weight_bytes(model: nn.Module) -> int:
 def int8(model: nn.Module) -> nn.Module:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and "lm_head" not in fqn)
+    quantize_(
+        model,
+        Int8WeightOnlyConfig(),
+        filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and "lm_head" not in fqn,
+    )
     return model
 
 
@@ -86,9 +90,17 @@ def main() -> None:
     train = token_blocks(texts, tok, args.seq_len, args.calib_tokens)
     held_out = token_stream(load_texts(python_docs_dir("howto")), tok, args.ppl_tokens)
     t = time.perf_counter()
-    stats = collect_activation_stats(base, train, max_tokens=None, seq_len=args.seq_len, batch_size=4, show_progress=True)
-    grads = collect_gradient_stats(base, train[: max(1, args.gradient_tokens // args.seq_len)], max_tokens=None,
-                                   seq_len=args.seq_len, batch_size=2, show_progress=True)
+    stats = collect_activation_stats(
+        base, train, max_tokens=None, seq_len=args.seq_len, batch_size=4, show_progress=True
+    )
+    grads = collect_gradient_stats(
+        base,
+        train[: max(1, args.gradient_tokens // args.seq_len)],
+        max_tokens=None,
+        seq_len=args.seq_len,
+        batch_size=2,
+        show_progress=True,
+    )
     plan = allocate_ranks_for_budget(base, stats, args.kept, gradient_stats=grads, show_progress=True)
     nsn = get_peft_model(copy.deepcopy(base), NSNConfig(**plan.to_config_kwargs(stats=stats))).eval()
     compression_s = time.perf_counter() - t
@@ -97,8 +109,12 @@ def main() -> None:
         save_compressed(nsn, Path(tmp) / "kept")
         kept = load_compressed(Path(tmp) / "kept")
         del nsn
-        candidates = {"dense": lambda: base, "dense + int8": lambda: int8(copy.deepcopy(base)),
-                      f"{args.kept:.0%} kept": lambda: kept, f"{args.kept:.0%} kept + int8": lambda: int8(copy.deepcopy(kept))}
+        candidates = {
+            "dense": lambda: base,
+            "dense + int8": lambda: int8(copy.deepcopy(base)),
+            f"{args.kept:.0%} kept": lambda: kept,
+            f"{args.kept:.0%} kept + int8": lambda: int8(copy.deepcopy(kept)),
+        }
         for label, build in candidates.items():
             model = build()
             result = evaluate_perplexity(model, held_out, seq_len=args.seq_len, batch_size=2)
@@ -111,12 +127,23 @@ def main() -> None:
         print(f"| {label} | {row['bytes'] / 1e6:.0f} | {row['bytes'] / dense_bytes:.2f} | {row['perplexity']:.2f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "model": "SmolLM2-135M-Instruct (embedded)", "kept": args.kept, "torch": torch.__version__,
-            "calibration_tokens": int(train.numel()), "gradient_tokens": args.gradient_tokens,
-            "compression_seconds": round(compression_s, 1), "threads": args.threads, "rows": rows,
-            "note": "int8: torchao Int8WeightOnlyConfig on every linear layer of the blocks; embedding/LM head (tied) as they are",
-        }, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "model": "SmolLM2-135M-Instruct (embedded)",
+                    "kept": args.kept,
+                    "torch": torch.__version__,
+                    "calibration_tokens": int(train.numel()),
+                    "gradient_tokens": args.gradient_tokens,
+                    "compression_seconds": round(compression_s, 1),
+                    "threads": args.threads,
+                    "rows": rows,
+                    "note": "int8: torchao Int8WeightOnlyConfig on every linear layer of the blocks; embedding/LM head (tied) as they are",
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {args.out}")
 
 

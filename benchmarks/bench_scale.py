@@ -60,9 +60,16 @@ def build_model(shape: str, blocks: int, dtype: torch.dtype) -> transformers.Pre
     from accelerate import init_empty_weights
 
     hidden, intermediate, heads, kv_heads, vocab, _ = SHAPES[shape]
-    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
-                                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                                      max_position_embeddings=8192, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=blocks,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     with init_empty_weights(include_buffers=False):
         model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype)
     return model.eval()
@@ -91,9 +98,16 @@ def run_variant(args: argparse.Namespace, shape: str, blocks: int) -> dict:
     model = build_model(shape, blocks, dtype)
     sizes = count(model, model.model.layers)
     vocab = SHAPES[shape][4]
-    tokens = torch.randint(0, vocab, (args.tokens // args.seq_len, args.seq_len), generator=torch.Generator().manual_seed(0))
-    config = RefineConfig(batch_size=args.batch_size, blockwise_epochs=args.blockwise_epochs, blockwise_tokens=None,
-                          gradient_tokens=args.gradient_tokens, precision=args.precision)
+    tokens = torch.randint(
+        0, vocab, (args.tokens // args.seq_len, args.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    config = RefineConfig(
+        batch_size=args.batch_size,
+        blockwise_epochs=args.blockwise_epochs,
+        blockwise_tokens=None,
+        gradient_tokens=args.gradient_tokens,
+        precision=args.precision,
+    )
     folder = None
     if args.offload_folder:
         folder = Path(args.offload_folder) / f"{shape}-{blocks}"
@@ -103,16 +117,28 @@ def run_variant(args: argparse.Namespace, shape: str, blocks: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     peft_model, report = compress_sequential(
-        model, tokens, args.fraction, allocation=args.allocation, config=config, device=device, materialize=materialize,
-        offload_folder=folder, output_dir=folder / "adapter" if folder is not None else None,
-        stats_dtype={"fp32": torch.float32, "fp64": torch.float64}[args.stats_dtype], show_progress=False)
+        model,
+        tokens,
+        args.fraction,
+        allocation=args.allocation,
+        config=config,
+        device=device,
+        materialize=materialize,
+        offload_folder=folder,
+        output_dir=folder / "adapter" if folder is not None else None,
+        stats_dtype={"fp32": torch.float32, "fp64": torch.float64}[args.stats_dtype],
+        show_progress=False,
+    )
     seconds = time.perf_counter() - start
     # The pipeline measures each block's peak (it resets the counter per block): a pass's peak is the maximum
     # over its blocks, the run's the maximum over the passes.
     by_pass = {phase: max(peaks) for phase, peaks in report.peak_device_bytes.items() if peaks}
     per_block = {k: round(sum(v) / len(v), 3) for k, v in report.block_seconds.items() if v}
     row = {
-        "shape": shape, "blocks": blocks, "seconds": round(seconds, 2), **sizes,
+        "shape": shape,
+        "blocks": blocks,
+        "seconds": round(seconds, 2),
+        **sizes,
         "peak_device_bytes": max(by_pass.values()) if by_pass else None,
         "peak_device_bytes_by_pass": by_pass,
         "estimated_bytes_by_pass": report.estimated_bytes,
@@ -133,8 +159,21 @@ def run_isolated(args: argparse.Namespace, shape: str, blocks: int, timeout: flo
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         argv = [sys.executable, __file__, "--single", f"{shape}:{blocks}", "--result-file", str(result)]
-        for key in ("device", "dtype", "stats_dtype", "tokens", "seq_len", "batch_size", "fraction", "allocation",
-                    "blockwise_epochs", "gradient_tokens", "precision", "offload_folder", "threads"):
+        for key in (
+            "device",
+            "dtype",
+            "stats_dtype",
+            "tokens",
+            "seq_len",
+            "batch_size",
+            "fraction",
+            "allocation",
+            "blockwise_epochs",
+            "gradient_tokens",
+            "precision",
+            "offload_folder",
+            "threads",
+        ):
             value = getattr(args, key)
             if value is not None:
                 argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -149,7 +188,9 @@ def run_isolated(args: argparse.Namespace, shape: str, blocks: int, timeout: flo
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"stopped after {timeout:.0f} s (--time-limit)") from None
         except subprocess.CalledProcessError as err:
-            raise RuntimeError(f"the variant's process exited with status {err.returncode} (its error is printed above)") from None
+            raise RuntimeError(
+                f"the variant's process exited with status {err.returncode} (its error is printed above)"
+            ) from None
         row = json.loads(result.read_text())
         row["wall_seconds"] = round(time.perf_counter() - started, 2)  # process start and model building included
         return row
@@ -187,7 +228,7 @@ def extrapolate(rows: list[dict]) -> dict | None:
     return {
         "blocks": full,
         "basis": f"measured on {row['blocks']} Llama-3-70B-shaped block(s): memory = the largest per-block peak "
-                 f"(flat in depth), time = seconds per block x {full} + the fixed cost",
+        f"(flat in depth), time = seconds per block x {full} + the fixed cost",
         "seconds_per_block": round(per_block, 2),
         "seconds_per_block_by_pass": row["seconds_per_block"],
         "fixed_seconds": round(fixed, 1),
@@ -218,17 +259,38 @@ def main() -> None:
     parser.add_argument("--gradient-tokens", type=int, default=None, help="default: all calibration tokens")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--offload-folder", default=None, help="statistics, factors and hidden states on disk")
-    parser.add_argument("--stats-dtype", choices=("fp32", "fp64"), default="fp32",
-                        help="statistics accumulated and kept in (fp64: exact sums, twice the memory)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of torch (on a CPU shared with other work, 1 avoids oversubscription)")
-    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
-                        help="fixed glibc mmap threshold for the variants' processes (e.g. 65536): without it the heap "
-                        "fragments and the peak RSS creeps up with the number of blocks processed, with or without held tensors")
-    parser.add_argument("--isolate", choices=("yes", "no"), default="yes",
-                        help="one process per variant, so that its peak memory is its own")
-    parser.add_argument("--time-limit", type=float, default=540.0,
-                        help="whole run (seconds): a variant that would end later is skipped, a running one stopped")
+    parser.add_argument(
+        "--stats-dtype",
+        choices=("fp32", "fp64"),
+        default="fp32",
+        help="statistics accumulated and kept in (fp64: exact sums, twice the memory)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch (on a CPU shared with other work, 1 avoids oversubscription)",
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="fixed glibc mmap threshold for the variants' processes (e.g. 65536): without it the heap "
+        "fragments and the peak RSS creeps up with the number of blocks processed, with or without held tensors",
+    )
+    parser.add_argument(
+        "--isolate",
+        choices=("yes", "no"),
+        default="yes",
+        help="one process per variant, so that its peak memory is its own",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=540.0,
+        help="whole run (seconds): a variant that would end later is skipped, a running one stopped",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
@@ -247,16 +309,29 @@ def main() -> None:
         return
     out = args.out or Path(f"benchmarks/results/scale_{'gpu' if args.device.startswith('cuda') else 'cpu'}.json")
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    meta = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "calibration_tokens": args.tokens // args.seq_len * args.seq_len, "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "fraction": args.fraction, "allocation": args.allocation,
-            "blockwise_epochs": args.blockwise_epochs, "dtype": args.dtype, "stats_dtype": args.stats_dtype,
-            "offload_folder": bool(args.offload_folder), "threads": torch.get_num_threads(),
-            "mmap_threshold": args.mmap_threshold, "command": "python " + " ".join(sys.argv)}
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "calibration_tokens": args.tokens // args.seq_len * args.seq_len,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "fraction": args.fraction,
+        "allocation": args.allocation,
+        "blockwise_epochs": args.blockwise_epochs,
+        "dtype": args.dtype,
+        "stats_dtype": args.stats_dtype,
+        "offload_folder": bool(args.offload_folder),
+        "threads": torch.get_num_threads(),
+        "mmap_threshold": args.mmap_threshold,
+        "command": "python " + " ".join(sys.argv),
+    }
     rows: list[dict] = []
     started = time.perf_counter()
-    header = (f"{'variant':>9} {'wall s':>7} {'s/block':>8} {'peak GiB':>9} {'stats':>6} {'grads':>6} {'refine':>6} "
-              f"{'RSS GiB':>8} {'model GiB':>10} {'block GiB':>10}")
+    header = (
+        f"{'variant':>9} {'wall s':>7} {'s/block':>8} {'peak GiB':>9} {'stats':>6} {'grads':>6} {'refine':>6} "
+        f"{'RSS GiB':>8} {'model GiB':>10} {'block GiB':>10}"
+    )
     print(header, flush=True)
 
     def save() -> None:
@@ -268,8 +343,14 @@ def main() -> None:
         estimate = estimate_seconds(rows, shape, blocks)
         elapsed = time.perf_counter() - started
         if estimate is not None and elapsed + estimate > args.time_limit:
-            rows.append({"shape": shape, "blocks": blocks, "skipped": f"estimated {estimate:.0f} s after {elapsed:.0f} s "
-                         f"would pass --time-limit {args.time_limit:.0f} s"})
+            rows.append(
+                {
+                    "shape": shape,
+                    "blocks": blocks,
+                    "skipped": f"estimated {estimate:.0f} s after {elapsed:.0f} s "
+                    f"would pass --time-limit {args.time_limit:.0f} s",
+                }
+            )
             print(f"{variant:>9} skipped ({rows[-1]['skipped']})", flush=True)
             save()
             continue
@@ -285,18 +366,25 @@ def main() -> None:
             continue
         rows.append(row)
         by_pass = row["peak_device_bytes_by_pass"]
-        print(f"{variant:>9} {row.get('wall_seconds', row['seconds']):7.1f} {row['seconds_per_block_total']:8.2f} "
-              f"{_gib(row['peak_device_bytes']):>9} {_gib(by_pass.get('statistics')):>6} {_gib(by_pass.get('gradients')):>6} "
-              f"{_gib(by_pass.get('refine')):>6} {_gib(row['peak_rss_bytes']):>8} {_gib(row['model_bytes']):>10} "
-              f"{_gib(row['block_bytes']):>10}", flush=True)
+        print(
+            f"{variant:>9} {row.get('wall_seconds', row['seconds']):7.1f} {row['seconds_per_block_total']:8.2f} "
+            f"{_gib(row['peak_device_bytes']):>9} {_gib(by_pass.get('statistics')):>6} {_gib(by_pass.get('gradients')):>6} "
+            f"{_gib(by_pass.get('refine')):>6} {_gib(row['peak_rss_bytes']):>8} {_gib(row['model_bytes']):>10} "
+            f"{_gib(row['block_bytes']):>10}",
+            flush=True,
+        )
         save()
     result = {**meta, "rows": rows, "extrapolated_70b": extrapolate(rows)}
     if result["extrapolated_70b"]:
         e = result["extrapolated_70b"]
-        print(f"Llama-3-70B, all 80 blocks ({e['model_bytes'] / 2**30:.0f} GiB of weights): about "
-              f"{e['seconds_estimated'] / 60:.0f} min ({e['seconds_per_block']:.1f} s per block), peak device memory "
-              f"{_gib(e['peak_device_bytes'])} GiB (" + ", ".join(f"{k} {_gib(v)}" for k, v in e["peak_device_bytes_by_pass"].items())
-              + " GiB)", flush=True)
+        print(
+            f"Llama-3-70B, all 80 blocks ({e['model_bytes'] / 2**30:.0f} GiB of weights): about "
+            f"{e['seconds_estimated'] / 60:.0f} min ({e['seconds_per_block']:.1f} s per block), peak device memory "
+            f"{_gib(e['peak_device_bytes'])} GiB ("
+            + ", ".join(f"{k} {_gib(v)}" for k, v in e["peak_device_bytes_by_pass"].items())
+            + " GiB)",
+            flush=True,
+        )
     write_json(out, result)
 
 

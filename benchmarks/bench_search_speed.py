@@ -52,26 +52,59 @@ def main() -> None:
     for label, cache_bytes in (("decompose every step", 0), ("eigenbases kept (default)", 2 * 1024**3)):
         eval_seconds[0] = 0.0
         start = time.perf_counter()
-        plan = search_ranks(base, stats, ppl, args.epsilon, baseline=dense, max_steps=args.max_steps,
-                            show_progress=False, cache_bytes=cache_bytes)
+        plan = search_ranks(
+            base,
+            stats,
+            ppl,
+            args.epsilon,
+            baseline=dense,
+            max_steps=args.max_steps,
+            show_progress=False,
+            cache_bytes=cache_bytes,
+        )
         total = time.perf_counter() - start
         plans.append(plan)
-        rows.append({"variant": label, "cache_bytes": cache_bytes, "total_s": total, "eval_s": eval_seconds[0],
-                     "decompose_s": total - eval_seconds[0], "metric": plan.target["metric"]})
-        print(f"{label:28s} {total:7.1f} s  (perplexity {eval_seconds[0]:6.1f} s, the rest {total - eval_seconds[0]:6.1f} s)",
-              flush=True)
+        rows.append(
+            {
+                "variant": label,
+                "cache_bytes": cache_bytes,
+                "total_s": total,
+                "eval_s": eval_seconds[0],
+                "decompose_s": total - eval_seconds[0],
+                "metric": plan.target["metric"],
+            }
+        )
+        print(
+            f"{label:28s} {total:7.1f} s  (perplexity {eval_seconds[0]:6.1f} s, the rest {total - eval_seconds[0]:6.1f} s)",
+            flush=True,
+        )
     same = plans[0].ranks == plans[1].ranks and plans[0].kept_dense == plans[1].kept_dense
     speedup = rows[0]["total_s"] / rows[1]["total_s"]
     outside_eval = rows[0]["decompose_s"] / rows[1]["decompose_s"]
     print(f"speed-up {speedup:.2f}x overall, {outside_eval:.2f}x outside perplexity; same plan: {same}")
-    write_json(args.out, {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)", "device": args.device,
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "calibration_tokens": int(calib.numel()),
-        "calibration_text": "tutorial/", "eval_text": "howto/ (held out)", "eval_tokens": int(eval_ids.numel()),
-        "epsilon": args.epsilon, "max_steps": args.max_steps, "init": "projected", "target_modules": "all-linear",
-        "dense_ppl": dense, "calibration_s": calib_s, "rows": rows, "same_plan": same, "speedup": speedup,
-        "speedup_outside_eval": outside_eval,
-    })
+    write_json(
+        args.out,
+        {
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)",
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "calibration_tokens": int(calib.numel()),
+            "calibration_text": "tutorial/",
+            "eval_text": "howto/ (held out)",
+            "eval_tokens": int(eval_ids.numel()),
+            "epsilon": args.epsilon,
+            "max_steps": args.max_steps,
+            "init": "projected",
+            "target_modules": "all-linear",
+            "dense_ppl": dense,
+            "calibration_s": calib_s,
+            "rows": rows,
+            "same_plan": same,
+            "speedup": speedup,
+            "speedup_outside_eval": outside_eval,
+        },
+    )
 
 
 if __name__ == "__main__":

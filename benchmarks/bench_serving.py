@@ -44,10 +44,22 @@ from nsn_peft.tuner.layer import NSNLinear
 from nsn_peft.tuner.peft_type import checkpoint_load_scope
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-SHAPE_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256, "num_hidden_layers": 32}
-SHAPE_TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 1000, "num_hidden_layers": 2}
+SHAPE_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "num_hidden_layers": 32,
+}
+SHAPE_TINY = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "num_hidden_layers": 2,
+}
 
 logger = logging.getLogger("bench_serving")
 
@@ -63,8 +75,12 @@ class Bench:
         self.mode = None if args.tiny_cpu else "reduce-overhead"
         gen = torch.Generator(self.device).manual_seed(0)
         vocab = self.shape["vocab_size"]
-        self.prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), device=self.device, generator=gen) for b in (1, 16)}
-        self.prefill_inputs = {b: torch.randint(0, vocab, (b, self.prefill_len), device=self.device, generator=gen) for b in (1, 8)}
+        self.prompts = {
+            b: torch.randint(0, vocab, (b, args.prompt_len), device=self.device, generator=gen) for b in (1, 16)
+        }
+        self.prefill_inputs = {
+            b: torch.randint(0, vocab, (b, self.prefill_len), device=self.device, generator=gen) for b in (1, 8)
+        }
         self.started = time.perf_counter()
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -179,8 +195,10 @@ class Bench:
                 start = time.perf_counter()
                 before = nsn_peft.tuner.compile.compiled_graph_count()
                 run(3)
-                warm_info = {"seconds": [time.perf_counter() - start],
-                             "new_graphs": [nsn_peft.tuner.compile.compiled_graph_count() - before]}
+                warm_info = {
+                    "seconds": [time.perf_counter() - start],
+                    "new_graphs": [nsn_peft.tuner.compile.compiled_graph_count() - before],
+                }
             for (name, _spec), seconds, graphs in zip(rank_points, warm_info["seconds"], warm_info["new_graphs"]):
                 results[name][f"warm_b{batch}_s"] = seconds
                 results[name][f"warm_b{batch}_graphs"] = graphs
@@ -188,11 +206,15 @@ class Bench:
                 if spec is not None:
                     peft_model.set_rank(spec)
                 before = nsn_peft.tuner.compile.compiled_graph_count()
-                results[name][f"decode_b{batch}_tps"] = self.decode_tps(run, batch, self.args.new_tokens, self.args.repeats)
+                results[name][f"decode_b{batch}_tps"] = self.decode_tps(
+                    run, batch, self.args.new_tokens, self.args.repeats
+                )
                 results[name][f"decode_b{batch}_new_graphs"] = nsn_peft.tuner.compile.compiled_graph_count() - before
-                print(f"{label} {name}: compiled decode b{batch} {results[name][f'decode_b{batch}_tps']:.1f} tokens/s "
-                      f"(warm-up {results[name][f'warm_b{batch}_s']:.1f}s, {results[name][f'warm_b{batch}_graphs']} graph(s))",
-                      flush=True)
+                print(
+                    f"{label} {name}: compiled decode b{batch} {results[name][f'decode_b{batch}_tps']:.1f} tokens/s "
+                    f"(warm-up {results[name][f'warm_b{batch}_s']:.1f}s, {results[name][f'warm_b{batch}_graphs']} graph(s))",
+                    flush=True,
+                )
             if peft_model is not None and batch == 1:
                 results["_switch"] = self.switch_cost(peft_model, run, rank_points)
         return results
@@ -209,10 +231,19 @@ class Bench:
                 set_s = time.perf_counter() - start
                 run(2)
                 self.sync()
-                rows.append({"to": name, "set_rank_ms": set_s * 1e3, "first_call_ms": (time.perf_counter() - start) * 1e3,
-                             "recompiles": nsn_peft.tuner.compile.compiled_graph_count() - before})
-        print("rank switches:", [(r["to"], round(r["set_rank_ms"], 2), round(r["first_call_ms"], 1), r["recompiles"]) for r in rows],
-              flush=True)
+                rows.append(
+                    {
+                        "to": name,
+                        "set_rank_ms": set_s * 1e3,
+                        "first_call_ms": (time.perf_counter() - start) * 1e3,
+                        "recompiles": nsn_peft.tuner.compile.compiled_graph_count() - before,
+                    }
+                )
+        print(
+            "rank switches:",
+            [(r["to"], round(r["set_rank_ms"], 2), round(r["first_call_ms"], 1), r["recompiles"]) for r in rows],
+            flush=True,
+        )
         return {"switches": rows, "recompiles": sum(r["recompiles"] for r in rows)}
 
     # -- NSN models -------------------------------------------------------------------------------------
@@ -252,8 +283,12 @@ def plot(result: dict, path: Path) -> None:
     rows = result["fractions"]
     xs = [float(name) for name in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    labels = {"prefill_b1_ratio": "prefill b1×2048", "prefill_b8_ratio": "prefill b8×2048",
-              "decode_b1_ratio": "decode b1 (compiled)", "decode_b16_ratio": "decode b16 (compiled)"}
+    labels = {
+        "prefill_b1_ratio": "prefill b1×2048",
+        "prefill_b8_ratio": "prefill b8×2048",
+        "decode_b1_ratio": "decode b1 (compiled)",
+        "decode_b16_ratio": "decode b16 (compiled)",
+    }
     for (key, label), color in zip(labels.items(), ["C0", "C1", "C2", "C3"]):
         ax.plot(xs, [rows[n][key] for n in rows], "o-", color=color, label=label)
         targets = TARGETS[key]
@@ -264,8 +299,11 @@ def plot(result: dict, path: Path) -> None:
     ax.invert_xaxis()
     memory = next(iter(rows.values()))["memory_ratio"]
     full = result.get("full_rank_factors", {}).get("memory_ratio")
-    ax.set_title(f"Llama-3-8B-shaped, H100, factors only: memory {memory:.3f}× dense"
-                 + (f" (full-rank factors {full:.2f}×)" if full else ""), fontsize=10)
+    ax.set_title(
+        f"Llama-3-8B-shaped, H100, factors only: memory {memory:.3f}× dense"
+        + (f" (full-rank factors {full:.2f}×)" if full else ""),
+        fontsize=10,
+    )
     ax.legend(fontsize=8, title="filled: measured, open: target", title_fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -302,9 +340,14 @@ def main() -> None:
     bench = Bench(args)
     fractions = [float(f) for f in args.fractions.split(",")]
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if bench.device == "cuda" else "cpu", "torch": torch.__version__,
-        "transformers": transformers.__version__, "shape": bench.shape, "dtype": "bf16",
-        "prompt_len": args.prompt_len, "prefill_len": bench.prefill_len, "new_tokens": args.new_tokens,
+        "device": torch.cuda.get_device_name() if bench.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": bench.shape,
+        "dtype": "bf16",
+        "prompt_len": args.prompt_len,
+        "prefill_len": bench.prefill_len,
+        "new_tokens": args.new_tokens,
         "decode": "greedy, static KV cache, step compiled with torch.compile(mode='reduce-overhead'), argmax in graph",
     }
 
@@ -324,8 +367,12 @@ def main() -> None:
     # 2. the same model, break-even max ranks, factors only
     peft_model, peak = bench.adapt(model, max_rank="break-even")
     nsn_bytes, nsn_alloc = bench.held_bytes(peft_model), bench.allocated()
-    result["nsn_build"] = {"bytes": nsn_bytes, "allocated": nsn_alloc, "peak_allocated_while_adapting": peak,
-                           "max_ranks": sorted(set(nsn_peft.get_max_rank(peft_model).values()))}
+    result["nsn_build"] = {
+        "bytes": nsn_bytes,
+        "allocated": nsn_alloc,
+        "peak_allocated_while_adapting": peak,
+        "max_ranks": sorted(set(nsn_peft.get_max_rank(peft_model).values())),
+    }
     points = []
     for f in fractions:
         spec = nsn_peft.select_rank_for_target_flops(peft_model, f, per_layer=True)
@@ -336,17 +383,21 @@ def main() -> None:
     result["switch"] = switch
     per_fraction = {}
     for name, row in measured.items():
-        row.update({
-            "memory_ratio": nsn_bytes / dense_bytes,
-            "allocated_ratio": nsn_alloc / dense_alloc if dense_alloc else None,
-            "prefill_b1_ratio": ratio(row, dense, "prefill_b1_tps"),
-            "prefill_b8_ratio": ratio(row, dense, "prefill_b8_tps"),
-            "decode_b1_ratio": ratio(row, dense, "decode_b1_tps"),
-            "decode_b16_ratio": ratio(row, dense, "decode_b16_tps"),
-            "decode_b1_eager_ratio": ratio(row, dense, "decode_b1_eager_tps"),
-            "decode_b16_eager_ratio": ratio(row, dense, "decode_b16_eager_tps"),
-            "switch_recompiles": sum(s["recompiles"] for s in switch["switches"] if s["to"] == name) if switch else None,
-        })
+        row.update(
+            {
+                "memory_ratio": nsn_bytes / dense_bytes,
+                "allocated_ratio": nsn_alloc / dense_alloc if dense_alloc else None,
+                "prefill_b1_ratio": ratio(row, dense, "prefill_b1_tps"),
+                "prefill_b8_ratio": ratio(row, dense, "prefill_b8_tps"),
+                "decode_b1_ratio": ratio(row, dense, "decode_b1_tps"),
+                "decode_b16_ratio": ratio(row, dense, "decode_b16_tps"),
+                "decode_b1_eager_ratio": ratio(row, dense, "decode_b1_eager_tps"),
+                "decode_b16_eager_ratio": ratio(row, dense, "decode_b16_eager_tps"),
+                "switch_recompiles": sum(s["recompiles"] for s in switch["switches"] if s["to"] == name)
+                if switch
+                else None,
+            }
+        )
         per_fraction[name] = row
     result["fractions"] = per_fraction
     save()
@@ -358,14 +409,27 @@ def main() -> None:
     # 3. full-rank factors, factors only: memory
     if not args.skip_full_rank:
         full_model, full_peak = bench.adapt(bench.build_dense(), max_rank=None)
-        result["full_rank_factors"] = {"bytes": bench.held_bytes(full_model), "memory_ratio": bench.held_bytes(full_model) / dense_bytes,
-                                       "allocated": bench.allocated(), "peak_allocated_while_adapting": full_peak}
+        result["full_rank_factors"] = {
+            "bytes": bench.held_bytes(full_model),
+            "memory_ratio": bench.held_bytes(full_model) / dense_bytes,
+            "allocated": bench.allocated(),
+            "peak_allocated_while_adapting": full_peak,
+        }
         del full_model
     result["seconds"] = time.perf_counter() - bench.started
     save()
 
-    keys = ["flops_fraction", "memory_ratio", "prefill_b1_ratio", "prefill_b8_ratio", "decode_b1_ratio", "decode_b16_ratio",
-            "decode_b1_eager_ratio", "decode_b16_eager_ratio", "switch_recompiles"]
+    keys = [
+        "flops_fraction",
+        "memory_ratio",
+        "prefill_b1_ratio",
+        "prefill_b8_ratio",
+        "decode_b1_ratio",
+        "decode_b16_ratio",
+        "decode_b1_eager_ratio",
+        "decode_b16_eager_ratio",
+        "switch_recompiles",
+    ]
     print("\nfraction | " + " | ".join(keys))
     for name, row in per_fraction.items():
         print(f"{name:>8} | " + " | ".join("-" if row.get(k) is None else f"{row[k]:.3f}" for k in keys))
@@ -373,8 +437,10 @@ def main() -> None:
         plot(result, args.plot)
     if "full_rank_factors" in result:
         print(f"full-rank factors (factors only): memory {result['full_rank_factors']['memory_ratio']:.3f}x dense")
-    print(f"dense: {dense_bytes / 2**30:.2f} GiB held; NSN break-even: {nsn_bytes / 2**30:.2f} GiB; "
-          f"total {result['seconds']:.0f}s")
+    print(
+        f"dense: {dense_bytes / 2**30:.2f} GiB held; NSN break-even: {nsn_bytes / 2**30:.2f} GiB; "
+        f"total {result['seconds']:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,14 @@ def measure(calls: int) -> dict[str, float]:
     import nsn_peft
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=224, num_hidden_layers=32, num_attention_heads=4,
-                                      num_key_value_heads=1, vocab_size=128)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=224,
+        num_hidden_layers=32,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=128,
+    )
     base = transformers.LlamaForCausalLM(config).eval()
     model = get_peft_model(base, nsn_peft.NSNConfig(rank_granularity=8))
     names = list(nsn_peft.get_rank(model))
@@ -64,8 +70,9 @@ def measure(calls: int) -> dict[str, float]:
         if name == "new rank":
             times = []
             for _ in range(5):
-                fresh_model = get_peft_model(transformers.LlamaForCausalLM(config).eval(),
-                                             nsn_peft.NSNConfig(rank_granularity=8))
+                fresh_model = get_peft_model(
+                    transformers.LlamaForCausalLM(config).eval(), nsn_peft.NSNConfig(rank_granularity=8)
+                )
                 ranks = list(range(60, 0, -1))  # each new to the layers (k/v, max rank 16, clamp the larger ones)
                 start = time.perf_counter()
                 for r in ranks:
@@ -74,6 +81,7 @@ def measure(calls: int) -> dict[str, float]:
             results[name] = statistics.median(times)
             continue
         if name == "at_rank enter+exit":
+
             def call(i: int) -> None:
                 with model.at_rank(16 if i % 2 else 24):
                     pass
@@ -95,8 +103,13 @@ def measure(calls: int) -> dict[str, float]:
 
 def _child(src: str, calls: int) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": src}
-    out = subprocess.run([sys.executable, __file__, "--child", "--calls", str(calls)], env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "--calls", str(calls)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -133,12 +146,19 @@ def main() -> None:
         print(line)
     from nsn_peft.io import write_json
 
-    write_json(args.out, {
-        "model": "Llama-3-8B layout (32 blocks x 7 linears = 224 NSN layers), hidden 64, rank granularity 8",
-        "device": "cpu", "calls_per_repetition": args.calls, "rounds": len(runs["this"]),
-        "compare_src": args.compare, "rows": rows, "raw": runs,
-        "command": "python benchmarks/bench_set_rank.py" + (f" --compare {args.compare}" if args.compare else ""),
-    })
+    write_json(
+        args.out,
+        {
+            "model": "Llama-3-8B layout (32 blocks x 7 linears = 224 NSN layers), hidden 64, rank granularity 8",
+            "device": "cpu",
+            "calls_per_repetition": args.calls,
+            "rounds": len(runs["this"]),
+            "compare_src": args.compare,
+            "rows": rows,
+            "raw": runs,
+            "command": "python benchmarks/bench_set_rank.py" + (f" --compare {args.compare}" if args.compare else ""),
+        },
+    )
 
 
 if __name__ == "__main__":

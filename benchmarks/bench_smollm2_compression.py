@@ -47,8 +47,10 @@ from nsn_peft.planning.allocate import allocate_ranks_for_budget, uniform_plan, 
 from nsn_peft.planning.plan import RankPlan
 from nsn_peft.refine import RefineConfig, compress_and_refine, mean_nll, nsn_factors, refine_end_to_end
 
-TARGETS = {"mlp": ["gate_proj", "up_proj", "down_proj"],
-           "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+TARGETS = {
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 METHODS = ("svd", "whitened", "mixed", "blockwise", "refined")
 TEST_SETS = ("howto", "c-api")
 CALIBRATION_PARTS = ("tutorial", "library", "faq")
@@ -60,16 +62,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="Hub id / folder / .gguf (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--calib-tokens", type=int, default=1_000_000, help="calibration tokens in all (validation included)")
+    parser.add_argument(
+        "--calib-tokens", type=int, default=1_000_000, help="calibration tokens in all (validation included)"
+    )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=65536, help="test tokens per held-out text")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--fractions", default="0.8,0.6,0.5,0.4")
     parser.add_argument("--targets", default="all-linear,mlp")
-    parser.add_argument("--refine-fractions", default=None, help="fractions that get the refined variants (default: all)")
+    parser.add_argument(
+        "--refine-fractions", default=None, help="fractions that get the refined variants (default: all)"
+    )
     parser.add_argument("--blockwise-tokens", type=int, default=None, help="default: RefineConfig's")
     parser.add_argument("--e2e-tokens", type=int, default=None, help="default: one pass over the calibration tokens")
-    parser.add_argument("--tune", action="store_true", help="measure the refinement learning rates first (validation text)")
+    parser.add_argument(
+        "--tune", action="store_true", help="measure the refinement learning rates first (validation text)"
+    )
     parser.add_argument("--tune-fraction", type=float, default=0.6)
     parser.add_argument("--blockwise-lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--e2e-lrs", default="5e-4,1e-3,2e-3")
@@ -94,37 +102,60 @@ def main() -> None:
     train, valid = calibration[:-held], calibration[-held:]
     tests = {name: token_stream(docs(name), tok, args.eval_tokens) for name in TEST_SETS}
     # One --gradient-tokens for the training-free mixed rows and the recipe's own allocation.
-    config = RefineConfig(e2e_tokens=args.e2e_tokens, gradient_tokens=args.gradient_tokens,
-                          **({"blockwise_tokens": args.blockwise_tokens} if args.blockwise_tokens is not None else {}))
+    config = RefineConfig(
+        e2e_tokens=args.e2e_tokens,
+        gradient_tokens=args.gradient_tokens,
+        **({"blockwise_tokens": args.blockwise_tokens} if args.blockwise_tokens is not None else {}),
+    )
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     def test_ppl(model) -> dict[str, float]:
-        return {name: evaluate_perplexity(model, ids, seq_len=args.seq_len, batch_size=args.eval_batch_size)["perplexity"]
-                for name, ids in tests.items()}
+        return {
+            name: evaluate_perplexity(model, ids, seq_len=args.seq_len, batch_size=args.eval_batch_size)["perplexity"]
+            for name, ids in tests.items()
+        }
 
     t = time.perf_counter()
-    stats = collect_activation_stats(base, train, max_tokens=None, seq_len=args.seq_len, batch_size=8, show_progress=False)
+    stats = collect_activation_stats(
+        base, train, max_tokens=None, seq_len=args.seq_len, batch_size=8, show_progress=False
+    )
     grad_blocks = train[: max(1, args.gradient_tokens // args.seq_len)]
-    grads = collect_gradient_stats(base, grad_blocks, max_tokens=None, seq_len=args.seq_len, batch_size=4, show_progress=False)
+    grads = collect_gradient_stats(
+        base, grad_blocks, max_tokens=None, seq_len=args.seq_len, batch_size=4, show_progress=False
+    )
     sync()
     stats_s = time.perf_counter() - t
     dense = test_ppl(base)
     dense_valid = mean_nll(base, valid)
     total_params = sum(p.numel() for p in base.parameters())
-    print(f"calibration {calibration.numel():,} tokens ({train.numel():,} train + {valid.numel():,} validation), statistics "
-          f"in {stats_s:.1f}s; dense perplexity {dense}", flush=True)
+    print(
+        f"calibration {calibration.numel():,} tokens ({train.numel():,} train + {valid.numel():,} validation), statistics "
+        f"in {stats_s:.1f}s; dense perplexity {dense}",
+        flush=True,
+    )
 
-    result: dict = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)", "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "calibration_parts": list(CALIBRATION_PARTS), "test_sets": list(TEST_SETS),
-                    "calibration_tokens": int(calibration.numel()), "train_tokens": int(train.numel()),
-                    "validation_tokens": int(valid.numel()), "gradient_tokens": int(grad_blocks.numel()),
-                    "eval_tokens": {n: int(ids.numel()) for n, ids in tests.items()}, "seq_len": args.seq_len,
-                    "dense_ppl": dense, "dense_valid_nll": dense_valid, "model_params": total_params,
-                    "statistics_s": stats_s, "rows": [], "tuning": None}
+    result: dict = {
+        "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "calibration_parts": list(CALIBRATION_PARTS),
+        "test_sets": list(TEST_SETS),
+        "calibration_tokens": int(calibration.numel()),
+        "train_tokens": int(train.numel()),
+        "validation_tokens": int(valid.numel()),
+        "gradient_tokens": int(grad_blocks.numel()),
+        "eval_tokens": {n: int(ids.numel()) for n, ids in tests.items()},
+        "seq_len": args.seq_len,
+        "dense_ppl": dense,
+        "dense_valid_nll": dense_valid,
+        "model_params": total_params,
+        "statistics_s": stats_s,
+        "rows": [],
+        "tuning": None,
+    }
 
     def save() -> None:
         result["total_s"] = time.perf_counter() - started
@@ -138,14 +169,17 @@ def main() -> None:
 
     for target in args.targets.split(","):
         names = TARGETS[target]
-        adapters = {init: get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=names, init=init, stats=stats)).eval()
-                    for init in ("svd", "whitened")}
+        adapters = {
+            init: get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=names, init=init, stats=stats)).eval()
+            for init in ("svd", "whitened")
+        }
         spectra = whitened_spectra(base, stats, target_modules=names, gradient_stats=grads, show_progress=False)
         for fraction in [float(f) for f in args.fractions.split(",")]:
             row: dict = {"target": target, "fraction": fraction}
             uniform = uniform_plan(base, fraction, target_modules=names)
-            mixed = allocate_ranks_for_budget(base, stats, fraction, target_modules=names, gradient_stats=grads,
-                                              spectra=spectra, show_progress=False)
+            mixed = allocate_ranks_for_budget(
+                base, stats, fraction, target_modules=names, gradient_stats=grads, spectra=spectra, show_progress=False
+            )
             row["uniform_fraction"], row["mixed_fraction"] = uniform.target["achieved"], mixed.target["achieved"]
             row["model_removed"] = removed_share(uniform, total_params)
             for init, model in adapters.items():
@@ -173,9 +207,17 @@ def refine_row(row, base, train, valid, stats, grads, names, fraction, config, t
     """The refined variants of one configuration: allocation + block-wise, then + end-to-end (GPU seconds each)."""
     sync()
     t = time.perf_counter()
-    model, report = compress_and_refine(copy.deepcopy(base), train, fraction, target_modules=names, validation=valid,
-                                        stats=stats, gradient_stats=grads, config=replace(config, e2e_tokens=0),
-                                        show_progress=False)
+    model, report = compress_and_refine(
+        copy.deepcopy(base),
+        train,
+        fraction,
+        target_modules=names,
+        validation=valid,
+        stats=stats,
+        gradient_stats=grads,
+        config=replace(config, e2e_tokens=0),
+        show_progress=False,
+    )
     sync()
     blockwise_s = time.perf_counter() - t
     row["blockwise"] = test_ppl(model)
@@ -185,18 +227,34 @@ def refine_row(row, base, train, valid, stats, grads, names, fraction, config, t
     plan = RankPlan(report.ranks, report.kept_dense, shapes={n: list(s) for n, s in _shapes(model, report).items()})
     row["refined_model_removed"] = removed_share(plan, total_params)
     t = time.perf_counter()
-    e2e = refine_end_to_end(model, train, tokens=config.e2e_tokens, lr=config.e2e_lr, batch_size=config.batch_size,
-                            temperature=config.temperature, precision=config.precision, seed=config.seed, show_progress=False)
+    e2e = refine_end_to_end(
+        model,
+        train,
+        tokens=config.e2e_tokens,
+        lr=config.e2e_lr,
+        batch_size=config.batch_size,
+        temperature=config.temperature,
+        precision=config.precision,
+        seed=config.seed,
+        show_progress=False,
+    )
     sync()
     e2e_s = time.perf_counter() - t
     row["refined"] = test_ppl(model)
     row["refined_valid_nll"] = mean_nll(model, valid)
     blockwise_tokens = report.blockwise["tokens"] if report.blockwise else 0
-    row["tokens"] = {"calibration_distinct": int(train.numel() + valid.numel()), "blockwise": blockwise_tokens,
-                     "blockwise_epochs": config.blockwise_epochs, "end_to_end": e2e.tokens,
-                     "gradient_statistics": int(min(train.numel(), config.gradient_tokens or train.numel()))}
-    row["gpu_seconds"] = {"allocation_and_blockwise": round(blockwise_s, 1), "end_to_end": round(e2e_s, 1),
-                          "total": round(blockwise_s + e2e_s, 1)}
+    row["tokens"] = {
+        "calibration_distinct": int(train.numel() + valid.numel()),
+        "blockwise": blockwise_tokens,
+        "blockwise_epochs": config.blockwise_epochs,
+        "end_to_end": e2e.tokens,
+        "gradient_statistics": int(min(train.numel(), config.gradient_tokens or train.numel())),
+    }
+    row["gpu_seconds"] = {
+        "allocation_and_blockwise": round(blockwise_s, 1),
+        "end_to_end": round(e2e_s, 1),
+        "total": round(blockwise_s + e2e_s, 1),
+    }
     row["refine_report"] = {"seconds": report.seconds, "blockwise": report.blockwise, "end_to_end_kl": e2e.kl_history}
     del model
 
@@ -226,14 +284,29 @@ def tune(base, train, valid, stats, grads, config: RefineConfig, args, result, s
     for lr in [float(x) for x in args.blockwise_lrs.split(",")]:
         sync()
         t = time.perf_counter()
-        model, report = compress_and_refine(copy.deepcopy(base), train, fraction, target_modules=names, validation=valid,
-                                            stats=stats, gradient_stats=grads, allocation="mixed",
-                                            config=replace(config, blockwise_lr=lr, e2e_tokens=0), show_progress=False)
+        model, report = compress_and_refine(
+            copy.deepcopy(base),
+            train,
+            fraction,
+            target_modules=names,
+            validation=valid,
+            stats=stats,
+            gradient_stats=grads,
+            allocation="mixed",
+            config=replace(config, blockwise_lr=lr, e2e_tokens=0),
+            show_progress=False,
+        )
         sync()
         nll = report.validation_nll["blockwise"]
-        table["blockwise"][str(lr)] = {"valid_nll": nll, "init_valid_nll": report.validation_nll["init"],
-                                       "seconds": round(time.perf_counter() - t, 1)}
-        print(f"tune block-wise lr {lr:g}: validation NLL {nll:.4f} (init {report.validation_nll['init']:.4f})", flush=True)
+        table["blockwise"][str(lr)] = {
+            "valid_nll": nll,
+            "init_valid_nll": report.validation_nll["init"],
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        print(
+            f"tune block-wise lr {lr:g}: validation NLL {nll:.4f} (init {report.validation_nll['init']:.4f})",
+            flush=True,
+        )
         if best_model is None or nll < best_model[0]:
             best_model = (nll, lr, model)
         else:
@@ -248,7 +321,9 @@ def tune(base, train, valid, stats, grads, config: RefineConfig, args, result, s
                 p.copy_(start[k])
         sync()
         t = time.perf_counter()
-        refine_end_to_end(model, train, tokens=config.e2e_tokens, lr=lr, batch_size=config.batch_size, show_progress=False)
+        refine_end_to_end(
+            model, train, tokens=config.e2e_tokens, lr=lr, batch_size=config.batch_size, show_progress=False
+        )
         sync()
         nll = mean_nll(model, valid)
         table["end_to_end"][str(lr)] = {"valid_nll": nll, "seconds": round(time.perf_counter() - t, 1)}
@@ -268,20 +343,30 @@ def _ranks_for(model, plan: RankPlan) -> dict[str, int]:
 
 def markdown(result: dict) -> str:
     dense = result["dense_ppl"]
-    lines = ["Dense perplexity: " + ", ".join(f"{n} {v:.2f}" for n, v in dense.items())
-             + f" ({result['calibration_tokens']:,} calibration tokens from {'+'.join(result['calibration_parts'])})", ""]
+    lines = [
+        "Dense perplexity: "
+        + ", ".join(f"{n} {v:.2f}" for n, v in dense.items())
+        + f" ({result['calibration_tokens']:,} calibration tokens from {'+'.join(result['calibration_parts'])})",
+        "",
+    ]
     for test in result["test_sets"]:
-        lines += [f"**{test}/** (perplexity, × dense)", "",
-                  "| target | params kept | model removed | " + " | ".join(METHODS) + " | allocation | GPU s (refine) |",
-                  "|---|---:|---:|" + "---:|" * len(METHODS) + "---|---:|"]
+        lines += [
+            f"**{test}/** (perplexity, × dense)",
+            "",
+            "| target | params kept | model removed | " + " | ".join(METHODS) + " | allocation | GPU s (refine) |",
+            "|---|---:|---:|" + "---:|" * len(METHODS) + "---|---:|",
+        ]
         for r in result["rows"]:
             cells = []
             for m in METHODS:
                 v = r.get(m, {}).get(test) if isinstance(r.get(m), dict) else None
                 cells.append("–" if v is None else f"{v:,.2f} ({v / dense[test]:.2f}×)")
             gpu = r.get("gpu_seconds", {}).get("total")
-            lines.append(f"| {r['target']} | {r['fraction']:.0%} | {r['model_removed']:.1%} | " + " | ".join(cells)
-                         + f" | {r.get('allocation', '–')} | {'–' if gpu is None else f'{gpu:.0f}'} |")
+            lines.append(
+                f"| {r['target']} | {r['fraction']:.0%} | {r['model_removed']:.1%} | "
+                + " | ".join(cells)
+                + f" | {r.get('allocation', '–')} | {'–' if gpu is None else f'{gpu:.0f}'} |"
+            )
         lines.append("")
     checks = []
     for r in result["rows"]:
@@ -289,9 +374,11 @@ def markdown(result: dict) -> str:
         if r["target"] == "all-linear" and goal and "refined" in r:
             for test in result["test_sets"]:
                 ratio = r["refined"][test] / dense[test]
-                checks.append(f"- all-linear {r['fraction']:.0%} kept, {test}: {ratio:.3f}× dense (target ≤ {goal}×: "
-                              f"{'met' if ratio <= goal else f'missed by {ratio / goal - 1:.1%}'}); GPU "
-                              f"{r['gpu_seconds']['total']:.0f} s (target < 300 s)")
+                checks.append(
+                    f"- all-linear {r['fraction']:.0%} kept, {test}: {ratio:.3f}× dense (target ≤ {goal}×: "
+                    f"{'met' if ratio <= goal else f'missed by {ratio / goal - 1:.1%}'}); GPU "
+                    f"{r['gpu_seconds']['total']:.0f} s (target < 300 s)"
+                )
     if checks:
         lines += ["Targets:", *checks]
     return "\n".join(lines)

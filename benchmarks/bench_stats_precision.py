@@ -78,10 +78,15 @@ def main() -> None:
         stats.save(args.workdir / name / "activations", dtype=dtype)
         grads.save(args.workdir / name / "gradients", dtype=dtype)
         sizes[f"format 2 ({name}, shared inputs once, one triangle)"] = folder_bytes(args.workdir / name)
-        loaded[name] = (ActivationStats.load(args.workdir / name / "activations"), ActivationStats.load(args.workdir / name / "gradients"))
+        loaded[name] = (
+            ActivationStats.load(args.workdir / name / "activations"),
+            ActivationStats.load(args.workdir / name / "gradients"),
+        )
     dense = ppl(base)
-    print(f"calibrated on {calib.numel()} tokens in {calib_s:.0f}s; dense perplexity {dense:.3f} on {eval_ids.numel()} held-out tokens",
-          flush=True)
+    print(
+        f"calibrated on {calib.numel()} tokens in {calib_s:.0f}s; dense perplexity {dense:.3f} on {eval_ids.numel()} held-out tokens",
+        flush=True,
+    )
     rows = []
     for name, (act, grad) in loaded.items():
         row = {"storage": name}
@@ -92,7 +97,9 @@ def main() -> None:
         row["whitened_mlp"] = ppl(whitened)
         del whitened
         mixed = get_peft_model(copy.deepcopy(base), NSNConfig(target_modules=ALL, init="whitened", stats=act)).eval()
-        plan = allocate_ranks_for_budget(base, act, args.fraction, target_modules=ALL, gradient_stats=grad, show_progress=False)
+        plan = allocate_ranks_for_budget(
+            base, act, args.fraction, target_modules=ALL, gradient_stats=grad, show_progress=False
+        )
         full = nsn_peft.get_max_rank(mixed)
         mixed.set_rank({n: plan.ranks.get(n, full[n]) for n in full})
         row["mixed_all_linear"] = ppl(mixed)
@@ -102,11 +109,20 @@ def main() -> None:
         print({k: v for k, v in row.items() if k != "mixed_ranks"}, flush=True)
     same_plan = rows[0]["mixed_ranks"] == rows[1]["mixed_ranks"]
     result = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)", "device": str(device),
-        "calibration_tokens": int(calib.numel()), "gradient_tokens": int(calib.numel()), "eval_tokens": int(eval_ids.numel()),
-        "calibration_text": "tutorial/", "eval_text": "howto/ (held out)", "fraction": args.fraction, "dense_ppl": dense,
-        "rows": [{k: v for k, v in r.items() if k != "mixed_ranks"} for r in rows], "same_mixed_plan": same_plan,
-        "folder_bytes": sizes, "calibration_s": calib_s, "total_s": time.perf_counter() - started,
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, fp32)",
+        "device": str(device),
+        "calibration_tokens": int(calib.numel()),
+        "gradient_tokens": int(calib.numel()),
+        "eval_tokens": int(eval_ids.numel()),
+        "calibration_text": "tutorial/",
+        "eval_text": "howto/ (held out)",
+        "fraction": args.fraction,
+        "dense_ppl": dense,
+        "rows": [{k: v for k, v in r.items() if k != "mixed_ranks"} for r in rows],
+        "same_mixed_plan": same_plan,
+        "folder_bytes": sizes,
+        "calibration_s": calib_s,
+        "total_s": time.perf_counter() - started,
     }
     write_json(args.out, result)
     print(f"\n| storage | whitened MLP @{args.fraction:.0%} | mixed all-linear @{args.fraction:.0%} |\n|---|---:|---:|")

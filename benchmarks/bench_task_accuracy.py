@@ -80,17 +80,26 @@ def main() -> None:
     parser.add_argument("--rows", default="dense,mixed,refined", help="which of dense, mixed, refined to run")
     parser.add_argument("--fractions", default="0.8,0.6", help="kept share of all linear layers' parameters")
     parser.add_argument("--calibrations", default="python,general")
-    parser.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (1/16 held out for validation)")
+    parser.add_argument(
+        "--calib-tokens", type=int, default=32768, help="calibration tokens (1/16 held out for validation)"
+    )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--gradient-tokens", type=int, default=16384)
     parser.add_argument("--blockwise-tokens", type=int, default=None, help="default: all calibration tokens")
     parser.add_argument("--e2e-tokens", type=int, default=None, help="default: one pass over the calibration tokens")
     parser.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens per perplexity text")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="saved NSN adapters (repeatable)")
-    parser.add_argument("--budgets", default=None, help="stored budget plans of --adapter to evaluate, e.g. 0.5,0.6,0.8")
+    parser.add_argument(
+        "--budgets", default=None, help="stored budget plans of --adapter to evaluate, e.g. 0.5,0.6,0.8"
+    )
     parser.add_argument("--ranks", default=None, help="ranks of --adapter to evaluate, e.g. 64,full")
     parser.add_argument("--timing", action="store_true", help="only the suite's time on the dense model")
-    parser.add_argument("--compare-limit", type=int, default=0, help="with --timing: also lm-eval's plain batching on this many questions per task")
+    parser.add_argument(
+        "--compare-limit",
+        type=int,
+        default=0,
+        help="with --timing: also lm-eval's plain batching on this many questions per task",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/task_accuracy_cpu.json"))
     args = parser.parse_args()
@@ -103,9 +112,14 @@ def main() -> None:
     base.eval()
     tasks = args.tasks.split(",")
     result: dict[str, Any] = {
-        "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "dtype": str(base.dtype).removeprefix("torch."),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "tasks": tasks, "limit": args.limit, "args": {k: str(v) for k, v in vars(args).items()},
+        "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "tasks": tasks,
+        "limit": args.limit,
+        "args": {k: str(v) for k, v in vars(args).items()},
         "rows": [],
     }
 
@@ -120,21 +134,33 @@ def main() -> None:
         return
 
     held_out = held_out_texts(tok, args)
-    result["perplexity_protocol"] = {"name": "nsn", "join": "EOS between documents", "seq_len": 512,
-                                     "texts": {n: int(ids.numel()) for n, ids in held_out.items()}}
+    result["perplexity_protocol"] = {
+        "name": "nsn",
+        "join": "EOS between documents",
+        "seq_len": 512,
+        "texts": {n: int(ids.numel()) for n, ids in held_out.items()},
+    }
 
     def evaluate(model: Any, row: dict[str, Any], ranks: Any = None, budgets: Any = None) -> None:
         """One row per operating point (the model as it is without ranks or budgets): accuracy and perplexity."""
         points = resolve_rank_points(model, ranks=ranks, target_flops=budgets) if ranks or budgets else [None]
         for point in points:
-            evaluation = evaluate_tasks(model, tasks, tokenizer=tok, limit=args.limit, dense=False,
-                                        points=[point] if point is not None else None)
+            evaluation = evaluate_tasks(
+                model,
+                tasks,
+                tokenizer=tok,
+                limit=args.limit,
+                dense=False,
+                points=[point] if point is not None else None,
+            )
             entry = {**row, **accuracy_entry(evaluation.points[0])}
             if point is not None:
                 entry["point"] = point.label
             with point.context(model) if point is not None else contextlib.nullcontext():
-                entry["perplexity"] = {n: evaluate_perplexity(model, ids, seq_len=512, batch_size=4)["perplexity"]
-                                       for n, ids in held_out.items()}
+                entry["perplexity"] = {
+                    n: evaluate_perplexity(model, ids, seq_len=512, batch_size=4)["perplexity"]
+                    for n, ids in held_out.items()
+                }
             result["rows"].append(entry)
             add_shares(result)
             save()
@@ -148,12 +174,19 @@ def main() -> None:
         for calibration in args.calibrations.split(","):
             train, valid = calibration_blocks(calibration, tok, args)
             t = time.perf_counter()
-            stats = collect_activation_stats(base, train, max_tokens=None, seq_len=args.seq_len, batch_size=4, show_progress=False)
+            stats = collect_activation_stats(
+                base, train, max_tokens=None, seq_len=args.seq_len, batch_size=4, show_progress=False
+            )
             grad_blocks = train[: max(1, args.gradient_tokens // args.seq_len)]
-            grads = collect_gradient_stats(base, grad_blocks, max_tokens=None, seq_len=args.seq_len, batch_size=2,
-                                           show_progress=False)
+            grads = collect_gradient_stats(
+                base, grad_blocks, max_tokens=None, seq_len=args.seq_len, batch_size=2, show_progress=False
+            )
             stats_s = time.perf_counter() - t
-            tokens = {"calibration": int(train.numel()), "validation": int(valid.numel()), "gradient_statistics": int(grad_blocks.numel())}
+            tokens = {
+                "calibration": int(train.numel()),
+                "validation": int(valid.numel()),
+                "gradient_statistics": int(grad_blocks.numel()),
+            }
             for fraction in fractions:
                 common = {"calibration": calibration, "fraction": fraction}
                 if "mixed" in rows:
@@ -164,17 +197,39 @@ def main() -> None:
                     evaluate(model, {"method": "mixed", **common, "tokens": tokens, "seconds": seconds})
                     del model
                 if "refined" in rows:
-                    config = RefineConfig(e2e_tokens=args.e2e_tokens, gradient_tokens=args.gradient_tokens,
-                                          **({"blockwise_tokens": args.blockwise_tokens} if args.blockwise_tokens else {}))
+                    config = RefineConfig(
+                        e2e_tokens=args.e2e_tokens,
+                        gradient_tokens=args.gradient_tokens,
+                        **({"blockwise_tokens": args.blockwise_tokens} if args.blockwise_tokens else {}),
+                    )
                     t = time.perf_counter()
-                    model, report = compress_and_refine(copy.deepcopy(base), train, fraction, validation=valid, stats=stats,
-                                                        gradient_stats=grads, config=config, show_progress=False)
+                    model, report = compress_and_refine(
+                        copy.deepcopy(base),
+                        train,
+                        fraction,
+                        validation=valid,
+                        stats=stats,
+                        gradient_stats=grads,
+                        config=config,
+                        show_progress=False,
+                    )
                     seconds = {"statistics": round(stats_s, 1), "compression": round(time.perf_counter() - t, 1)}
-                    refine_tokens = {**tokens, "blockwise": (report.blockwise or {}).get("tokens", 0),
-                                     "end_to_end": (report.end_to_end or {}).get("tokens", 0)}
-                    evaluate(model.eval(), {"method": "refined", **common, "allocation": report.allocation,
-                                            "tokens": refine_tokens, "seconds": seconds,
-                                            "report": {"validation_nll": report.validation_nll, "seconds": report.seconds}})
+                    refine_tokens = {
+                        **tokens,
+                        "blockwise": (report.blockwise or {}).get("tokens", 0),
+                        "end_to_end": (report.end_to_end or {}).get("tokens", 0),
+                    }
+                    evaluate(
+                        model.eval(),
+                        {
+                            "method": "refined",
+                            **common,
+                            "allocation": report.allocation,
+                            "tokens": refine_tokens,
+                            "seconds": seconds,
+                            "report": {"validation_nll": report.validation_nll, "seconds": report.seconds},
+                        },
+                    )
                     del model
     for folder in args.adapter:
         model, _, _ = load_adapter(folder, device=device, dtype=args.dtype)
@@ -220,19 +275,34 @@ def held_out_texts(tok: Any, args: argparse.Namespace) -> dict[str, torch.Tensor
         passages = general_texts(sources=[source])
         general += passages[len(passages) - len(passages) // 10 :]
     random.Random(args.seed + 1).shuffle(general)
-    return {"python_howto": token_stream(load_texts(python_docs_dir("howto")), tok, args.ppl_tokens),
-            "general_held_out": token_stream(general, tok, args.ppl_tokens)}
+    return {
+        "python_howto": token_stream(load_texts(python_docs_dir("howto")), tok, args.ppl_tokens),
+        "general_held_out": token_stream(general, tok, args.ppl_tokens),
+    }
 
 
 def accuracy_entry(point: Any) -> dict[str, Any]:
     return {
-        "mean": point.mean, "mean_stderr": point.mean_stderr, "mean_chance": point.mean_chance,
+        "mean": point.mean,
+        "mean_stderr": point.mean_stderr,
+        "mean_chance": point.mean_chance,
         "flops": {k: point.info.get(k) for k in ("model_flops_fraction", "targeted_flops_fraction", "mean_rank")},
-        "tasks": {n: {"metric": s.metric, "value": s.value, "stderr": s.stderr, "acc": s.metrics.get("acc"),
-                      "acc_stderr": s.metrics.get("acc_stderr"), "acc_norm": s.metrics.get("acc_norm"),
-                      "acc_norm_stderr": s.metrics.get("acc_norm_stderr"), "questions": s.questions, "chance": s.chance}
-                  for n, s in point.scores.items()},
-        "eval_seconds": round(point.seconds, 1), "eval_tokens": point.scored_tokens,
+        "tasks": {
+            n: {
+                "metric": s.metric,
+                "value": s.value,
+                "stderr": s.stderr,
+                "acc": s.metrics.get("acc"),
+                "acc_stderr": s.metrics.get("acc_stderr"),
+                "acc_norm": s.metrics.get("acc_norm"),
+                "acc_norm_stderr": s.metrics.get("acc_norm_stderr"),
+                "questions": s.questions,
+                "chance": s.chance,
+            }
+            for n, s in point.scores.items()
+        },
+        "eval_seconds": round(point.seconds, 1),
+        "eval_tokens": point.scored_tokens,
     }
 
 
@@ -257,16 +327,24 @@ def suite_timing(base: Any, tok: Any, tasks: list[str], args: argparse.Namespace
     t = time.perf_counter()
     evaluation = evaluate_tasks(base, tasks, tokenizer=tok, limit=args.limit, dense=False)
     point = evaluation.points[0]
-    timing["suite"] = {"questions_per_task": args.limit, "seconds": round(time.perf_counter() - t, 1),
-                       "scoring_seconds": round(point.seconds, 1), "tokens": point.scored_tokens, "mean": point.mean,
-                       "tasks": {n: s.questions for n, s in point.scores.items()}}
+    timing["suite"] = {
+        "questions_per_task": args.limit,
+        "seconds": round(time.perf_counter() - t, 1),
+        "scoring_seconds": round(point.seconds, 1),
+        "tokens": point.scored_tokens,
+        "mean": point.mean,
+        "tasks": {n: s.questions for n, s in point.scores.items()},
+    }
     if args.compare_limit:
         runs = {}
         for share in (True, False):
             e = evaluate_tasks(base, tasks, tokenizer=tok, limit=args.compare_limit, dense=False, share_prefixes=share)
             p = e.points[0]
-            runs["shared_prefixes" if share else "lm_eval_plain"] = {"seconds": round(p.seconds, 1), "mean": p.mean,
-                                                                     "tokens": p.scored_tokens}
+            runs["shared_prefixes" if share else "lm_eval_plain"] = {
+                "seconds": round(p.seconds, 1),
+                "mean": p.mean,
+                "tokens": p.scored_tokens,
+            }
         runs["speedup"] = runs["lm_eval_plain"]["seconds"] / runs["shared_prefixes"]["seconds"]
         runs["questions_per_task"] = args.compare_limit
         timing["comparison"] = runs
@@ -275,9 +353,18 @@ def suite_timing(base: Any, tok: Any, tasks: list[str], args: argparse.Namespace
 
 def markdown(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
-    head = "| method | calibration | kept | FLOPs | mean ± se | Δ pp | above-chance kept | " + " | ".join(tasks) + " | ppl howto | ppl general | tokens | s |"
-    lines = [f"{result['limit']} questions per task; acc_norm where lm-eval reports it, else acc (± standard error); "
-             "perplexity: nsn protocol, held-out text", "", head, "|" + "---|" * (head.count("|") - 1)]
+    head = (
+        "| method | calibration | kept | FLOPs | mean ± se | Δ pp | above-chance kept | "
+        + " | ".join(tasks)
+        + " | ppl howto | ppl general | tokens | s |"
+    )
+    lines = [
+        f"{result['limit']} questions per task; acc_norm where lm-eval reports it, else acc (± standard error); "
+        "perplexity: nsn protocol, held-out text",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
     for r in result["rows"]:
         label = r["method"] + (f" @{r['point']}" if r.get("point") else "")
         cells = [f"{r['tasks'][t]['value']:.3f} ± {r['tasks'][t]['stderr'] or 0:.3f}" for t in tasks]
@@ -288,17 +375,22 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {r.get('calibration') or '–'} | {r.get('fraction', '–') if r.get('fraction') else '–'} | "
             f"{(r['flops'].get('model_flops_fraction') or 1):.3f} | {r['mean']:.3f} ± {r['mean_stderr'] or 0:.3f} | "
-            f"{-r.get('drop_pp', 0):+.1f} | {r.get('kept', 1):.0%} | " + " | ".join(cells)
+            f"{-r.get('drop_pp', 0):+.1f} | {r.get('kept', 1):.0%} | "
+            + " | ".join(cells)
             + f" | {ppl.get('python_howto', float('nan')):.2f} | {ppl.get('general_held_out', float('nan')):.2f} | "
-            f"{train_tokens:,} | {seconds:.0f} |")
+            f"{train_tokens:,} | {seconds:.0f} |"
+        )
     checks = []
     for r in result["rows"]:
         goal = GOALS.get(r.get("fraction")) if r["method"] == "refined" else None
         if goal:
             ok = r["drop_pp"] <= goal["drop_pp"] and r["kept"] >= goal.get("kept", 0)
-            checks.append(f"- refined {r['fraction']:.0%} kept, {r['calibration']}: −{r['drop_pp']:.1f} pp, "
-                          f"{r['kept']:.0%} of above-chance accuracy kept (goal: ≤ {goal['drop_pp']} pp"
-                          + (f", ≥ {goal['kept']:.0%}" if "kept" in goal else "") + f"): {'met' if ok else 'missed'}")
+            checks.append(
+                f"- refined {r['fraction']:.0%} kept, {r['calibration']}: −{r['drop_pp']:.1f} pp, "
+                f"{r['kept']:.0%} of above-chance accuracy kept (goal: ≤ {goal['drop_pp']} pp"
+                + (f", ≥ {goal['kept']:.0%}" if "kept" in goal else "")
+                + f"): {'met' if ok else 'missed'}"
+            )
     return "\n".join(lines + ([""] + checks if checks else []))
 
 
@@ -315,8 +407,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.axhline(r["mean"], color="black", ls="--", lw=1, label=f"dense ({r['mean']:.3f})")
             ax.axhline(r["mean_chance"], color="gray", ls=":", lw=1, label=f"chance ({r['mean_chance']:.3f})")
             continue
-        key = r["method"] + (f" ({r['calibration']})" if r.get("calibration") else f" {Path(r.get('adapter', '')).name}")
-        series.setdefault(key, []).append((r["flops"].get("model_flops_fraction") or 1.0, r["mean"], r["mean_stderr"] or 0))
+        key = r["method"] + (
+            f" ({r['calibration']})" if r.get("calibration") else f" {Path(r.get('adapter', '')).name}"
+        )
+        series.setdefault(key, []).append(
+            (r["flops"].get("model_flops_fraction") or 1.0, r["mean"], r["mean_stderr"] or 0)
+        )
     for key, points in series.items():
         points.sort()
         xs, ys, es = zip(*points)

@@ -40,8 +40,13 @@ def tiny_model(seed: int, hidden: int, layers: int, vocab: int):
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -126,12 +131,18 @@ def worker(args) -> None:
         max_grad_norm=1.0,
         **(
             {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
-            if args.fsdp and world > 1 else {}
+            if args.fsdp and world > 1
+            else {}
         ),
     )
     trainer = NSNTrainer(
-        model, targs, train_dataset=train, rank_sampler=SandwichRankSampler(args.num_random), distill_alpha=args.distill_alpha,
-        backward_per_rank=not args.single_graph, weighting=args.weighting,
+        model,
+        targs,
+        train_dataset=train,
+        rank_sampler=SandwichRankSampler(args.num_random),
+        distill_alpha=args.distill_alpha,
+        backward_per_rank=not args.single_graph,
+        weighting=args.weighting,
     )
     start = time.perf_counter()
     trainer.train()
@@ -156,11 +167,23 @@ def worker(args) -> None:
         (Path(args.run_dir) / "curve.json").write_text(json.dumps(result, indent=2))
 
 
-def run_workers(script: str, nproc: int, flags: list[str], run_dir: Path, env: dict | None = None, label: str = "") -> dict:
+def run_workers(
+    script: str, nproc: int, flags: list[str], run_dir: Path, env: dict | None = None, label: str = ""
+) -> dict:
     """Run ``script --worker --run-dir run_dir *flags`` in ``nproc`` processes (torchrun); its ``curve.json`` plus
     the wall time. Shared by the DDP and FSDP/ZeRO-3 equivalence scripts."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, "--worker",
-           "--run-dir", str(run_dir), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        script,
+        "--worker",
+        "--run-dir",
+        str(run_dir),
+        *flags,
+    ]
     env = {**os.environ, **(env or {})}
     env.setdefault("OMP_NUM_THREADS", "1")
     logger.info("Launching: %s", " ".join(cmd))
@@ -176,8 +199,21 @@ def run_workers(script: str, nproc: int, flags: list[str], run_dir: Path, env: d
 
 def _launch(args, nproc: int, run_dir: Path) -> dict:
     flags = []
-    for key in ("device", "steps", "global_batch", "seq_len", "hidden", "layers", "vocab", "granularity", "lr",
-                "seed", "num_random", "distill_alpha", "weighting"):
+    for key in (
+        "device",
+        "steps",
+        "global_batch",
+        "seq_len",
+        "hidden",
+        "layers",
+        "vocab",
+        "granularity",
+        "lr",
+        "seed",
+        "num_random",
+        "distill_alpha",
+        "weighting",
+    ):
         flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     flags += ["--fsdp"] * bool(args.fsdp) + ["--single-graph"] * bool(args.single_graph)
     return run_workers(__file__, nproc, flags, run_dir)
@@ -209,7 +245,8 @@ def compare_checkpoints(args, single: dict, multi: dict) -> dict:
         state = json.loads((Path(run["checkpoint"]) / "nsn_multirank_state.json").read_text())
         outputs[name]["log_vars"] = state["log_vars"]
     diffs = {
-        f"max_abs_logit_diff@r={r}": (outputs["single"][r] - outputs["ddp"][r]).abs().max().item() for r in (ranks[0], ranks[-1])
+        f"max_abs_logit_diff@r={r}": (outputs["single"][r] - outputs["ddp"][r]).abs().max().item()
+        for r in (ranks[0], ranks[-1])
     }
     diffs["log_vars_single"] = outputs["single"]["log_vars"]
     diffs["log_vars_ddp"] = outputs["ddp"]["log_vars"]
@@ -232,9 +269,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-random", type=int, default=1)
     parser.add_argument("--distill-alpha", type=float, default=0.0)
-    parser.add_argument("--fsdp", action="store_true",
-                        help="shard the multi-process run with FSDP2 (needs GPUs: Accelerate enables FSDP only on them; "
-                             "fsdp_equivalence.py compares FSDP2 and ZeRO-3 in more depth, on CPU too)")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the multi-process run with FSDP2 (needs GPUs: Accelerate enables FSDP only on them; "
+        "fsdp_equivalence.py compares FSDP2 and ZeRO-3 in more depth, on CPU too)",
+    )
     parser.add_argument("--single-graph", action="store_true", help="NSNTrainer(backward_per_rank=False)")
     parser.add_argument("--weighting", choices=["uncertainty", "sum"], default="uncertainty")
     parser.add_argument("--tol", type=float, default=1e-3, help="max relative difference of the loss curves to pass")
@@ -283,10 +323,14 @@ def main() -> None:
     print(f"\n{'step':>4} | {'loss 1 proc':>12} | {f'loss {args.nproc} procs':>12} | rel diff")
     for i, (x, y) in enumerate(zip(a["loss"], b["loss"])):
         print(f"{i + 1:>4} | {x:12.6f} | {y:12.6f} | {abs(x - y) / max(abs(x), 1e-8):.2e}")
-    print(f"\nmax relative difference of loss / loss@r curves: {worst:.2e} (tolerance {args.tol:g}) -> "
-          f"{'PASS' if result['passed'] else 'FAIL'}")
-    print(f"DDP checkpoint loaded on CPU; logits vs single-process run: "
-          f"{ {k: f'{v:.2e}' for k, v in checkpoints.items() if k.startswith('max_abs')} }")
+    print(
+        f"\nmax relative difference of loss / loss@r curves: {worst:.2e} (tolerance {args.tol:g}) -> "
+        f"{'PASS' if result['passed'] else 'FAIL'}"
+    )
+    print(
+        f"DDP checkpoint loaded on CPU; logits vs single-process run: "
+        f"{ {k: f'{v:.2e}' for k, v in checkpoints.items() if k.startswith('max_abs')} }"
+    )
     print(f"results: {args.out}")
     if not result["passed"]:
         raise SystemExit(1)

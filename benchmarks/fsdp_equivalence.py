@@ -75,7 +75,16 @@ def enable_accelerate_sharding_on_cpu() -> None:
     original_init = state.AcceleratorState.__init__
     original_backend = state.PartialState._prepare_backend
 
-    def init(self, mixed_precision=None, cpu=False, dynamo_plugin=None, deepspeed_plugin=None, fsdp_plugin=None, *args, **kwargs):
+    def init(
+        self,
+        mixed_precision=None,
+        cpu=False,
+        dynamo_plugin=None,
+        deepspeed_plugin=None,
+        fsdp_plugin=None,
+        *args,
+        **kwargs,
+    ):
         original_init(self, mixed_precision, cpu, dynamo_plugin, deepspeed_plugin, fsdp_plugin, *args, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             if self._mixed_precision != "no":
@@ -88,7 +97,10 @@ def enable_accelerate_sharding_on_cpu() -> None:
     def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         found = original_backend(self, cpu, sagemaker_dp, backend)
         if (
-            found[0] is None and not cpu and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1
+            found[0] is None
+            and not cpu
+            and not torch.cuda.is_available()
+            and int(os.environ.get("LOCAL_RANK", -1)) != -1
             and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         ):
             return "gloo", DistributedType.MULTI_CPU
@@ -131,7 +143,11 @@ def strategy_arguments(args, world: int, layer_cls: str) -> dict:
     if world == 1 and not args.shard_reference:
         return {}
     if args.strategy == "fsdp2":
-        config = {"version": 2, "transformer_layer_cls_to_wrap": [layer_cls], "reshard_after_forward": not args.no_reshard}
+        config = {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": [layer_cls],
+            "reshard_after_forward": not args.no_reshard,
+        }
         if args.gc == "fsdp":
             config["activation_checkpointing"] = True
         return {"fsdp": "full_shard", "fsdp_config": config}
@@ -183,7 +199,9 @@ def worker(args) -> None:
         enable_accelerate_sharding_on_cpu()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.global_batch % (world * args.grad_accum):
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {world} processes x {args.grad_accum} micro-batches")
+        raise SystemExit(
+            f"--global-batch {args.global_batch} is not divisible by {world} processes x {args.grad_accum} micro-batches"
+        )
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -217,8 +235,13 @@ def worker(args) -> None:
     )
     ranks = [int(r) for r in args.fixed_ranks.split(",")] if args.fixed_ranks else SandwichRankSampler(args.num_random)
     trainer = NSNTrainer(
-        model, targs, train_dataset=train, rank_sampler=ranks, distill_alpha=args.distill_alpha,
-        backward_per_rank=not args.single_graph, weighting=args.weighting,
+        model,
+        targs,
+        train_dataset=train,
+        rank_sampler=ranks,
+        distill_alpha=args.distill_alpha,
+        backward_per_rank=not args.single_graph,
+        weighting=args.weighting,
     )
     run_dir = Path(args.run_dir)
 
@@ -258,26 +281,53 @@ def worker(args) -> None:
             "wrapped_model": type(trainer.model_wrapped).__name__,
             "nsn_param_type": type(param.data).__name__,
             "mixed_precision": getattr(trainer.accelerator.state, "mixed_precision", None),
-            "fsdp_mixed_precision_policy": str(getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)),
+            "fsdp_mixed_precision_policy": str(
+                getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+            ),
             "train_seconds": elapsed,
             "peak_memory_bytes_per_process": peaks,
             "log": steps,
             "final_log_vars": trainer.rank_loss.log_vars.detach().cpu().tolist(),
             "checkpoint": str(run_dir / f"checkpoint-{args.steps}"),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "accelerate": accelerate.__version__},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__,
+            },
         }
         (run_dir / "curve.json").write_text(json.dumps(result, indent=2))
 
 
 # -- driver --------------------------------------------------------------------------------------------------
-WORKER_FLAGS = ("device", "model", "targets", "steps", "global_batch", "grad_accum", "seq_len", "hidden", "layers", "vocab",
-                "granularity", "lr", "seed", "num_random", "distill_alpha", "weighting", "strategy", "gc",
-                "max_grad_norm", "optim", "fixed_ranks")
+WORKER_FLAGS = (
+    "device",
+    "model",
+    "targets",
+    "steps",
+    "global_batch",
+    "grad_accum",
+    "seq_len",
+    "hidden",
+    "layers",
+    "vocab",
+    "granularity",
+    "lr",
+    "seed",
+    "num_random",
+    "distill_alpha",
+    "weighting",
+    "strategy",
+    "gc",
+    "max_grad_norm",
+    "optim",
+    "fixed_ranks",
+)
 WORKER_SWITCHES = ("bf16", "single_graph", "no_reshard", "shard_reference")
 
 
-def launch(args, nproc: int, run_dir: Path, resume_from: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
+def launch(
+    args, nproc: int, run_dir: Path, resume_from: Optional[str] = None, overrides: Optional[dict] = None
+) -> dict:
     settings = copy.copy(args)
     for key, value in (overrides or {}).items():
         setattr(settings, key, value)
@@ -289,7 +339,11 @@ def launch(args, nproc: int, run_dir: Path, resume_from: Optional[str] = None, o
     flags += [f"--{key.replace('_', '-')}" for key in WORKER_SWITCHES if getattr(settings, key)]
     if resume_from:
         flags += ["--resume-from", resume_from]
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")} if args.device == "cpu" and settings.strategy == "zero3" else {}
+    env = (
+        {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        if args.device == "cpu" and settings.strategy == "zero3"
+        else {}
+    )
     return run_workers(__file__, nproc, flags, run_dir, env=env, label=run_dir.name)
 
 
@@ -304,12 +358,19 @@ def compare_curves(a_log: list[dict], b_log: list[dict], from_step: int = 0) -> 
     a, b = series(a_log), series(b_log)
     out, worst, first = {}, 0.0, None
     for key, points in a.items():
-        pairs = [(s, x, b[key][s]) for s, x in points.items() if s > from_step and s in b.get(key, {})
-                 and not (math.isnan(x) or math.isnan(b[key][s]))]
+        pairs = [
+            (s, x, b[key][s])
+            for s, x in points.items()
+            if s > from_step and s in b.get(key, {}) and not (math.isnan(x) or math.isnan(b[key][s]))
+        ]
         if not pairs:
             continue
         rel = [abs(x - y) / max(abs(x), 1e-8) for _, x, y in pairs]
-        out[key] = {"max_abs_diff": max(abs(x - y) for _, x, y in pairs), "max_rel_diff": max(rel), "points": len(pairs)}
+        out[key] = {
+            "max_abs_diff": max(abs(x - y) for _, x, y in pairs),
+            "max_rel_diff": max(rel),
+            "points": len(pairs),
+        }
         if key == "loss" or key.startswith("loss@"):
             worst = max(worst, max(rel))
             over = [s for (s, _, _), r in zip(pairs, rel) if r > 1e-4]
@@ -328,8 +389,13 @@ def compare_step_params(reference: Path, other: Path, top: int = 5) -> Optional[
     a, b = load_file(str(reference / name)), load_file(str(other / name))
     rel = {k: ((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a if k in b}
     worst = sorted(rel.items(), key=lambda kv: -kv[1])[:top]
-    return {"step": STEP_DUMP, "params": len(rel), "missing": sorted(set(a) ^ set(b)),
-            "max_rel_diff": max(rel.values()) if rel else None, "worst": dict(worst)}
+    return {
+        "step": STEP_DUMP,
+        "params": len(rel),
+        "missing": sorted(set(a) ^ set(b)),
+        "max_rel_diff": max(rel.values()) if rel else None,
+        "worst": dict(worst),
+    }
 
 
 def adapter_logits(args, checkpoint: str, dtype: Optional[torch.dtype] = None) -> dict[int, torch.Tensor]:
@@ -346,7 +412,9 @@ def adapter_logits(args, checkpoint: str, dtype: Optional[torch.dtype] = None) -
         from nsn_peft.hub import load_model_and_tokenizer
 
         base, tokenizer = load_model_and_tokenizer(None, dtype="float32")
-        batch = token_blocks(load_texts(python_docs_dir("howto")), tokenizer, args.seq_len, max_tokens=4 * args.seq_len)[:4]
+        batch = token_blocks(
+            load_texts(python_docs_dir("howto")), tokenizer, args.seq_len, max_tokens=4 * args.seq_len
+        )[:4]
     model = PeftModel.from_pretrained(base, checkpoint).to("cpu").eval()
     ranks = nsn_peft.selectable_ranks(model)
     out = {}
@@ -419,8 +487,12 @@ def diagnose(args, work: Path) -> dict:
         single = launch(args, 1, work / f"{name}_np1", overrides=overrides)
         multi = launch(args, args.nproc, work / f"{name}_np{args.nproc}", overrides=overrides)
         _, worst, first = compare_curves(single["log"], multi["log"])
-        results[name] = {"overrides": overrides, "max_rel_loss_diff": worst, "first_step_over_1e-4": first,
-                         "params_after_step": compare_step_params(work / f"{name}_np1", work / f"{name}_np{args.nproc}")}
+        results[name] = {
+            "overrides": overrides,
+            "max_rel_loss_diff": worst,
+            "first_step_over_1e-4": first,
+            "params_after_step": compare_step_params(work / f"{name}_np1", work / f"{name}_np{args.nproc}"),
+        }
         logger.info("%s: max rel loss diff %.2e (first step > 1e-4: %s)", name, worst, first)
     return results
 
@@ -430,8 +502,12 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["fsdp2", "zero3", "ddp"], default="fsdp2")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--nproc", type=int, default=2, help="processes of the sharded run")
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                        help="tiny random Llama on Markov-chain data, or SmolLM2-135M on the Python tutorial")
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny random Llama on Markov-chain data, or SmolLM2-135M on the Python tutorial",
+    )
     parser.add_argument("--targets", choices=["mlp", "all"], default="mlp", help="NSN on the MLP or on all linears")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=8)
@@ -447,19 +523,31 @@ def main() -> None:
     parser.add_argument("--fixed-ranks", default=None, help="train these ranks every step instead (comma-separated)")
     parser.add_argument("--distill-alpha", type=float, default=0.0)
     parser.add_argument("--weighting", choices=["uncertainty", "sum"], default="uncertainty")
-    parser.add_argument("--gc", choices=["none", "hf", "fsdp"], default="none",
-                        help="activation checkpointing: none, the model's own (hf), or FSDP's (fsdp2 only)")
+    parser.add_argument(
+        "--gc",
+        choices=["none", "hf", "fsdp"],
+        default="none",
+        help="activation checkpointing: none, the model's own (hf), or FSDP's (fsdp2 only)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision in every run")
     parser.add_argument("--single-graph", action="store_true", help="NSNTrainer(backward_per_rank=False)")
     parser.add_argument("--no-reshard", action="store_true", help="FSDP2 reshard_after_forward=False")
     parser.add_argument("--shard-reference", action="store_true", help="the 1-process reference also runs the strategy")
     parser.add_argument("--optim", default=None, help="TrainingArguments.optim (default: Trainer's)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--resume-check", action="store_true", help="also resume the sharded run from its half-way checkpoint")
+    parser.add_argument(
+        "--resume-check", action="store_true", help="also resume the sharded run from its half-way checkpoint"
+    )
     parser.add_argument("--diagnose", action="store_true", help="run the drift-bisection variants instead")
-    parser.add_argument("--tol", type=float, default=None, help="max relative loss-curve difference to pass (default 1e-5, bf16 1e-3)")
-    parser.add_argument("--control-factor", type=float, default=2.0,
-                        help="bf16: also pass within this factor of the split-batch control's difference")
+    parser.add_argument(
+        "--tol", type=float, default=None, help="max relative loss-curve difference to pass (default 1e-5, bf16 1e-3)"
+    )
+    parser.add_argument(
+        "--control-factor",
+        type=float,
+        default=2.0,
+        help="bf16: also pass within this factor of the split-batch control's difference",
+    )
     parser.add_argument("--out", default="fsdp_equivalence.json")
     parser.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -492,7 +580,9 @@ def main() -> None:
         for name, row in result["diagnose"].items():
             params = row["params_after_step"] or {}
             worst = next(iter(params.get("worst", {}).items()), ("-", float("nan")))
-            print(f"{name:<26} | {row['max_rel_loss_diff']:17.2e} | {str(row['first_step_over_1e-4']):>17} | {worst[0]} {worst[1]:.2e}")
+            print(
+                f"{name:<26} | {row['max_rel_loss_diff']:17.2e} | {str(row['first_step_over_1e-4']):>17} | {worst[0]} {worst[1]:.2e}"
+            )
         print(f"results: {args.out}")
         return
 
@@ -510,10 +600,16 @@ def main() -> None:
     resumed, resume_cmp = None, None
     if args.resume_check:
         middle = max(args.steps // 2, 1)
-        resumed = launch(args, args.nproc, work / "resumed", resume_from=str(work / f"np{args.nproc}" / f"checkpoint-{middle}"))
+        resumed = launch(
+            args, args.nproc, work / "resumed", resume_from=str(work / f"np{args.nproc}" / f"checkpoint-{middle}")
+        )
         curves, resume_worst, _ = compare_curves(multi["log"], resumed["log"], from_step=middle)
-        resume_cmp = {"from_step": middle, "curves": curves, "max_rel_loss_diff_vs_uninterrupted": resume_worst,
-                      "final_log_vars": resumed["final_log_vars"]}
+        resume_cmp = {
+            "from_step": middle,
+            "curves": curves,
+            "max_rel_loss_diff_vs_uninterrupted": resume_worst,
+            "final_log_vars": resumed["final_log_vars"],
+        }
         runs["resumed"] = resumed
     adapters = compare_adapters(args, single, runs)
     params = compare_step_params(work / "np1", work / f"np{args.nproc}")
@@ -545,20 +641,28 @@ def main() -> None:
     a, b = series(single["log"])["loss"], series(multi["log"])["loss"]
     for step in sorted(a):
         if step in b:
-            print(f"{step:>4} | {a[step]:12.6f} | {b[step]:13.6f} | {abs(a[step] - b[step]) / max(abs(a[step]), 1e-8):.2e}")
-    print(f"\n{args.strategy} ({multi['wrapped_model']}, NSN factors as {multi['nsn_param_type']}): max relative difference "
-          f"of loss / loss@r curves {worst:.2e} (pass bound {bound:.2e}), log-variances {log_var_diff:.2e}")
+            print(
+                f"{step:>4} | {a[step]:12.6f} | {b[step]:13.6f} | {abs(a[step] - b[step]) / max(abs(a[step]), 1e-8):.2e}"
+            )
+    print(
+        f"\n{args.strategy} ({multi['wrapped_model']}, NSN factors as {multi['nsn_param_type']}): max relative difference "
+        f"of loss / loss@r curves {worst:.2e} (pass bound {bound:.2e}), log-variances {log_var_diff:.2e}"
+    )
     if control is not None:
         print(f"bf16 control (1 process, the global batch as 2 micro-batches): {control['max_rel_loss_diff']:.2e}")
     if resume_cmp is not None:
-        print(f"resumed at step {resume_cmp['from_step']}: max relative difference to the uninterrupted run "
-              f"{resume_cmp['max_rel_loss_diff_vs_uninterrupted']:.2e}")
+        print(
+            f"resumed at step {resume_cmp['from_step']}: max relative difference to the uninterrupted run "
+            f"{resume_cmp['max_rel_loss_diff_vs_uninterrupted']:.2e}"
+        )
     for name in runs:
         diffs = {k: f"{v:.2e}" for k, v in adapters[name].items() if k.startswith("max_abs")}
         print(f"{name} adapter {adapters[name]['adapter_files']} loaded on CPU; logits vs 1-process run: {diffs}")
     if "bf16_noise_floor" in adapters:
-        print(f"bf16 noise floor (reference adapter, float32 vs bf16 autocast): "
-              f"{ {k: f'{v:.2e}' for k, v in adapters['bf16_noise_floor'].items()} }")
+        print(
+            f"bf16 noise floor (reference adapter, float32 vs bf16 autocast): "
+            f"{ {k: f'{v:.2e}' for k, v in adapters['bf16_noise_floor'].items()} }"
+        )
     print(f"{'PASS' if passed else 'FAIL'}; results: {args.out}")
     if not passed:
         raise SystemExit(1)

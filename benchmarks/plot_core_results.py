@@ -1,6 +1,6 @@
 """Plot the layer-speed results (``results/layer_speed.json``) as time ratio vs FLOPs fraction.
 
-    python benchmarks/plot_core_results.py benchmarks/results/layer_speed.json docs/img/layer_speed.png
+python benchmarks/plot_core_results.py benchmarks/results/layer_speed.json docs/img/layer_speed.png
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), sharey=True)
     for ax, (d, m) in zip(axes, shapes):
         for tokens in sorted({r["tokens"] for r in rows}):
-            sel = sorted((r for r in rows if (r["in"], r["out"]) == (d, m) and r["tokens"] == tokens), key=lambda r: r["flops_fraction"])
-            ax.plot([r["flops_fraction"] for r in sel], [r["time_ratio"] for r in sel], marker="o", label=f"{tokens} tokens")
+            sel = sorted(
+                (r for r in rows if (r["in"], r["out"]) == (d, m) and r["tokens"] == tokens),
+                key=lambda r: r["flops_fraction"],
+            )
+            ax.plot(
+                [r["flops_fraction"] for r in sel], [r["time_ratio"] for r in sel], marker="o", label=f"{tokens} tokens"
+            )
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal (time = FLOPs)")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(f"{d} → {m}")

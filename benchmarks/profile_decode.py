@@ -29,13 +29,26 @@ from nsn_peft.tuner.layer import NSNLinear
 from nsn_peft.tuner.peft_type import checkpoint_load_scope
 
 DEVICE = "cuda"
-SHAPE = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-         "vocab_size": 128256}
-TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
+SHAPE = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+}
+TINY = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+}
 
 
 def build_model(layers: int) -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, rope_theta=500000.0, **SHAPE)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=layers, max_position_embeddings=8192, rope_theta=500000.0, **SHAPE
+    )
     with torch.device(DEVICE):
         model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     return model.eval()
@@ -73,10 +86,17 @@ def sync_time(fn) -> float:
 
 def decode_ms(model, ids, new_tokens: int, compiled: bool, repeats: int = 3) -> float:
     """Milliseconds per decode step: (time for ``new_tokens`` − time for 1 token) / (new_tokens − 1)."""
-    kwargs = {"do_sample": False, "cache_implementation": "static", "disable_compile": not compiled,
-              "min_new_tokens": new_tokens, "pad_token_id": 0}
+    kwargs = {
+        "do_sample": False,
+        "cache_implementation": "static",
+        "disable_compile": not compiled,
+        "min_new_tokens": new_tokens,
+        "pad_token_id": 0,
+    }
+
     def run(n):
         return sync_time(lambda: model.generate(input_ids=ids, max_new_tokens=n, **{**kwargs, "min_new_tokens": n}))
+
     run(new_tokens)  # warm-up: compile, CUDA-graph recording
     run(new_tokens)
     samples = [(run(new_tokens) - run(1)) / (new_tokens - 1) * 1e3 for _ in range(repeats)]
@@ -84,20 +104,31 @@ def decode_ms(model, ids, new_tokens: int, compiled: bool, repeats: int = 3) -> 
 
 
 def profile_steps(model, ids, new_tokens: int) -> dict:
-    kwargs = {"do_sample": False, "cache_implementation": "static", "min_new_tokens": new_tokens,
-              "max_new_tokens": new_tokens, "pad_token_id": 0}
+    kwargs = {
+        "do_sample": False,
+        "cache_implementation": "static",
+        "min_new_tokens": new_tokens,
+        "max_new_tokens": new_tokens,
+        "pad_token_id": 0,
+    }
     model.generate(input_ids=ids, **kwargs)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         model.generate(input_ids=ids, **kwargs)
         sync()
     events = prof.key_averages()
-    launches = {e.key: e.count for e in events if e.key in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel",
-                                                             "cudaLaunchKernelExC", "cuLaunchKernelEx")}
+    launches = {
+        e.key: e.count
+        for e in events
+        if e.key in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    }
     gpu = sorted((e for e in events if e.device_time_total > 0), key=lambda e: -e.device_time_total)
     top = [{"kernel": e.key[:110], "count": e.count, "ms_total": e.device_time_total / 1e3} for e in gpu[:18]]
-    return {"launches": launches, "top_kernels": top,
-            "table": events.table(sort_by="device_time_total", row_limit=22, max_name_column_width=90)}
+    return {
+        "launches": launches,
+        "top_kernels": top,
+        "table": events.table(sort_by="device_time_total", row_limit=22, max_name_column_width=90),
+    }
 
 
 def main() -> None:
@@ -117,9 +148,17 @@ def main() -> None:
     for name in ("torch._inductor", "torch._dynamo", "torch._inductor.cudagraph_trees"):
         logging.getLogger(name).addHandler(handler)
     torch._logging.set_logs(perf_hints=True, recompiles=True, graph_breaks=True)
-    ids = torch.randint(0, SHAPE["vocab_size"], (1, 32), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
-    results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-               "layers": args.layers, "nsn_peft": str(Path(nsn_peft.__file__).parent), "variants": {}}
+    ids = torch.randint(
+        0, SHAPE["vocab_size"], (1, 32), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0)
+    )
+    results = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "layers": args.layers,
+        "nsn_peft": str(Path(nsn_peft.__file__).parent),
+        "variants": {},
+    }
     for variant in args.variants.split(","):
         model = build_model(args.layers)
         entries = {}
@@ -139,18 +178,29 @@ def main() -> None:
                 else:
                     model.set_rank(spec)
             before = dict(torch._dynamo.utils.counters["stats"])
-            t_first = sync_time(lambda model=model: model.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
-                                                       cache_implementation="static", pad_token_id=0))
+            t_first = sync_time(
+                lambda model=model: model.generate(
+                    input_ids=ids, max_new_tokens=4, do_sample=False, cache_implementation="static", pad_token_id=0
+                )
+            )
             eager = decode_ms(model, ids, args.new_tokens, compiled=False, repeats=2)
             compiled = decode_ms(model, ids, args.new_tokens, compiled=True)
             prof = profile_steps(model, ids, 12)
             after = dict(torch._dynamo.utils.counters["stats"])
             entries[label] = {
-                "rank": spec, "first_generate_s": t_first, "eager_ms_per_token": eager, "compiled_ms_per_token": compiled,
-                "graphs_before": before, "graphs_after": after, "profile": {k: v for k, v in prof.items() if k != "table"},
+                "rank": spec,
+                "first_generate_s": t_first,
+                "eager_ms_per_token": eager,
+                "compiled_ms_per_token": compiled,
+                "graphs_before": before,
+                "graphs_after": after,
+                "profile": {k: v for k, v in prof.items() if k != "table"},
             }
-            print(f"== {label}: first generate {t_first:.1f}s, eager {eager:.2f} ms/token, compiled {compiled:.2f} ms/token, "
-                  f"dynamo {after}", flush=True)
+            print(
+                f"== {label}: first generate {t_first:.1f}s, eager {eager:.2f} ms/token, compiled {compiled:.2f} ms/token, "
+                f"dynamo {after}",
+                flush=True,
+            )
             print("launches (12 new tokens):", prof["launches"], flush=True)
             print(prof["table"], flush=True)
         entries["memory_gib"] = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else None
@@ -160,7 +210,11 @@ def main() -> None:
             torch.cuda.empty_cache()
         torch._dynamo.reset()
     logs = log_stream.getvalue()
-    interesting = [line for line in logs.splitlines() if any(k in line.lower() for k in ("skipping cudagraph", "recompil", "graph break", "cudagraph"))]
+    interesting = [
+        line
+        for line in logs.splitlines()
+        if any(k in line.lower() for k in ("skipping cudagraph", "recompil", "graph break", "cudagraph"))
+    ]
     results["log_lines"] = interesting[:60]
     print("\n".join(interesting[:60]))
     if args.out:

@@ -34,16 +34,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/smollm2-nsn")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", default=None, help="existing NSN adapter folder to publish")
-    src.add_argument("--model", default=None, help="base model to adapt (id, folder or .gguf; default: embedded SmolLM2)")
+    src.add_argument(
+        "--model", default=None, help="base model to adapt (id, folder or .gguf; default: embedded SmolLM2)"
+    )
     p.add_argument("--max-rank", type=int, default=None, help="max rank when adapting --model (default: full)")
     p.add_argument("--target-modules", default=None, help="comma-separated module names when adapting --model")
     p.add_argument("--granularity", type=int, default=64, help="rank grid step when adapting --model")
     p.add_argument(
-        "--base-model-id", default=None,
+        "--base-model-id",
+        default=None,
         help="Hub id of the base model recorded in adapter_config.json and the card (needed for a local/GGUF base)",
     )
     p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded to --output")
-    p.add_argument("--output", default=None, help="staging folder (required with --dry-run; default: a temporary folder)")
+    p.add_argument(
+        "--output", default=None, help="staging folder (required with --dry-run; default: a temporary folder)"
+    )
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--commit-message", default="Upload NSN adapter")
     p.add_argument("--device", default="cpu")
@@ -124,7 +129,9 @@ def stage(model: Any, folder: Path, repo_id: str, base_ref: str) -> list[str]:
     with atomic_directory(folder) as tmp:
         model.save_pretrained(str(tmp))
         readme = tmp / "README.md"
-        write_text(readme, model_card(model, repo_id, base_ref, readme.read_text(encoding="utf-8") if readme.exists() else ""))
+        write_text(
+            readme, model_card(model, repo_id, base_ref, readme.read_text(encoding="utf-8") if readme.exists() else "")
+        )
     return sorted(p.name for p in folder.iterdir())
 
 

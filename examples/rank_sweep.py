@@ -29,7 +29,9 @@ logger = logging.getLogger("rank_sweep")
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model id/folder/.gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="text file/folder/JSONL or datasets name (default: the Python tutorial)")
+    p.add_argument(
+        "--data", default=None, help="text file/folder/JSONL or datasets name (default: the Python tutorial)"
+    )
     p.add_argument("--calib-data", default=None, help="calibration text for --init whitened (default: --data)")
     p.add_argument("--init", choices=["svd", "whitened"], default="svd")
     p.add_argument("--max-rank", type=int, default=None, help="max rank of the factors (default: full rank)")
@@ -98,8 +100,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     base, tokenizer = load_model_and_tokenizer(args.model, device=device)
 
     def ppl(model: Any) -> float:
-        return perplexity(model, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                          batch_size=args.batch_size, device=device)
+        return perplexity(
+            model,
+            texts,
+            tokenizer=tokenizer,
+            seq_len=args.seq_len,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            device=device,
+        )
 
     dense = ppl(base)
     logger.info("dense perplexity %.3f", dense)
@@ -108,17 +117,35 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         from nsn_peft.calibrate.collect import collect_activation_stats
 
         calib = load_texts(args.calib_data) if args.calib_data else texts
-        config.stats = collect_activation_stats(base, calib, tokenizer=tokenizer, max_tokens=args.max_tokens,
-                                                seq_len=args.seq_len, batch_size=args.batch_size, device=device)
+        config.stats = collect_activation_stats(
+            base,
+            calib,
+            tokenizer=tokenizer,
+            max_tokens=args.max_tokens,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            device=device,
+        )
     model = get_peft_model(base, config).eval()
 
     rows = []
     for rank in spread(model.selectable_ranks(), args.points):
         with nsn_peft.at_rank(model, rank):
             report = model.estimate_flops()
-            rows.append({"rank": rank, "perplexity": ppl(model), "targeted_flops_fraction": report.targeted_fraction,
-                         "model_flops_fraction": report.model_fraction})
-        logger.info("rank %d: perplexity %.3f at %.3f of dense FLOPs", rank, rows[-1]["perplexity"], rows[-1]["model_flops_fraction"])
+            rows.append(
+                {
+                    "rank": rank,
+                    "perplexity": ppl(model),
+                    "targeted_flops_fraction": report.targeted_fraction,
+                    "model_flops_fraction": report.model_fraction,
+                }
+            )
+        logger.info(
+            "rank %d: perplexity %.3f at %.3f of dense FLOPs",
+            rank,
+            rows[-1]["perplexity"],
+            rows[-1]["model_flops_fraction"],
+        )
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,8 +153,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_json(out / "rank_sweep.json", {"model": args.model or "embedded SmolLM2-135M-Instruct", "init": args.init,
-                                         "dense_perplexity": dense, "results": rows})
+    write_json(
+        out / "rank_sweep.json",
+        {
+            "model": args.model or "embedded SmolLM2-135M-Instruct",
+            "init": args.init,
+            "dense_perplexity": dense,
+            "results": rows,
+        },
+    )
     with atomic_path(out / "rank_sweep.png") as tmp:
         plot(rows, dense, tmp, f"{Path(str(args.model or 'SmolLM2-135M')).name}, {args.init} init")
     print(f"{'rank':>6} {'FLOPs':>7} {'perplexity':>11}")

@@ -73,7 +73,9 @@ def docs_paragraphs(folder: Path, limit: int, rng: random.Random) -> list[str]:
 def load_examples(args: argparse.Namespace, rng: random.Random) -> tuple[list[str], list[int], list[str]]:
     """``(texts, label ids, label names)`` from ``--data`` or the Python docs."""
     if args.data:
-        records = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [
+            json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         names = sorted({str(r["label"]) for r in records})
         by_label: dict[str, list[str]] = {n: [] for n in names}
         for r in records:
@@ -108,7 +110,9 @@ def encode(tokenizer: Any, texts: list[str], labels: list[int], seq_len: int):
     import datasets
 
     enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length")
-    return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return datasets.Dataset.from_dict(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    )
 
 
 def accuracy(model: Any, dataset: Any, batch_size: int, device: Any) -> float:
@@ -142,30 +146,53 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     texts, labels, names = load_examples(args, rng)
     (train_x, train_y), (test_x, test_y) = split(texts, labels, args.test_fraction, rng)
-    logger.info("%d train / %d test examples, classes %s", len(train_x), len(test_x), dict(Counter(names[i] for i in labels)))
+    logger.info(
+        "%d train / %d test examples, classes %s", len(train_x), len(test_x), dict(Counter(names[i] for i in labels))
+    )
 
-    base, tokenizer = load_model_and_tokenizer(args.model, task="sequence-classification", num_labels=len(names), device=device)
+    base, tokenizer = load_model_and_tokenizer(
+        args.model, task="sequence-classification", num_labels=len(names), device=device
+    )
     base.config.pad_token_id = tokenizer.pad_token_id
     config = nsn_peft.NSNConfig(max_rank=args.max_rank, rank_granularity=args.granularity, task_type="SEQ_CLS")
     model = get_peft_model(base, config)  # SEQ_CLS: the classification head is trained in full (modules_to_save)
     grid = model.selectable_ranks()
     rank = grid[-1] if args.rank == "full" else min(int(args.rank), grid[-1])
 
-    train_set, test_set = encode(tokenizer, train_x, train_y, args.seq_len), encode(tokenizer, test_x, test_y, args.seq_len)
+    train_set, test_set = (
+        encode(tokenizer, train_x, train_y, args.seq_len),
+        encode(tokenizer, test_x, test_y, args.seq_len),
+    )
     before = accuracy(model, test_set, args.batch_size, device)
     training_args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="nsn-seqcls-"),  # nothing is saved there (save_strategy="no")
-        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr, logging_steps=10,
-        save_strategy="no", report_to="none", use_cpu=device == "cpu", seed=args.seed, disable_tqdm=True,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        seed=args.seed,
+        disable_tqdm=True,
         bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
     )
     trainer = NSNTrainer(
-        model=model, args=training_args, train_dataset=train_set, data_collator=default_data_collator,
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        data_collator=default_data_collator,
         rank_sampler=make_rank_sampler("sandwich", num_random=1, seed=args.seed),
     )
     trainer.train()
 
-    results = {"classes": names, "train": len(train_set), "test": len(test_set), "accuracy_before_training": before, "at_rank": {}}
+    results = {
+        "classes": names,
+        "train": len(train_set),
+        "test": len(test_set),
+        "accuracy_before_training": before,
+        "at_rank": {},
+    }
     for r in sorted({rank, grid[-1], grid[0]}):
         with nsn_peft.at_rank(model, r):
             acc = accuracy(model, test_set, args.batch_size, device)

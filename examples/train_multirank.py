@@ -56,11 +56,11 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 logger = logging.getLogger("train_multirank")
 
 
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-steps", type=int, default=100, help="the tutorial is ~68k tokens: 100 steps of 8x512 is ~6 epochs")
+    p.add_argument(
+        "--max-steps", type=int, default=100, help="the tutorial is ~68k tokens: 100 steps of 8x512 is ~6 epochs"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--output-dir", default="runs/train_multirank")
     p.add_argument("--model", default=None, help="model id/folder/.gguf (default: the embedded SmolLM2-135M)")
@@ -73,9 +73,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--logvar-lr", type=float, default=5e-2, help="learning rate of the log-variances")
     p.add_argument("--init", choices=["svd", "whitened"], default="whitened")
     p.add_argument("--calib-tokens", type=int, default=32768, help="training tokens for the whitened init's statistics")
-    p.add_argument("--sampler", choices=["served", "sandwich", "uniform"], default="served",
-                   help="'served': exactly the ranks evaluated below (25/50/75/100%% of the max) at every step, the "
-                        "best measured recipe when you know the ranks you will serve; 'sandwich': max + min + random")
+    p.add_argument(
+        "--sampler",
+        choices=["served", "sandwich", "uniform"],
+        default="served",
+        help="'served': exactly the ranks evaluated below (25/50/75/100%% of the max) at every step, the "
+        "best measured recipe when you know the ranks you will serve; 'sandwich': max + min + random",
+    )
     p.add_argument("--num-random", type=int, default=2, help="random middle ranks of the sandwich sampler")
     p.add_argument("--distill-alpha", type=float, default=0.5, help="self-distillation from the top rank (0 = off)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens for perplexity")
@@ -104,11 +108,15 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.to(device)
     train_blocks = token_blocks(
-        read_texts(args.train_data), tokenizer, args.block_size,
+        read_texts(args.train_data),
+        tokenizer,
+        args.block_size,
         max_tokens=args.max_steps * args.batch_size * args.grad_accum * args.block_size,
     )
     eval_blocks = token_blocks(read_texts(args.eval_data), tokenizer, args.block_size, max_tokens=args.eval_tokens)
-    logger.info("train: %d blocks x %d tokens; held-out: %d blocks", len(train_blocks), args.block_size, len(eval_blocks))
+    logger.info(
+        "train: %d blocks x %d tokens; held-out: %d blocks", len(train_blocks), args.block_size, len(eval_blocks)
+    )
     autocast = torch.bfloat16 if bf16 else None
     dense_ppl = perplexity(model, eval_blocks, args.batch_size, autocast)
 
@@ -116,7 +124,12 @@ def main() -> None:
     if args.init == "whitened":
         calib = train_blocks[: max(1, args.calib_tokens // args.block_size)]
         stats = collect_activation_stats(
-            model, calib, max_tokens=None, seq_len=args.block_size, batch_size=args.batch_size, target_modules=TARGETS,
+            model,
+            calib,
+            max_tokens=None,
+            seq_len=args.block_size,
+            batch_size=args.batch_size,
+            target_modules=TARGETS,
             show_progress=False,
         )
     config = nsn_peft.NSNConfig(target_modules=TARGETS, init=args.init, stats=stats)
@@ -159,8 +172,14 @@ def main() -> None:
     else:
         sampler = make_rank_sampler(args.sampler, seed=args.seed, num_random=args.num_random, num_ranks=2)
     trainer = NSNTrainer(
-        peft_model, targs, train_dataset=TokenBlocks(train_blocks), eval_dataset=TokenBlocks(eval_blocks),
-        rank_sampler=sampler, logvar_learning_rate=args.logvar_lr, distill_alpha=args.distill_alpha, eval_ranks=ranks,
+        peft_model,
+        targs,
+        train_dataset=TokenBlocks(train_blocks),
+        eval_dataset=TokenBlocks(eval_blocks),
+        rank_sampler=sampler,
+        logvar_learning_rate=args.logvar_lr,
+        distill_alpha=args.distill_alpha,
+        eval_ranks=ranks,
     )
     start = time.perf_counter()
     trainer.train()
@@ -176,7 +195,9 @@ def main() -> None:
         for r in ranks:
             flops = nsn_peft.estimate_flops(peft_model, r).targeted_fraction
             print(f"| {r} | {100 * r / top:.0f}% | {flops:.2f} | {before[r]:.2f} | {after[r]:.2f} |")
-        print(f"log-variances: { {k: round(v, 3) for k, v in zip(trainer.rank_buckets.labels, trainer.rank_loss.log_vars.tolist())} }")
+        print(
+            f"log-variances: { {k: round(v, 3) for k, v in zip(trainer.rank_buckets.labels, trainer.rank_loss.log_vars.tolist())} }"
+        )
         print(f"adapter saved to {final} (load with PeftModel.from_pretrained)")
         if any(not math.isfinite(v) for v in after.values()):
             raise SystemExit("non-finite perplexity after training")

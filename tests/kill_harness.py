@@ -47,7 +47,13 @@ def adapter_versions():
 
     models = {}
     for version in (1, 2):
-        model = get_peft_model(MLP(seed=0), nsn_peft.NSNConfig(target_modules=["layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "layers.5"], rank_granularity=32))
+        model = get_peft_model(
+            MLP(seed=0),
+            nsn_peft.NSNConfig(
+                target_modules=["layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "layers.5"],
+                rank_granularity=32,
+            ),
+        )
         if version == 2:
             with torch.no_grad():
                 for layer in nsn_peft.tuner.nsn_layers(model).values():
@@ -75,13 +81,21 @@ def compressed_versions():
     import nsn_peft
 
     config = transformers.LlamaConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=2000, max_position_embeddings=64,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2000,
+        max_position_embeddings=64,
     )
     out = {}
     for version in (1, 2):
         torch.manual_seed(0)
-        model = get_peft_model(transformers.LlamaForCausalLM(config).eval(), nsn_peft.NSNConfig(target_modules=["gate_proj", "up_proj", "down_proj"], rank_granularity=32))
+        model = get_peft_model(
+            transformers.LlamaForCausalLM(config).eval(),
+            nsn_peft.NSNConfig(target_modules=["gate_proj", "up_proj", "down_proj"], rank_granularity=32),
+        )
         model.set_rank(128 if version == 1 else 64)
         out[version] = model
     return out

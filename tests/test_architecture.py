@@ -123,7 +123,7 @@ def test_import_graph_is_acyclic():
         stack.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                cycle = stack[stack.index(target):] + [target]
+                cycle = stack[stack.index(target) :] + [target]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if state.get(target) is None:
                 visit(target)
@@ -146,13 +146,20 @@ def test_math_layer_imports_no_model_library():
                     assert name.split(".")[0] not in {"transformers", "peft", "nsn_peft"}, f"{path.name} imports {name}"
 
 
+def _statement_lines(path: Path) -> int:
+    """Lines where a statement starts: a module's size independent of how the formatter wraps long calls."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return len({node.lineno for node in ast.walk(tree) if isinstance(node, ast.stmt)})
+
+
 def test_modules_stay_readable():
-    """No module over ~400 lines unless listed here as one idea that reads better whole."""
+    """No module over ~280 statements (about 400 lines of unwrapped code) unless listed as one idea that reads
+    better whole."""
     whole = {"calibrate.collect", "planning.allocate", "io"}  # io: the one save protocol
     long = [
-        f"{_module_name(p)} ({n} lines)"
+        f"{_module_name(p)} ({n} statements)"
         for p in PACKAGE.rglob("*.py")
-        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 420 and _module_name(p) not in whole
+        if (n := _statement_lines(p)) > 280 and _module_name(p) not in whole
     ]
     assert not long, long
 
@@ -161,11 +168,31 @@ def test_modules_stay_readable():
 # ``set_runtime_options``, ``bypass_adapters``, ``merge``...). Writing one from outside skips what the method
 # keeps consistent: a merged weight computing another rank, a layout the tuner does not know of.
 LAYER_FIELDS = {
-    "nsn_rank", "nsn_max_rank", "_nsn_rank_carrier", "runtime_options", "rank_major_storage", "use_kernels",
-    "_disable_adapters", "base_weight_dropped", "merged_adapters", "_original_weight", "_merged_from_factors",
+    "nsn_rank",
+    "nsn_max_rank",
+    "_nsn_rank_carrier",
+    "runtime_options",
+    "rank_major_storage",
+    "use_kernels",
+    "_disable_adapters",
+    "base_weight_dropped",
+    "merged_adapters",
+    "_original_weight",
+    "_merged_from_factors",
 }
-_MUTATORS = {"update", "pop", "popitem", "clear", "setdefault", "__setitem__", "__delitem__", "append", "extend",
-             "remove", "insert"}
+_MUTATORS = {
+    "update",
+    "pop",
+    "popitem",
+    "clear",
+    "setdefault",
+    "__setitem__",
+    "__delitem__",
+    "append",
+    "extend",
+    "remove",
+    "insert",
+}
 _ROOT = PACKAGE.parents[1]
 
 
@@ -218,8 +245,13 @@ def test_the_field_check_sees_every_kind_of_write(tmp_path):
         "self.nsn_rank['a'] = 3\nprint(layer.nsn_rank['a'])\n"
     )
     assert sorted(_field_writes(source, tmp_path)) == [
-        "bad.py:1 nsn_rank", "bad.py:2 nsn_rank", "bad.py:3 use_kernels", "bad.py:4 _disable_adapters",
-        "bad.py:5 rank_major_storage", "bad.py:6 nsn_rank"]
+        "bad.py:1 nsn_rank",
+        "bad.py:2 nsn_rank",
+        "bad.py:3 use_kernels",
+        "bad.py:4 _disable_adapters",
+        "bad.py:5 rank_major_storage",
+        "bad.py:6 nsn_rank",
+    ]
 
 
 def _private_imports(path: Path, root: Path = _ROOT) -> list[str]:
@@ -253,4 +285,7 @@ def test_the_private_import_check_sees_every_form(tmp_path):
         "from nsn_peft.tuner import register as _register\n"
     )
     assert _private_imports(source, tmp_path) == [
-        "bad.py:1 nsn_peft.refine._common", "bad.py:2 nsn_peft.training._lm_data", "bad.py:3 _resolve"]
+        "bad.py:1 nsn_peft.refine._common",
+        "bad.py:2 nsn_peft.training._lm_data",
+        "bad.py:3 _resolve",
+    ]

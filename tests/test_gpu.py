@@ -48,8 +48,10 @@ def test_init_on_gpu_for_cpu_model(input_ids):
 
 def test_factors_only_decode_with_kernels_and_compiled_rank_switching():
     """Factors only, the Triton decode path and CUDA-graph compiled decoding: every warmed rank equals eager."""
-    model = get_peft_model(tiny_llama(hidden=64).to("cuda", torch.bfloat16),
-                           nsn_peft.NSNConfig(keep_base_weights=False, rank_granularity=8)).eval()
+    model = get_peft_model(
+        tiny_llama(hidden=64).to("cuda", torch.bfloat16),
+        nsn_peft.NSNConfig(keep_base_weights=False, rank_granularity=8),
+    ).eval()
     model.set_runtime_options(kernels=True)
     base = model.get_base_model()
     ids = torch.randint(0, 101, (1, 1), device="cuda")

@@ -129,7 +129,9 @@ def test_missing_weights_fail_naming_the_checkpoint_and_the_weights(tmp_path, ca
     state = load_file(weights)
     del state["model.layers.1.mlp.down_proj.weight"]
     save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"lacks 1 weight\(s\) of LlamaForCausalLM .*model.layers.1.mlp.down_proj.weight"):
+    with pytest.raises(
+        ValueError, match=r"lacks 1 weight\(s\) of LlamaForCausalLM .*model.layers.1.mlp.down_proj.weight"
+    ):
         load_model(tmp_path / "model")
     with caplog.at_level(logging.WARNING, logger="nsn_peft"):
         load_model(tmp_path / "model", allow_missing_weights=True)
@@ -258,17 +260,23 @@ def test_real_embedded_model_converts_exactly_and_trains_and_saves_like_any_mode
     from_gguf = load_model(gguf)
     assert getattr(from_gguf, "hf_quantizer", None) is None
     with torch.no_grad():
-        torch.testing.assert_close(load_model(None)(input_ids=ids).logits, from_gguf(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            load_model(None)(input_ids=ids).logits, from_gguf(input_ids=ids).logits, rtol=0, atol=0
+        )
 
     model = get_peft_model(load_model(None), nsn_peft.NSNConfig(max_rank=64, target_modules=["down_proj"]))
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        torch.testing.assert_close(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")(input_ids=ids).logits, expected)
+        torch.testing.assert_close(
+            AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")(input_ids=ids).logits, expected
+        )
 
     lora_free = get_peft_model(from_gguf, nsn_peft.NSNConfig(max_rank=64, target_modules=["down_proj"]))
     assert lora_free.peft_config["default"].base_model_name_or_path == str(gguf)  # the file, not only its folder
-    transformers.Trainer(model=lora_free, args=transformers.TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none"))
+    transformers.Trainer(
+        model=lora_free, args=transformers.TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none")
+    )
     lora_free.merge_and_unload().save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert os.path.getsize(tmp_path / "merged" / "model.safetensors") > 100e6

@@ -80,7 +80,9 @@ def test_folder_where_a_file_belongs_is_a_clear_error(tmp_path):
     assert _temporaries(dest) == []
 
 
-@pytest.mark.parametrize("mask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750), (0o002, 0o664, 0o775)])
+@pytest.mark.parametrize(
+    "mask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750), (0o002, 0o664, 0o775)]
+)
 def test_modes_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
     previous = os.umask(mask)
     try:
@@ -91,8 +93,13 @@ def test_modes_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
         _write_version(tmp_path / "existing", V1)  # an existing folder: files moved in
     finally:
         os.umask(previous)
-    for file in [tmp_path / "plan.json", tmp_path / "t.safetensors", tmp_path / "new" / "weights.bin",
-                 tmp_path / "existing" / "weights.bin", tmp_path / "existing" / "sub" / "extra.json"]:
+    for file in [
+        tmp_path / "plan.json",
+        tmp_path / "t.safetensors",
+        tmp_path / "new" / "weights.bin",
+        tmp_path / "existing" / "weights.bin",
+        tmp_path / "existing" / "sub" / "extra.json",
+    ]:
         assert stat.S_IMODE(file.stat().st_mode) == file_mode, file
     for folder in [tmp_path / "new", tmp_path / "new" / "sub", tmp_path / "existing" / "sub"]:
         assert stat.S_IMODE(folder.stat().st_mode) == dir_mode, folder
@@ -199,8 +206,12 @@ def test_check_safetensors_names_truncated_and_corrupt_files(tmp_path):
     header = io.check_safetensors(path)
     assert set(header) - {"__metadata__"} == {"a", "b"}
     data = path.read_bytes()
-    for cut, message in [(data[:-1], "is truncated"), (data[:5], "too short"), (data[:20], "truncated or not a safetensors"),
-                         (data + b"x", "unexpected bytes")]:
+    for cut, message in [
+        (data[:-1], "is truncated"),
+        (data[:5], "too short"),
+        (data[:20], "truncated or not a safetensors"),
+        (data + b"x", "unexpected bytes"),
+    ]:
         path.write_bytes(cut)
         with pytest.raises(ValueError, match=rf"t\.safetensors.*{message}"):
             io.check_safetensors(path)
@@ -250,8 +261,12 @@ def test_relative_destinations_keep_temporaries_outside_the_folder(tmp_path, mon
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
 def test_read_safetensors_equals_the_reference_reader_and_owns_its_memory(tmp_path, dtype):
-    tensors = {"w": (torch.randn(7, 5) * 3).to(dtype), "b": torch.arange(4).to(dtype), "empty": torch.zeros(0, 3, dtype=dtype),
-               "scalar": torch.tensor(2).to(dtype)}
+    tensors = {
+        "w": (torch.randn(7, 5) * 3).to(dtype),
+        "b": torch.arange(4).to(dtype),
+        "empty": torch.zeros(0, 3, dtype=dtype),
+        "scalar": torch.tensor(2).to(dtype),
+    }
     save_file(tensors, str(tmp_path / "t.safetensors"))
     read = io.read_safetensors(tmp_path / "t.safetensors", column_major=lambda key: key == "w")
     expected = load_file(str(tmp_path / "t.safetensors"))

@@ -31,7 +31,13 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the save server
 
 class SaveServer:
     def __init__(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            OPENBLAS_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
         src = str(Path(nsn_peft.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([src, str(HARNESS.parent), env.get("PYTHONPATH", "")])
         self.process = subprocess.Popen(
@@ -109,7 +115,9 @@ def _bystanders(kind: str, dest: Path) -> list[Path]:
     notes.write_text("keep me\n")
     extra = [notes]
     if kind == "stats":  # what `nsn-peft calibrate --gradients` keeps inside a statistics folder
-        grads = ActivationStats({"layers.0": torch.eye(4, dtype=torch.float64)}, {"layers.0": 7}, extra={"kind": "output_gradient"})
+        grads = ActivationStats(
+            {"layers.0": torch.eye(4, dtype=torch.float64)}, {"layers.0": 7}, extra={"kind": "output_gradient"}
+        )
         grads.save(dest / "output_gradients")
         extra.append(dest / "output_gradients")
     return extra
@@ -146,7 +154,9 @@ def run_kills(server: SaveServer, tmp_path: Path, kind: str, kills: int, seed: i
             current = new
             outcomes["new"] += result["killed"]
         else:
-            assert _same(loaded, refs[current]), f"after a kill at {result['seconds']:.4f}s the {kind} is neither version"
+            assert _same(loaded, refs[current]), (
+                f"after a kill at {result['seconds']:.4f}s the {kind} is neither version"
+            )
             assert result["killed"], "a completed save left the previous version"
             outcomes["previous"] += 1
         killed += result["killed"]

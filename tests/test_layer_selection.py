@@ -19,7 +19,11 @@ LLAMA_OPTIONS = [
     {"exclude_modules": ["down_proj"]},
     {"layers_to_transform": [1]},
     {"layers_to_transform": 0, "exclude_modules": ["q_proj", "model.layers.0.mlp.up_proj"]},
-    {"target_modules": ["up_proj", "o_proj"], "layers_to_transform": [1], "exclude_modules": r".*\.1\.self_attn\.o_proj"},
+    {
+        "target_modules": ["up_proj", "o_proj"],
+        "layers_to_transform": [1],
+        "exclude_modules": r".*\.1\.self_attn\.o_proj",
+    },
     {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]},
     {"target_modules": r".*\.(q|v)_proj", "exclude_modules": ["model.layers.1.self_attn.v_proj"]},
     {"layers_to_transform": [1], "layers_pattern": "layers"},
@@ -38,7 +42,9 @@ def _adapted(base, options):
     return set(nsn_peft.get_rank(model))
 
 
-@pytest.mark.parametrize(("factory", "options"), [(tiny_llama, o) for o in LLAMA_OPTIONS] + [(tiny_gpt2, o) for o in GPT2_OPTIONS])
+@pytest.mark.parametrize(
+    ("factory", "options"), [(tiny_llama, o) for o in LLAMA_OPTIONS] + [(tiny_gpt2, o) for o in GPT2_OPTIONS]
+)
 def test_calibration_planning_and_adaptation_select_the_same_layers(factory, options):
     base = factory()
     calibrated = set(calibration_targets(base, **options))
@@ -52,8 +58,12 @@ def test_calibration_planning_and_adaptation_select_the_same_layers(factory, opt
 
 def test_collected_statistics_cover_the_adapted_layers(tmp_path):
     options = {"exclude_modules": ["down_proj"], "layers_to_transform": [1]}
-    stats = nsn_peft.collect_activation_stats(tiny_llama(), torch.randint(0, 101, (2, 16)), show_progress=False, **options)
-    gradients = nsn_peft.collect_gradient_stats(tiny_llama(), torch.randint(0, 101, (2, 16)), show_progress=False, **options)
+    stats = nsn_peft.collect_activation_stats(
+        tiny_llama(), torch.randint(0, 101, (2, 16)), show_progress=False, **options
+    )
+    gradients = nsn_peft.collect_gradient_stats(
+        tiny_llama(), torch.randint(0, 101, (2, 16)), show_progress=False, **options
+    )
     adapted = get_peft_model(tiny_llama(), nsn_peft.NSNConfig(init="whitened", stats=stats, **options))
     assert set(stats.layer_names) == set(gradients.layer_names) == set(nsn_peft.get_rank(adapted))
     assert all(".1." in n and "down_proj" not in n for n in stats.layer_names)
@@ -96,7 +106,9 @@ def test_the_default_target_leaves_the_head_out_and_honours_the_block_filter():
 def test_the_cli_checks_names_with_the_same_matcher():
     model = tiny_llama()
     assert unmatched_targets(model, ["q_proj", "mlp.up_proj", "model.layers.1.mlp.down_proj", "nope", "layers.0"]) == [
-        "nope", "layers.0"]
+        "nope",
+        "layers.0",
+    ]
     check_target_modules(model, ["q_proj", "self_attn.o_proj"])
     with pytest.raises(UsageError, match="--exclude-modules: nope match"):
         check_target_modules(model, ["nope"], "--exclude-modules")
@@ -127,4 +139,6 @@ def test_a_block_filter_on_a_regex_warns_that_it_does_not_apply():
     with pytest.warns(UserWarning, match="does not narrow a regex target_modules"):
         config = nsn_peft.NSNConfig(target_modules=r".*\.q_proj", layers_to_transform=[0])
     assert set(calibration_targets(tiny_llama(), LayerSelection.of(config))) == {
-        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    }

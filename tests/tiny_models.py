@@ -15,8 +15,13 @@ import nsn_peft  # noqa: F401  (registers the method with PEFT)
 def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -30,7 +35,11 @@ def tiny_gpt2(seed: int = 0) -> transformers.PreTrainedModel:
 def tiny_neox(seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     config = transformers.GPTNeoXConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=101,
         max_position_embeddings=64,
     )
     return transformers.GPTNeoXForCausalLM(config).eval()
@@ -39,8 +48,13 @@ def tiny_neox(seed: int = 0) -> transformers.PreTrainedModel:
 def tiny_opt(seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     config = transformers.OPTConfig(
-        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
-        max_position_embeddings=64, word_embed_proj_dim=32,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=101,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
     )
     return transformers.OPTForCausalLM(config).eval()
 
@@ -48,8 +62,13 @@ def tiny_opt(seed: int = 0) -> transformers.PreTrainedModel:
 def tiny_bert_classifier(seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
-        max_position_embeddings=64, num_labels=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=101,
+        max_position_embeddings=64,
+        num_labels=3,
     )
     return transformers.BertForSequenceClassification(config).eval()
 
@@ -92,11 +111,22 @@ def build_tiny_model(folder: Path, hidden: int = 64, seed: int = 0) -> None:
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator([" ".join(WORDS) + " ."], trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.train_from_iterator(
+        [" ".join(WORDS) + " ."], trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     config = LlamaConfig(
-        vocab_size=fast.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=1, bos_token_id=2,
+        vocab_size=fast.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=2,
         eos_token_id=3,
     )
     torch.manual_seed(seed)

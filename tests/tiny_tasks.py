@@ -30,11 +30,18 @@ def write_task(folder: Path, name: str = TASK) -> Path:
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "label": g}) + "\n" for q, c, g in QUESTIONS))
     spec = {
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(data)}},
-        "output_type": "multiple_choice", "validation_split": "validation",
-        "doc_to_text": "Q: {{question}}\nA:", "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"validation": str(data)}},
+        "output_type": "multiple_choice",
+        "validation_split": "validation",
+        "doc_to_text": "Q: {{question}}\nA:",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
         "metadata": {"version": 1.0},
     }
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

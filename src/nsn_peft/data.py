@@ -58,7 +58,9 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 
 
 def _is_dataset_dict(source: Any) -> bool:
-    return type(source).__name__ in ("DatasetDict", "IterableDatasetDict") and type(source).__module__.startswith("datasets")
+    return type(source).__name__ in ("DatasetDict", "IterableDatasetDict") and type(source).__module__.startswith(
+        "datasets"
+    )
 
 
 def _is_iterable_dataset(source: Any) -> bool:
@@ -100,8 +102,10 @@ def _documents(source: Any, split: Optional[str], text_field: str) -> Iterator[s
     elif hasattr(source, "column_names") and (hasattr(source, "__getitem__") or _is_iterable_dataset(source)):
         yield from _column(source, text_field)  # datasets.Dataset or IterableDataset
     elif not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"Unsupported text source of type {type(source).__name__}: pass a path, a list of strings, "
-                        "a datasets.Dataset or a dataset name")
+        raise TypeError(
+            f"Unsupported text source of type {type(source).__name__}: pass a path, a list of strings, "
+            "a datasets.Dataset or a dataset name"
+        )
     else:
         path = Path(os.fspath(source))
         if path.is_dir():
@@ -111,7 +115,11 @@ def _documents(source: Any, split: Optional[str], text_field: str) -> Iterator[s
             for f in files:
                 yield f.read_text(encoding="utf-8", errors="replace")
         elif path.is_file():
-            yield from _read_jsonl(path, text_field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8", errors="replace")]
+            yield from (
+                _read_jsonl(path, text_field)
+                if path.suffix == ".jsonl"
+                else [path.read_text(encoding="utf-8", errors="replace")]
+            )
         elif not _looks_like_dataset_name(str(source)):
             raise FileNotFoundError(f"Data file or folder not found: {path}")
         else:
@@ -119,8 +127,9 @@ def _documents(source: Any, split: Optional[str], text_field: str) -> Iterator[s
 
             name, _, config = str(source).partition(":")
             # Streamed: rows arrive as they are read, and reading stops where the caller stops.
-            yield from _documents(datasets.load_dataset(name, config or None, split=split or "train", streaming=True),
-                                  None, text_field)
+            yield from _documents(
+                datasets.load_dataset(name, config or None, split=split or "train", streaming=True), None, text_field
+            )
 
 
 def iter_texts(
@@ -168,7 +177,9 @@ def load_texts(
     return texts
 
 
-def token_stream(texts: Iterable[str], tokenizer, max_tokens: Optional[int] = None, batch_size: int = 64) -> torch.Tensor:
+def token_stream(
+    texts: Iterable[str], tokenizer, max_tokens: Optional[int] = None, batch_size: int = 64
+) -> torch.Tensor:
     """All documents tokenised and concatenated (EOS between documents), as one 1-D id tensor.
 
     ``texts`` may be lazy (:func:`iter_texts`): documents are tokenised ``batch_size`` at a time (fast
@@ -244,7 +255,11 @@ def block_dataset(
     def group(batch: dict[str, list]) -> dict[str, list]:
         stream = list(itertools.chain.from_iterable(batch["input_ids"]))
         blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks], "attention_mask": [[1] * block_size for _ in blocks]}
+        return {
+            "input_ids": blocks,
+            "labels": [list(b) for b in blocks],
+            "attention_mask": [[1] * block_size for _ in blocks],
+        }
 
     def documents() -> Iterator[dict[str, str]]:
         for text in iter_texts(source, split=split, text_field=text_field, max_docs=max_docs):

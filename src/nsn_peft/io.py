@@ -220,7 +220,9 @@ def _remove(path: Path) -> None:
 # -- one file ---------------------------------------------------------------------------------------------
 def _check_file_destination(target: Path) -> None:
     if target.is_dir():
-        raise IsADirectoryError(f"cannot write the file {target}: a folder exists there (remove it or choose another path)")
+        raise IsADirectoryError(
+            f"cannot write the file {target}: a folder exists there (remove it or choose another path)"
+        )
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -266,7 +268,9 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -291,7 +295,11 @@ def merge_safetensors(
                 raise KeyError(f"{source} holds no tensor {key!r}")
             info = source_header[key]
             begin, stop = info["data_offsets"]
-            header[new_key] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + stop - begin]}
+            header[new_key] = {
+                "dtype": info["dtype"],
+                "shape": info["shape"],
+                "data_offsets": [offset, offset + stop - begin],
+            }
             entries.append((source, start + begin, stop - begin))
             offset += stop - begin
     if metadata:
@@ -333,7 +341,9 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path} is not a safetensors file: {size} bytes, too short for a header (truncated?)")
         length = int.from_bytes(prefix, "little")
         if length > size - 8 or length > 100_000_000:
-            raise ValueError(f"{path} is truncated or not a safetensors file: its header claims {length:,} bytes, the file has {size:,}")
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file: its header claims {length:,} bytes, the file has {size:,}"
+            )
         try:
             header = json.loads(handle.read(length).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as err:
@@ -353,15 +363,25 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
         end = max(end, stop)
     expected = 8 + length + end
     if size < expected:
-        raise ValueError(f"{path} is truncated: {size:,} bytes, its header describes {expected:,} (an interrupted copy or download?)")
+        raise ValueError(
+            f"{path} is truncated: {size:,} bytes, its header describes {expected:,} (an interrupted copy or download?)"
+        )
     if size > expected:
         raise ValueError(f"{path} is corrupt: {size - expected:,} unexpected bytes after the tensors")
     return header
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -387,7 +407,9 @@ def read_safetensors(
             info = header[name]
             dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which this reader does not know")
+                raise ValueError(
+                    f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which this reader does not know"
+                )
             size, shape = info["data_offsets"][1] - begin, info["shape"]
             transpose = column_major is not None and len(shape) == 2 and column_major(name)
             if transpose and scratch.numel() < size:
@@ -408,7 +430,9 @@ def check_folder_destination(path: str | os.PathLike, what: str = "folder") -> P
     """Raise a clear error if a folder cannot be written at ``path`` (a file is there, or above it)."""
     target = Path(path)
     if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"cannot write the {what} {target}: a file exists there (remove it or choose another path)")
+        raise NotADirectoryError(
+            f"cannot write the {what} {target}: a file exists there (remove it or choose another path)"
+        )
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -590,5 +614,7 @@ def local_or_hub_folder(ref: str | os.PathLike, allow_patterns: list[str], what:
     try:
         return Path(huggingface_hub.snapshot_download(repo_id=str(ref), allow_patterns=allow_patterns))
     except Exception as err:  # noqa: BLE001  (the Hub client raises many kinds; the message names the reference)
-        raise FileNotFoundError(f"{what} {ref!r} is not a local path, and the Hub repository could not be read: "
-                                f"{type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+        raise FileNotFoundError(
+            f"{what} {ref!r} is not a local path, and the Hub repository could not be read: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from err

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 __all__ = ["canonical_module_name", "lookup_pattern", "strip_wrapper_names"]
 
+
 def canonical_module_name(name: str) -> str:
     """Map a module name inside a PeftModel/NSN wrapper to the name it has in the plain base model."""
     for prefix in ("base_model.model.", "_orig_mod.", "module."):

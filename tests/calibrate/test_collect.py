@@ -30,7 +30,11 @@ def _manual_grams(model, ids, attention_mask=None):
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    handles = [
+        m.register_forward_pre_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=attention_mask)
     for h in handles:
@@ -45,7 +49,9 @@ def test_stats_match_direct_computation_and_skip_the_head():
     expected = _manual_grams(model, ids)
     assert set(stats.layer_names) == set(expected) and "lm_head" not in stats
     for name, gram in expected.items():
-        torch.testing.assert_close(stats.grams[name], gram, rtol=1e-4, atol=1e-5 * gram.abs().max().item())  # fp32 per batch
+        torch.testing.assert_close(
+            stats.grams[name], gram, rtol=1e-4, atol=1e-5 * gram.abs().max().item()
+        )  # fp32 per batch
         assert stats.token_counts[name] == ids.numel()
     assert stats.grams["model.layers.0.mlp.up_proj"].dtype == torch.float64
 
@@ -55,15 +61,24 @@ def test_padding_is_excluded():
     ids = _blocks(2, 10)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
-    stats = collect_activation_stats(model, [{"input_ids": ids, "attention_mask": mask}], max_tokens=None, show_progress=False)
+    stats = collect_activation_stats(
+        model, [{"input_ids": ids, "attention_mask": mask}], max_tokens=None, show_progress=False
+    )
     expected = _manual_grams(model, ids, mask)
     expected_gram = expected["model.layers.1.mlp.down_proj"]
-    torch.testing.assert_close(stats.grams["model.layers.1.mlp.down_proj"], expected_gram, rtol=1e-4, atol=1e-5 * expected_gram.abs().max().item())
+    torch.testing.assert_close(
+        stats.grams["model.layers.1.mlp.down_proj"],
+        expected_gram,
+        rtol=1e-4,
+        atol=1e-5 * expected_gram.abs().max().item(),
+    )
     assert stats.token_counts["model.layers.1.mlp.down_proj"] == 16
 
 
 def test_max_tokens_and_target_modules_and_conv1d():
-    stats = collect_activation_stats(tiny_gpt2(), _blocks(8, 16), max_tokens=32, batch_size=2, target_modules=["c_fc"], show_progress=False)
+    stats = collect_activation_stats(
+        tiny_gpt2(), _blocks(8, 16), max_tokens=32, batch_size=2, target_modules=["c_fc"], show_progress=False
+    )
     assert stats.layer_names == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
     assert stats.num_tokens == 32
     assert stats.grams["transformer.h.0.mlp.c_fc"].shape == (32, 32)
@@ -134,10 +149,18 @@ def test_equal_matrices_are_stored_once_even_as_separate_tensors(tmp_path):
 
 def test_statistics_of_format_version_1_still_load(tmp_path):
     """The first format: every layer's float64 matrix in full, no aliases."""
-    grams = {"m.a": torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64), "m.b": torch.eye(2, dtype=torch.float64)}
+    grams = {
+        "m.a": torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64),
+        "m.b": torch.eye(2, dtype=torch.float64),
+    }
     save_file(grams, str(tmp_path / "activation_stats.safetensors"))
-    meta = {"format_version": 1, "model_id": "old", "dtype": "float64",
-            "layers": {"m.a": {"in_features": 2, "tokens": 7}, "m.b": {"in_features": 2, "tokens": 7}}, "extra": {}}
+    meta = {
+        "format_version": 1,
+        "model_id": "old",
+        "dtype": "float64",
+        "layers": {"m.a": {"in_features": 2, "tokens": 7}, "m.b": {"in_features": 2, "tokens": 7}},
+        "extra": {},
+    }
     (tmp_path / "stats.json").write_text(json.dumps(meta))
     stats = ActivationStats.load(tmp_path)
     assert stats.model_id == "old" and stats.token_counts == {"m.a": 7, "m.b": 7}
@@ -173,7 +196,9 @@ class _ReusesMemory(torch.nn.Module):
 
 
 def test_distinct_inputs_never_share_a_gram_even_at_the_same_address():
-    stats = collect_activation_stats(_ReusesMemory(), torch.zeros(1, 4, dtype=torch.long), max_tokens=None, show_progress=False)
+    stats = collect_activation_stats(
+        _ReusesMemory(), torch.zeros(1, 4, dtype=torch.long), max_tokens=None, show_progress=False
+    )
     b = torch.arange(32, dtype=torch.float64).view(4, 8)
     torch.testing.assert_close(stats.grams["second"], b.T @ b)
     torch.testing.assert_close(stats.grams["first"], torch.full((8, 8), 4.0, dtype=torch.float64))
@@ -185,7 +210,9 @@ def test_texts_paths_and_token_tensors_give_the_same_stats(tmp_path):
     (tmp_path / "docs").mkdir()
     for i, text in enumerate(TEXTS):
         (tmp_path / "docs" / f"{i}.txt").write_text(text)
-    from_folder = collect_activation_stats(model, tmp_path / "docs", tokenizer=tok, seq_len=16, max_tokens=96, show_progress=False)
+    from_folder = collect_activation_stats(
+        model, tmp_path / "docs", tokenizer=tok, seq_len=16, max_tokens=96, show_progress=False
+    )
     from nsn_peft.data import token_blocks
 
     blocks = token_blocks(TEXTS, tok, 16, 96)
@@ -212,7 +239,9 @@ def test_a_token_stream_is_cut_into_blocks_and_bad_inputs_are_named():
 
 
 def test_float32_accumulator_and_stats_on_the_run_device():
-    stats = collect_activation_stats(tiny_llama(), _blocks(), dtype=torch.float32, stats_device=None, show_progress=False)
+    stats = collect_activation_stats(
+        tiny_llama(), _blocks(), dtype=torch.float32, stats_device=None, show_progress=False
+    )
     assert all(g.dtype == torch.float32 for g in stats.grams.values())
     assert stats.extra["accumulate_dtype"] == "float32"
 
@@ -320,7 +349,9 @@ def _manual_output_gradients(model, ids, names, mask=None):
     handles = [modules[n].register_forward_hook(keep(n)) for n in names]
     labels = ids.clone() if mask is None else ids.masked_fill(mask == 0, -100)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum").backward()
+    torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum"
+    ).backward()
     for handle in handles:
         handle.remove()
     model.zero_grad(set_to_none=True)
@@ -342,11 +373,15 @@ def test_gradient_stats_match_autograd_and_exclude_padding():
     mask[1, 8:] = 0
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
     expected = _manual_output_gradients(model, ids, names, mask)
-    stats = collect_gradient_stats(model, [{"input_ids": ids, "attention_mask": mask}], max_tokens=None, show_progress=False)
+    stats = collect_gradient_stats(
+        model, [{"input_ids": ids, "attention_mask": mask}], max_tokens=None, show_progress=False
+    )
     assert stats.extra["kind"] == "output_gradient" and stats.token_counts[names[0]] == 20
     for name in names:
         assert stats.grams[name].shape == (expected[name].shape[0],) * 2
-        torch.testing.assert_close(stats.grams[name], expected[name], rtol=1e-4, atol=1e-6 * expected[name].abs().max().item())
+        torch.testing.assert_close(
+            stats.grams[name], expected[name], rtol=1e-4, atol=1e-6 * expected[name].abs().max().item()
+        )
     assert all(p.requires_grad for p in model.parameters())  # parameters are unfrozen again
     assert all(p.grad is None for p in model.parameters())
 
@@ -365,7 +400,9 @@ def test_batch_gram_is_the_float32_product():
 
 # -- bad statistics are named, and saving never destroys what is at the destination -----------------------------
 def _saved_stats(tmp_path):
-    stats = collect_activation_stats(tiny_llama(), _blocks(), target_modules=["up_proj", "down_proj"], show_progress=False)
+    stats = collect_activation_stats(
+        tiny_llama(), _blocks(), target_modules=["up_proj", "down_proj"], show_progress=False
+    )
     stats.save(tmp_path / "stats")
     return stats, tmp_path / "stats"
 
@@ -398,7 +435,9 @@ def test_a_failing_decomposition_names_the_layer(monkeypatch):
         raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
 
     monkeypatch.setattr(decompose, "whitened_factors", singular)
-    with pytest.raises(ValueError, match=r"init='whitened' failed for layer 'model\.layers\.0\.mlp\.up_proj'.*cholesky"):
+    with pytest.raises(
+        ValueError, match=r"init='whitened' failed for layer 'model\.layers\.0\.mlp\.up_proj'.*cholesky"
+    ):
         get_peft_model(tiny_llama(), NSNConfig(init="whitened", stats=stats, target_modules=["up_proj"]))
 
 
@@ -412,8 +451,11 @@ def test_truncated_statistics_file_is_named(tmp_path):
 
 def test_saving_keeps_gradient_statistics_and_other_files(tmp_path):
     stats, folder = _saved_stats(tmp_path)
-    grads = ActivationStats({"model.layers.0.mlp.up_proj": torch.eye(48, dtype=torch.float64)}, {"model.layers.0.mlp.up_proj": 5},
-                            extra={"kind": "output_gradient"})
+    grads = ActivationStats(
+        {"model.layers.0.mlp.up_proj": torch.eye(48, dtype=torch.float64)},
+        {"model.layers.0.mlp.up_proj": 5},
+        extra={"kind": "output_gradient"},
+    )
     grads.save(folder / "output_gradients")
     (folder / "notes.txt").write_text("mine")
     stats.token_counts = {k: v + 1 for k, v in stats.token_counts.items()}

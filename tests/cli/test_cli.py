@@ -26,19 +26,45 @@ from tiny_models import sentences as _sentences
 import nsn_peft
 from nsn_peft.cli import build_parser, main
 
-COMMANDS = ["adapt", "calibrate", "search-ranks", "compress", "train", "eval", "sweep", "infer", "info", "fetch-model", "fetch-tasks"]
+COMMANDS = [
+    "adapt",
+    "calibrate",
+    "search-ranks",
+    "compress",
+    "train",
+    "eval",
+    "sweep",
+    "infer",
+    "info",
+    "fetch-model",
+    "fetch-tasks",
+]
 GRANULARITY = "16"
 MAX_RANK = "32"
 
+
 def run_cli(*args: object, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+    }
     # The subprocess runs in another folder: point it at the package under test, not at whatever a relative
     # PYTHONPATH or an installed copy would resolve to there.
     env["PYTHONPATH"] = os.pathsep.join([str(Path(nsn_peft.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "nsn_peft", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-m", "nsn_peft", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
-    assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == expect, (
+        f"exit {proc.returncode} (expected {expect})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return proc
 
 
@@ -70,8 +96,19 @@ def ws(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter(ws: Path) -> Path:
-    proc = run_cli("adapt", "--model", "tiny", "--max-rank", MAX_RANK, "--granularity", GRANULARITY, "--output", "adapter",
-                   "--json", cwd=ws)
+    proc = run_cli(
+        "adapt",
+        "--model",
+        "tiny",
+        "--max-rank",
+        MAX_RANK,
+        "--granularity",
+        GRANULARITY,
+        "--output",
+        "adapter",
+        "--json",
+        cwd=ws,
+    )
     data = json.loads(proc.stdout)
     assert data["layers"] == 14 and data["max_rank_counts"] == {MAX_RANK: 14}
     return ws / "adapter"
@@ -79,8 +116,21 @@ def adapter(ws: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stats(ws: Path) -> Path:
-    proc = run_cli("calibrate", "--model", "tiny", "--data", "train.txt", "--seq-len", "16", "--max-tokens", "512",
-                   "--output", "stats", "--json", cwd=ws)
+    proc = run_cli(
+        "calibrate",
+        "--model",
+        "tiny",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "512",
+        "--output",
+        "stats",
+        "--json",
+        cwd=ws,
+    )
     data = json.loads(proc.stdout)
     assert data["layers"] == 14
     assert (ws / "stats" / "stats.json").is_file()
@@ -157,7 +207,10 @@ def test_bad_values_are_usage_errors(argv, fragment, in_process, capsys):
         (["infer", "--adapter", "adapter", "--prompt-file", "no_prompt.txt"], "prompt file not found"),
         (["infer", "--adapter", "adapter", "--rank", "8", "--fraction", "0.5", "--prompt", "x"], "at most one of"),
         (["calibrate", "--data", "missing.jsonl", "--output", "s"], "data not found: missing.jsonl"),
-        (["search-ranks", "--stats", "stats_missing", "--target-fraction", "0.5", "--output", "p.json"], "stats folder not found"),
+        (
+            ["search-ranks", "--stats", "stats_missing", "--target-fraction", "0.5", "--output", "p.json"],
+            "stats folder not found",
+        ),
         (["search-ranks", "--target-fraction", "0.5", "--epsilon", "0.1", "--output", "p.json"], "exactly one of"),
         (["train", "--adapter", "adapter", "--output", "t"], "required: --data"),
         (["sweep", "--adapter", "adapter", "--data", "valid.txt"], "required: --output-dir"),
@@ -236,8 +289,19 @@ def test_info_reads_the_folder_only(adapter, ws, in_process, capsys, monkeypatch
 
 
 def test_infer_from_adapter_at_rank(adapter, ws):
-    proc = run_cli("infer", "--adapter", "adapter", "--rank", "16", "--prompt", "the model", "--max-new-tokens", "4",
-                   "--json", cwd=ws)
+    proc = run_cli(
+        "infer",
+        "--adapter",
+        "adapter",
+        "--rank",
+        "16",
+        "--prompt",
+        "the model",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        cwd=ws,
+    )
     data = json.loads(proc.stdout)
     assert data["max_rank"] == 16 and data["min_rank"] == 16 and 1 <= data["new_tokens"] <= 4
     assert isinstance(data["completion"], str) and data["chat_template"] is False
@@ -245,9 +309,18 @@ def test_infer_from_adapter_at_rank(adapter, ws):
 
 def test_infer_adapts_on_the_fly_with_config_and_target_flops(ws, tmp_path):
     config = tmp_path / "infer.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": "tiny", "max_rank": 32, "granularity": 16, "target_flops": 0.6, "prompt": "the rank", "max_new_tokens": 5,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny",
+                "max_rank": 32,
+                "granularity": 16,
+                "target_flops": 0.6,
+                "prompt": "the rank",
+                "max_new_tokens": 5,
+            }
+        )
+    )
     proc = run_cli("infer", "--config", config, "--max-new-tokens", "1", "--json", cwd=ws)
     data = json.loads(proc.stdout)
     assert data["kind"] == "flops" and data["selected_rank"] == 16 and data["model_flops_fraction"] <= 0.6
@@ -256,8 +329,25 @@ def test_infer_adapts_on_the_fly_with_config_and_target_flops(ws, tmp_path):
 
 def test_eval_at_several_ranks(adapter, ws):
     proc = run_cli(
-        "eval", "--adapter", "adapter", "--data", "valid.jsonl", "--ranks", "16,full", "--fractions", "0.5",
-        "--target-flops", "0.6", "--baseline", "--seq-len", "16", "--max-tokens", "256", "--output", "eval.json", "--json",
+        "eval",
+        "--adapter",
+        "adapter",
+        "--data",
+        "valid.jsonl",
+        "--ranks",
+        "16,full",
+        "--fractions",
+        "0.5",
+        "--target-flops",
+        "0.6",
+        "--baseline",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--output",
+        "eval.json",
+        "--json",
         cwd=ws,
     )
     data = json.loads(proc.stdout)
@@ -271,8 +361,24 @@ def test_eval_at_several_ranks(adapter, ws):
 
 
 def test_sweep_writes_csv_plot_and_json(adapter, ws):
-    proc = run_cli("sweep", "--adapter", "adapter", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256",
-                   "--baseline", "--x", "flops", "--output-dir", "sweep", "--json", cwd=ws)
+    proc = run_cli(
+        "sweep",
+        "--adapter",
+        "adapter",
+        "--data",
+        "valid.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--baseline",
+        "--x",
+        "flops",
+        "--output-dir",
+        "sweep",
+        "--json",
+        cwd=ws,
+    )
     data = json.loads(proc.stdout)
     assert [r["mean_rank"] for r in data["results"]] == [16, 32]
     with open(ws / "sweep" / "sweep.csv", encoding="utf-8") as f:
@@ -286,13 +392,37 @@ def test_sweep_writes_csv_plot_and_json(adapter, ws):
 def test_calibrate_search_adapt_planned_and_compress(stats, ws, in_process, capsys, monkeypatch):
     meta = json.loads((stats / "stats.json").read_text())
     assert len(meta["layers"]) == 14
-    proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats", "--target-fraction", "0.5", "--output", "plan.json",
-                   "--json", cwd=ws)
+    proc = run_cli(
+        "search-ranks",
+        "--model",
+        "tiny",
+        "--stats",
+        "stats",
+        "--target-fraction",
+        "0.5",
+        "--output",
+        "plan.json",
+        "--json",
+        cwd=ws,
+    )
     plan = json.loads(proc.stdout)
     assert plan["mode"] == "budget" and plan["init"] == "whitened" and (ws / "plan.json").is_file()
     assert plan["parameter_fraction"] <= 0.5 + 1e-9
-    proc = run_cli("adapt", "--model", "tiny", "--stats", "stats", "--rank-plan", "plan.json", "--granularity", GRANULARITY,
-                   "--output", "planned", "--json", cwd=ws)
+    proc = run_cli(
+        "adapt",
+        "--model",
+        "tiny",
+        "--stats",
+        "stats",
+        "--rank-plan",
+        "plan.json",
+        "--granularity",
+        GRANULARITY,
+        "--output",
+        "planned",
+        "--json",
+        cwd=ws,
+    )
     adapted = json.loads(proc.stdout)
     assert adapted["init"] == "whitened"  # the plan's init (no --init given)
     assert adapted["layers"] == len(plan["ranks"])
@@ -304,24 +434,73 @@ def test_calibrate_search_adapt_planned_and_compress(stats, ws, in_process, caps
     monkeypatch.chdir(ws)
     assert in_process(["info", "--adapter", "compressed", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["factor_params"] == compressed["factored_params"]
-    proc = run_cli("eval", "--model", "compressed", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256", "--json",
-                   cwd=ws)
+    proc = run_cli(
+        "eval",
+        "--model",
+        "compressed",
+        "--data",
+        "valid.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--json",
+        cwd=ws,
+    )
     (row,) = json.loads(proc.stdout)["results"]
     assert row["label"] == "compressed" and row["perplexity"] > 1
     assert row["model_flops_fraction"] == pytest.approx(compressed["model_flops_fraction"])
 
 
 def test_search_ranks_epsilon_mode(stats, ws):
-    proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats", "--epsilon", "0.05", "--data", "valid.txt",
-                   "--seq-len", "16", "--max-tokens", "256", "--max-steps", "2", "--output", "plan_eps.json", "--json", cwd=ws)
+    proc = run_cli(
+        "search-ranks",
+        "--model",
+        "tiny",
+        "--stats",
+        "stats",
+        "--epsilon",
+        "0.05",
+        "--data",
+        "valid.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--max-steps",
+        "2",
+        "--output",
+        "plan_eps.json",
+        "--json",
+        cwd=ws,
+    )
     plan = json.loads(proc.stdout)
     assert plan["mode"] == "epsilon" and plan["init"] == "projected" and plan["target"]["epsilon"] == 0.05
     assert (ws / "plan_eps.json").is_file()
 
 
 def test_train_a_few_steps(adapter, ws):
-    proc = run_cli("train", "--adapter", "adapter", "--data", "train.txt", "--seq-len", "16", "--max-tokens", "256",
-                   "--batch-size", "2", "--max-steps", "2", "--logging-steps", "1", "--output", "trained", "--json", cwd=ws)
+    proc = run_cli(
+        "train",
+        "--adapter",
+        "adapter",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--output",
+        "trained",
+        "--json",
+        cwd=ws,
+    )
     data = json.loads(proc.stdout)
     assert data["steps"] == 2 and data["training_loss"] > 0
     assert (ws / "trained" / "adapter_model.safetensors").is_file()
@@ -332,17 +511,42 @@ def test_train_a_few_steps(adapter, ws):
 def test_stats_from_another_model_is_a_runtime_error(ws, adapter, in_process, capsys, monkeypatch):
     from nsn_peft import ActivationStats
 
-    other = ActivationStats({"model.layers.0.mlp.up_proj": torch.eye(48, dtype=torch.float64)},
-                            {"model.layers.0.mlp.up_proj": 10}, model_id="other")
+    other = ActivationStats(
+        {"model.layers.0.mlp.up_proj": torch.eye(48, dtype=torch.float64)},
+        {"model.layers.0.mlp.up_proj": 10},
+        model_id="other",
+    )
     other.save(ws / "other_stats")
     before = entries(ws)
-    proc = run_cli("adapt", "--model", "tiny", "--init", "whitened", "--stats", "other_stats", "--output", "whitened",
-                   cwd=ws, expect=1)
+    proc = run_cli(
+        "adapt",
+        "--model",
+        "tiny",
+        "--init",
+        "whitened",
+        "--stats",
+        "other_stats",
+        "--output",
+        "whitened",
+        cwd=ws,
+        expect=1,
+    )
     assert_one_line_error(proc.stderr, "adapt", "do not match this model")
     assert entries(ws) == before
     monkeypatch.chdir(ws)
     capsys.readouterr()
-    argv = ["adapt", "--model", "tiny", "--init", "whitened", "--stats", "other_stats", "--output", "whitened", "--debug"]
+    argv = [
+        "adapt",
+        "--model",
+        "tiny",
+        "--init",
+        "whitened",
+        "--stats",
+        "other_stats",
+        "--output",
+        "whitened",
+        "--debug",
+    ]
     assert in_process(argv) == 1
     assert "Traceback" in capsys.readouterr().err  # --debug shows it
     assert entries(ws) == before
@@ -350,10 +554,14 @@ def test_stats_from_another_model_is_a_runtime_error(ws, adapter, in_process, ca
 
 def test_unknown_module_and_too_large_rank_after_loading(ws, adapter, in_process, capsys, monkeypatch):
     before = entries(ws)
-    proc = run_cli("adapt", "--model", "tiny", "--target-modules", "q_proj,qkv_proj", "--output", "bad", cwd=ws, expect=2)
+    proc = run_cli(
+        "adapt", "--model", "tiny", "--target-modules", "q_proj,qkv_proj", "--output", "bad", cwd=ws, expect=2
+    )
     assert_one_line_error(proc.stderr, "adapt", "qkv_proj match(es) no linear layer")
     monkeypatch.chdir(ws)
-    assert in_process(["eval", "--adapter", "adapter", "--data", "valid.txt", "--ranks", "64", "--output", "e.json"]) == 2
+    assert (
+        in_process(["eval", "--adapter", "adapter", "--data", "valid.txt", "--ranks", "64", "--output", "e.json"]) == 2
+    )
     assert_one_line_error(capsys.readouterr().err, "eval", "rank 64 exceeds the adapter's largest max rank (32)")
     assert in_process(["adapt", "--model", "tiny", "--exclude-modules", "nope_proj", "--output", "bad"]) == 2
     assert_one_line_error(capsys.readouterr().err, "adapt", "--exclude-modules: nope_proj")
@@ -368,28 +576,89 @@ def test_console_script_and_module_entry_point(ws):
 
 @pytest.mark.slow
 def test_infer_on_embedded_smollm2_at_half_flops(tmp_path):
-    proc = run_cli("infer", "--max-rank", "256", "--target-flops", "0.5", "--prompt", "The capital of France is",
-                   "--max-new-tokens", "8", "--json", cwd=tmp_path)
+    proc = run_cli(
+        "infer",
+        "--max-rank",
+        "256",
+        "--target-flops",
+        "0.5",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        cwd=tmp_path,
+    )
     data = json.loads(proc.stdout)
     assert data["model_flops_fraction"] <= 0.5 and data["chat_template"] is True
 
 
 def test_calibrate_with_gradients_feeds_loss_weighted_budget_search(ws):
-    proc = run_cli("calibrate", "--model", "tiny", "--data", "train.txt", "--seq-len", "16", "--max-tokens", "256",
-                   "--gradients", "--gradient-tokens", "128", "--output", "stats_grad", "--json", cwd=ws)
+    proc = run_cli(
+        "calibrate",
+        "--model",
+        "tiny",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--gradients",
+        "--gradient-tokens",
+        "128",
+        "--output",
+        "stats_grad",
+        "--json",
+        cwd=ws,
+    )
     data = json.loads(proc.stdout)
     assert data["gradient_tokens"] == 128
     assert sorted(entries(ws / "stats_grad")) == ["activation_stats.safetensors", "output_gradients", "stats.json"]
-    proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats_grad", "--target-fraction", "0.5",
-                   "--output", "plan_grad.json", "--json", cwd=ws)
+    proc = run_cli(
+        "search-ranks",
+        "--model",
+        "tiny",
+        "--stats",
+        "stats_grad",
+        "--target-fraction",
+        "0.5",
+        "--output",
+        "plan_grad.json",
+        "--json",
+        cwd=ws,
+    )
     plan = json.loads(proc.stdout)
     assert plan["target"]["weighting"] == "output_gradient" and plan["parameter_fraction"] <= 0.5 + 1e-9
-    proc = run_cli("search-ranks", "--model", "tiny", "--stats", "stats_grad", "--target-fraction", "0.5", "--no-gradients",
-                   "--output", "plan_plain.json", "--json", cwd=ws)
+    proc = run_cli(
+        "search-ranks",
+        "--model",
+        "tiny",
+        "--stats",
+        "stats_grad",
+        "--target-fraction",
+        "0.5",
+        "--no-gradients",
+        "--output",
+        "plan_plain.json",
+        "--json",
+        cwd=ws,
+    )
     assert json.loads(proc.stdout)["target"]["weighting"] == "output_error"
     # Output-gradient statistics are not input Grams: using them as activation stats is refused.
-    proc = run_cli("adapt", "--model", "tiny", "--init", "whitened", "--stats", "stats_grad/output_gradients", "--output", "bad",
-                   cwd=ws, expect=1)
+    proc = run_cli(
+        "adapt",
+        "--model",
+        "tiny",
+        "--init",
+        "whitened",
+        "--stats",
+        "stats_grad/output_gradients",
+        "--output",
+        "bad",
+        cwd=ws,
+        expect=1,
+    )
     assert "output_gradient statistics, not activation statistics" in proc.stderr and not (ws / "bad").exists()
 
 
@@ -425,7 +694,9 @@ def test_misspelt_config_section_is_named_with_the_commands(ws, adapter, in_proc
     assert_one_line_error(capsys.readouterr().err, "info", "section 'infoo' is not a command; did you mean 'info'?")
 
 
-def test_corrupt_statistics_and_adapter_files_are_named_before_loading(ws, adapter, stats, in_process, capsys, monkeypatch):
+def test_corrupt_statistics_and_adapter_files_are_named_before_loading(
+    ws, adapter, stats, in_process, capsys, monkeypatch
+):
     monkeypatch.chdir(ws)
     shutil.copytree(stats, ws / "broken_stats")
     tensors = ws / "broken_stats" / "activation_stats.safetensors"
@@ -439,7 +710,9 @@ def test_corrupt_statistics_and_adapter_files_are_named_before_loading(ws, adapt
         raise AssertionError("the model was loaded before the files were checked")
 
     monkeypatch.setattr(hub, "load_model_and_tokenizer", no_loading)
-    assert in_process(["adapt", "--model", "tiny", "--init", "whitened", "--stats", "broken_stats", "--output", "w"]) == 2
+    assert (
+        in_process(["adapt", "--model", "tiny", "--init", "whitened", "--stats", "broken_stats", "--output", "w"]) == 2
+    )
     assert_one_line_error(capsys.readouterr().err, "adapt", "broken_stats/activation_stats.safetensors is truncated")
     assert in_process(["eval", "--adapter", "broken_adapter", "--data", "valid.txt"]) == 2
     assert_one_line_error(capsys.readouterr().err, "eval", "broken_adapter/adapter_model.safetensors is truncated")
@@ -453,10 +726,32 @@ def test_outputs_get_the_umask_modes(adapter, stats):
         for path in [folder, *folder.rglob("*")]:
             expected = (0o777 if path.is_dir() else 0o666) & ~mask
             assert path.stat().st_mode & 0o777 == expected, path
+
+
 def test_compress_refine_resumable_and_loadable(ws):
-    args = ["compress", "--model", "tiny", "--refine", "--budget", "0.5", "--data", "train.txt", "--seq-len", "16",
-            "--max-tokens", "640", "--batch-size", "4", "--e2e-tokens", "256", "--refine-state", "refine-state",
-            "--output", "refined", "--json"]
+    args = [
+        "compress",
+        "--model",
+        "tiny",
+        "--refine",
+        "--budget",
+        "0.5",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "640",
+        "--batch-size",
+        "4",
+        "--e2e-tokens",
+        "256",
+        "--refine-state",
+        "refine-state",
+        "--output",
+        "refined",
+        "--json",
+    ]
     proc = run_cli(*args, cwd=ws)
     data = json.loads(proc.stdout)
     assert data["allocation"] in ("mixed", "uniform") and not data["resumed"]
@@ -465,29 +760,90 @@ def test_compress_refine_resumable_and_loadable(ws):
     assert (ws / "refine-state" / "refine_state.json").is_file()
     proc = run_cli(*args, "--overwrite", cwd=ws)  # a finished state is reused, not retrained
     assert json.loads(proc.stdout)["resumed"]
-    proc = run_cli("eval", "--model", "refined", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256", "--json", cwd=ws)
+    proc = run_cli(
+        "eval", "--model", "refined", "--data", "valid.txt", "--seq-len", "16", "--max-tokens", "256", "--json", cwd=ws
+    )
     assert json.loads(proc.stdout)["results"][0]["perplexity"] > 1
     proc = run_cli("compress", "--model", "tiny", "--refine", "--data", "train.txt", "--output", "x", cwd=ws, expect=2)
     assert_one_line_error(proc.stderr, "compress", "--refine needs --budget")
 
 
 def test_compress_refine_budgets_saves_one_adapter_for_every_budget(ws):
-    args = ["compress", "--model", "tiny", "--refine", "--budgets", "0.5,0.8", "--data", "train.txt", "--seq-len", "16",
-            "--max-tokens", "640", "--batch-size", "4", "--e2e-tokens", "256", "--blockwise-epochs", "0",
-            "--allocation", "uniform", "--output", "ladder", "--json"]
+    args = [
+        "compress",
+        "--model",
+        "tiny",
+        "--refine",
+        "--budgets",
+        "0.5,0.8",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "640",
+        "--batch-size",
+        "4",
+        "--e2e-tokens",
+        "256",
+        "--blockwise-epochs",
+        "0",
+        "--allocation",
+        "uniform",
+        "--output",
+        "ladder",
+        "--json",
+    ]
     data = json.loads(run_cli(*args, cwd=ws).stdout)
     assert data["budgets"] == [0.5, 0.8] and set(data["validation_nll_per_budget"]["end_to_end"]) == {"0.5", "0.8"}
     saved = json.loads((ws / "ladder" / "adapter_config.json").read_text())
     assert saved["budget_plans"] == data["budget_plans"]
     for budget in ("0.5", "0.8"):
-        proc = run_cli("eval", "--adapter", "ladder", "--target-flops", budget, "--data", "valid.txt", "--seq-len", "16",
-                       "--max-tokens", "256", "--json", cwd=ws)
+        proc = run_cli(
+            "eval",
+            "--adapter",
+            "ladder",
+            "--target-flops",
+            budget,
+            "--data",
+            "valid.txt",
+            "--seq-len",
+            "16",
+            "--max-tokens",
+            "256",
+            "--json",
+            cwd=ws,
+        )
         assert json.loads(proc.stdout)["results"][0]["perplexity"] > 1
-    proc = run_cli("compress", "--model", "tiny", "--refine", "--budgets", "0.8,0.5", "--data", "train.txt",
-                   "--output", "x", cwd=ws, expect=2)
+    proc = run_cli(
+        "compress",
+        "--model",
+        "tiny",
+        "--refine",
+        "--budgets",
+        "0.8,0.5",
+        "--data",
+        "train.txt",
+        "--output",
+        "x",
+        cwd=ws,
+        expect=2,
+    )
     assert_one_line_error(proc.stderr, "compress", "not sorted")
-    proc = run_cli("compress", "--model", "tiny", "--refine", "--budget", "0.5", "--budgets", "0.5,0.8",
-                   "--output", "x", cwd=ws, expect=2)
+    proc = run_cli(
+        "compress",
+        "--model",
+        "tiny",
+        "--refine",
+        "--budget",
+        "0.5",
+        "--budgets",
+        "0.5,0.8",
+        "--output",
+        "x",
+        cwd=ws,
+        expect=2,
+    )
     assert_one_line_error(proc.stderr, "compress", "not both")
 
 
@@ -503,21 +859,69 @@ def test_target_flops_uses_the_budget_plans(ws, tmp_path):
     plans = {0.5: dict.fromkeys(names, 8), 1.0: dict.fromkeys(names, 16)}
     model = get_peft_model(base, NSNConfig(target_modules=["up_proj", "down_proj"], max_rank=16, budget_plans=plans))
     model.save_pretrained(tmp_path / "scheduled")
-    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.5",
-                   "--output", tmp_path / "c50", "--json", cwd=ws)
+    proc = run_cli(
+        "compress",
+        "--adapter",
+        tmp_path / "scheduled",
+        "--model",
+        "tiny",
+        "--target-flops",
+        "0.5",
+        "--output",
+        tmp_path / "c50",
+        "--json",
+        cwd=ws,
+    )
     assert json.loads(proc.stdout)["mean_rank"] == 8
-    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--target-flops", "0.3",
-                   "--output", tmp_path / "c30", cwd=ws, expect=2)
+    proc = run_cli(
+        "compress",
+        "--adapter",
+        tmp_path / "scheduled",
+        "--model",
+        "tiny",
+        "--target-flops",
+        "0.3",
+        "--output",
+        tmp_path / "c30",
+        cwd=ws,
+        expect=2,
+    )
     assert_one_line_error(proc.stderr, "compress", "has plans for the FLOPs budgets 0.5, 1")
     assert set(json.loads((tmp_path / "c50" / "config.json").read_text())["nsn_max_ranks"].values()) == {8}
     # No rank chosen: a nested export, every budget in one folder.
-    proc = run_cli("compress", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--output", tmp_path / "nested",
-                   "--json", cwd=ws)
+    proc = run_cli(
+        "compress",
+        "--adapter",
+        tmp_path / "scheduled",
+        "--model",
+        "tiny",
+        "--output",
+        tmp_path / "nested",
+        "--json",
+        cwd=ws,
+    )
     assert json.loads(proc.stdout)["budgets"] == [0.5, 1.0]
     config = json.loads((tmp_path / "nested" / "config.json").read_text())
-    assert sorted(config["nsn_budget_plans"], key=float) == ["0.5", "1"] and set(config["nsn_max_ranks"].values()) == {16}
-    proc = run_cli("eval", "--adapter", tmp_path / "scheduled", "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
-                   "--max-tokens", "256", "--target-flops", "0.5,1", "--json", cwd=ws)
+    assert sorted(config["nsn_budget_plans"], key=float) == ["0.5", "1"] and set(config["nsn_max_ranks"].values()) == {
+        16
+    }
+    proc = run_cli(
+        "eval",
+        "--adapter",
+        tmp_path / "scheduled",
+        "--model",
+        "tiny",
+        "--data",
+        "valid.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--target-flops",
+        "0.5,1",
+        "--json",
+        cwd=ws,
+    )
     rows = json.loads(proc.stdout)["results"]
     assert [r["mean_rank"] for r in rows] == [8, 16]
     assert nsn_peft.get_rank(model) == dict.fromkeys(names, 16)
@@ -525,18 +929,73 @@ def test_target_flops_uses_the_budget_plans(ws, tmp_path):
 
 def test_serving_from_factors_only(ws, adapter, tmp_path):
     """eval without the dense baseline runs from factors only; the baseline needs the dense weights."""
-    proc = run_cli("eval", "--adapter", adapter, "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
-                   "--max-tokens", "256", "--ranks", "8", "--no-keep-base-weights", "--json", cwd=ws)
+    proc = run_cli(
+        "eval",
+        "--adapter",
+        adapter,
+        "--model",
+        "tiny",
+        "--data",
+        "valid.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--ranks",
+        "8",
+        "--no-keep-base-weights",
+        "--json",
+        cwd=ws,
+    )
     data = json.loads(proc.stdout)
     assert data["baseline_perplexity"] is None and data["results"][0]["perplexity"] > 1  # skipped, not an error
-    kept = run_cli("eval", "--adapter", adapter, "--model", "tiny", "--data", "valid.txt", "--seq-len", "16",
-                   "--max-tokens", "256", "--ranks", "8", "--json", cwd=ws)
-    assert json.loads(kept.stdout)["results"][0]["perplexity"] == pytest.approx(data["results"][0]["perplexity"], rel=1e-5)
-    proc = run_cli("eval", "--adapter", adapter, "--model", "tiny", "--data", "valid.txt", "--baseline",
-                   "--no-keep-base-weights", cwd=ws, expect=2)
+    kept = run_cli(
+        "eval",
+        "--adapter",
+        adapter,
+        "--model",
+        "tiny",
+        "--data",
+        "valid.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--ranks",
+        "8",
+        "--json",
+        cwd=ws,
+    )
+    assert json.loads(kept.stdout)["results"][0]["perplexity"] == pytest.approx(
+        data["results"][0]["perplexity"], rel=1e-5
+    )
+    proc = run_cli(
+        "eval",
+        "--adapter",
+        adapter,
+        "--model",
+        "tiny",
+        "--data",
+        "valid.txt",
+        "--baseline",
+        "--no-keep-base-weights",
+        cwd=ws,
+        expect=2,
+    )
     assert_one_line_error(proc.stderr, "eval", "--baseline evaluates the dense model")
-    proc = run_cli("adapt", "--model", "tiny", "--max-rank", "break-even", "--granularity", "8", "--output",
-                   tmp_path / "be", "--json", cwd=ws)
+    proc = run_cli(
+        "adapt",
+        "--model",
+        "tiny",
+        "--max-rank",
+        "break-even",
+        "--granularity",
+        "8",
+        "--output",
+        tmp_path / "be",
+        "--json",
+        cwd=ws,
+    )
     assert json.loads(proc.stdout)["max_rank"] == "break-even"
     config = json.loads((tmp_path / "be" / "adapter_config.json").read_text())
     assert config["max_rank"] == "break-even"

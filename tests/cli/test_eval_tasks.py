@@ -33,13 +33,24 @@ def ws(tmp_path_factory) -> Path:
     (root / "train.txt").write_text("\n".join(_sentences(200, 1)) + "\n", encoding="utf-8")
     tasks = root / "tasks"
     tasks.mkdir()
-    (tasks / f"{TASK}.jsonl").write_text("".join(json.dumps({"q": q, "choices": c, "label": g}) + "\n" for q, c, g in QUESTIONS))
-    (tasks / f"{TASK}.yaml").write_text(yaml.safe_dump({
-        "task": TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(tasks / f"{TASK}.jsonl")}},
-        "output_type": "multiple_choice", "validation_split": "validation", "doc_to_text": "{{q}}",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
-        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
-    }))
+    (tasks / f"{TASK}.jsonl").write_text(
+        "".join(json.dumps({"q": q, "choices": c, "label": g}) + "\n" for q, c, g in QUESTIONS)
+    )
+    (tasks / f"{TASK}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": TASK,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"validation": str(tasks / f"{TASK}.jsonl")}},
+                "output_type": "multiple_choice",
+                "validation_split": "validation",
+                "doc_to_text": "{{q}}",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{label}}",
+                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+            }
+        )
+    )
     return root
 
 
@@ -73,8 +84,26 @@ def last_error(err: str) -> str:
 
 
 def test_eval_tasks_at_two_ranks_with_the_dense_model_a_plot_and_json(cli, ws):
-    code, out, err = cli("eval", "--model", "tiny", "--max-rank", "32", "--granularity", "16", "--tasks", TASK,
-                         "--include-path", "tasks", "--ranks", "16,full", "--plot", "acc.png", "--output", "acc.json", "--json")
+    code, out, err = cli(
+        "eval",
+        "--model",
+        "tiny",
+        "--max-rank",
+        "32",
+        "--granularity",
+        "16",
+        "--tasks",
+        TASK,
+        "--include-path",
+        "tasks",
+        "--ranks",
+        "16,full",
+        "--plot",
+        "acc.png",
+        "--output",
+        "acc.json",
+        "--json",
+    )
     assert code == 0, err
     data = json.loads(out)
     assert [p["label"] for p in data["points"]] == ["16", "full"] and data["dense"]["label"] == "dense"
@@ -88,13 +117,19 @@ def test_eval_tasks_at_two_ranks_with_the_dense_model_a_plot_and_json(cli, ws):
     assert "point" in out and "model" in out  # the model alone: no adapter, no dense row
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["eval", "--tasks", "no_such_task", "--include-path", "tasks"], "unknown task no_such_task"),
-    (["eval", "--model", "tiny"], "eval needs --data (perplexity on text) or --tasks"),
-    (["eval", "--tasks", TASK, "--data", "train.txt", "--include-path", "tasks"], "not both"),
-    (["eval", "--data", "train.txt", "--limit", "3"], "--limit goes with --tasks"),
-    (["search-ranks", "--stats", "stats", "--tasks", TASK, "--epsilon", "1%", "--output", "p.json"], "ambiguous for accuracy"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["eval", "--tasks", "no_such_task", "--include-path", "tasks"], "unknown task no_such_task"),
+        (["eval", "--model", "tiny"], "eval needs --data (perplexity on text) or --tasks"),
+        (["eval", "--tasks", TASK, "--data", "train.txt", "--include-path", "tasks"], "not both"),
+        (["eval", "--data", "train.txt", "--limit", "3"], "--limit goes with --tasks"),
+        (
+            ["search-ranks", "--stats", "stats", "--tasks", TASK, "--epsilon", "1%", "--output", "p.json"],
+            "ambiguous for accuracy",
+        ),
+    ],
+)
 def test_task_options_fail_in_one_line(cli, ws, argv, fragment):
     (ws / "stats").mkdir(exist_ok=True)
     for name in ("stats.json", "stats.safetensors"):
@@ -110,12 +145,42 @@ def test_packaged_tasks_missing_from_the_cache_name_the_command(cli, tmp_path, m
 
 
 def test_search_ranks_within_an_accuracy_tolerance(cli, ws):
-    code, _, err = cli("calibrate", "--model", "tiny", "--data", "train.txt", "--seq-len", "16", "--max-tokens", "512",
-                       "--output", "real_stats")
+    code, _, err = cli(
+        "calibrate",
+        "--model",
+        "tiny",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "512",
+        "--output",
+        "real_stats",
+    )
     assert code == 0, err
-    code, out, err = cli("search-ranks", "--model", "tiny", "--stats", "real_stats", "--tasks", TASK, "--include-path",
-                         "tasks", "--metric", "acc", "--epsilon", "25pp", "--questions", "3", "--max-steps", "2",
-                         "--output", "plan.json", "--json")
+    code, out, err = cli(
+        "search-ranks",
+        "--model",
+        "tiny",
+        "--stats",
+        "real_stats",
+        "--tasks",
+        TASK,
+        "--include-path",
+        "tasks",
+        "--metric",
+        "acc",
+        "--epsilon",
+        "25pp",
+        "--questions",
+        "3",
+        "--max-steps",
+        "2",
+        "--output",
+        "plan.json",
+        "--json",
+    )
     assert code == 0, err
     data = json.loads(out)
     target = data["target"]

@@ -80,7 +80,9 @@ def test_eval_and_sweep_show_the_dense_baseline_beside_every_rank_by_default(ws,
     assert full["vs_dense"] == pytest.approx(1.0, rel=1e-4)  # full rank reproduces the dense model
     text, _ = cli("eval", "--adapter", "adapter", "--data", "valid.txt", "--ranks", "16", *SMALL)
     assert "vs dense" in text and "\ndense " in text and "tokens scored" in text
-    out, _ = cli("eval", "--adapter", "adapter", "--data", "valid.txt", "--ranks", "16", *SMALL, "--no-baseline", "--json")
+    out, _ = cli(
+        "eval", "--adapter", "adapter", "--data", "valid.txt", "--ranks", "16", *SMALL, "--no-baseline", "--json"
+    )
     assert json.loads(out)["baseline_perplexity"] is None and json.loads(out)["results"][0]["vs_dense"] is None
     cli("sweep", "--adapter", "adapter", "--data", "valid.txt", "--ranks", "16,32", *SMALL, "--output-dir", "sweep")
     rows = (ws / "sweep" / "sweep.csv").read_text().splitlines()
@@ -98,8 +100,23 @@ def test_stats_make_data_aware_factors_the_default(ws, cli):
 @pytest.mark.parametrize("given, expected", [("0.5%", 0.005), ("0.005", 0.005), ("2%", 0.02)])
 def test_epsilon_is_a_percentage_or_a_fraction(ws, cli, given, expected):
     cli("calibrate", "--model", "tiny", "--data", "train.txt", *SMALL, "--output", "stats")
-    out, err = cli("search-ranks", "--model", "tiny", "--stats", "stats", "--data", "valid.txt", "--epsilon", given,
-                   "--max-steps", "1", *SMALL, "--output", "plan.json", "--json")
+    out, err = cli(
+        "search-ranks",
+        "--model",
+        "tiny",
+        "--stats",
+        "stats",
+        "--data",
+        "valid.txt",
+        "--epsilon",
+        given,
+        "--max-steps",
+        "1",
+        *SMALL,
+        "--output",
+        "plan.json",
+        "--json",
+    )
     data = json.loads(out)
     assert data["epsilon"] == pytest.approx(expected) and data["target"]["epsilon"] == pytest.approx(expected)
     assert "dense perplexity" in err and "evaluations" in err  # the time estimate after the first evaluation
@@ -107,8 +124,22 @@ def test_epsilon_is_a_percentage_or_a_fraction(ws, cli, given, expected):
 
 def test_a_bare_large_epsilon_is_called_out_and_bad_ones_are_usage_errors(ws, cli):
     cli("calibrate", "--model", "tiny", "--data", "train.txt", *SMALL, "--output", "stats")
-    out, err = cli("search-ranks", "--model", "tiny", "--stats", "stats", "--data", "valid.txt", "--epsilon", "0.1",
-                   "--max-steps", "1", *SMALL, "--output", "plan.json")
+    out, err = cli(
+        "search-ranks",
+        "--model",
+        "tiny",
+        "--stats",
+        "stats",
+        "--data",
+        "valid.txt",
+        "--epsilon",
+        "0.1",
+        "--max-steps",
+        "1",
+        *SMALL,
+        "--output",
+        "plan.json",
+    )
     assert "allows a 10% perplexity increase (write 0.1% for 0.1 percent)" in err
     assert "ε = 10%" in out
     for bad in ("abc", "-1%", "0"):
@@ -117,19 +148,73 @@ def test_a_bare_large_epsilon_is_called_out_and_bad_ones_are_usage_errors(ws, cl
 
 
 def test_train_runs_on_cpu_and_leaves_no_empty_checkpoint_folder(ws, cli):
-    out, _ = cli("train", "--model", "tiny", "--max-rank", "16", "--data", "train.txt", "--seq-len", "16", "--max-steps", "2",
-                 "--batch-size", "2", "--device", "auto", "--output", "trained", "--json")
+    out, _ = cli(
+        "train",
+        "--model",
+        "tiny",
+        "--max-rank",
+        "16",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "auto",
+        "--output",
+        "trained",
+        "--json",
+    )
     assert json.loads(out)["steps"] == 2 and (ws / "trained" / "adapter_model.safetensors").is_file()
     assert not (ws / "trained-checkpoints").exists()
     before = {p.name for p in ws.iterdir()}
-    _, err = cli("train", "--model", "tiny", "--max-rank", "16", "--data", "train.txt", "--seq-len", "100000",
-                 "--max-steps", "2", "--save-steps", "1", "--output", "failed", expect=1)
+    _, err = cli(
+        "train",
+        "--model",
+        "tiny",
+        "--max-rank",
+        "16",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "100000",
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--output",
+        "failed",
+        expect=1,
+    )
     assert "not one block of 100000" in err
-    _, err = cli("train", "--model", "tiny", "--max-rank", "16", "--data", "train.txt", "--seq-len", "16", "--max-steps", "2",
-                 "--save-steps", "1", "--lr-scheduler", "bogus", "--output", "failed", expect=1)
+    _, err = cli(
+        "train",
+        "--model",
+        "tiny",
+        "--max-rank",
+        "16",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--lr-scheduler",
+        "bogus",
+        "--output",
+        "failed",
+        expect=1,
+    )
     assert "bogus" in err
     assert {p.name for p in ws.iterdir()} == before  # neither the output nor an empty checkpoints folder
-    _, err = cli("train", "--model", "tiny", "--data", "train.txt", "--fp16", "--device", "cpu", "--output", "x", expect=2)
+    _, err = cli(
+        "train", "--model", "tiny", "--data", "train.txt", "--fp16", "--device", "cpu", "--output", "x", expect=2
+    )
     assert "--fp16 mixed precision needs a GPU" in err
 
 

@@ -87,10 +87,14 @@ def test_shared_prefixes_give_lm_evals_log_likelihoods(factory, batch_tokens):
     tok = char_tokenizer()
     model = factory(seed=2)
     texts = [
-        ("The cat sat on the", " mat"), ("The cat sat on the", " hat and more"), ("The cat sat on the", " m"),
+        ("The cat sat on the", " mat"),
+        ("The cat sat on the", " hat and more"),
+        ("The cat sat on the", " m"),
         ("The cat sat", " on the mat"),  # a prefix of the others' inputs
-        ("Winners: Anna", " won the race."), ("Winners: Beth", " won the race."),
-        ("Q: 1+1?\nA:", " 2"), ("x" * 80, " long context, truncated on the left"),
+        ("Winners: Anna", " won the race."),
+        ("Winners: Beth", " won the race."),
+        ("Q: 1+1?\nA:", " 2"),
+        ("x" * 80, " long context, truncated on the left"),
     ]
     requests = _requests(tok, texts)
     # several groups per forward pass (left-padded prefixes of different lengths), or one or two per pass
@@ -100,7 +104,8 @@ def test_shared_prefixes_give_lm_evals_log_likelihoods(factory, batch_tokens):
     # lm-eval's plain computation, without its one-token-continuation reuse (which mixes up two requests that
     # spell one sequence with different context/continuation splits, like the first and the fourth here)
     plain = NSNLM(model, tok, share_prefixes=False, max_length=60, logits_cache=False)._loglikelihood_tokens(
-        requests, disable_tqdm=True)
+        requests, disable_tqdm=True
+    )
     for (a, greedy_a), (b, greedy_b) in zip(shared, plain):
         assert a == pytest.approx(b, abs=2e-4) and greedy_a == greedy_b
 
@@ -142,11 +147,18 @@ def test_the_accuracy_search_stops_within_epsilon(task_dir):
     texts = [f"Q: {q}\nA: {c[g]}" for q, c, g in QUESTIONS] * 4
     stats = nsn_peft.collect_activation_stats(model, texts, tokenizer=tok, seq_len=16, show_progress=False)
     seen = []
-    eval_fn, subset = accuracy_metric([TASK], tokenizer=tok, metric="acc", questions=4, include_path=task_dir,
-                                      on_evaluation=lambda value, seconds: seen.append(value))
+    eval_fn, subset = accuracy_metric(
+        [TASK],
+        tokenizer=tok,
+        metric="acc",
+        questions=4,
+        include_path=task_dir,
+        on_evaluation=lambda value, seconds: seen.append(value),
+    )
     assert subset == {TASK: (2, 6)}  # the last 4 questions: disjoint from a final table over the first 2
-    plan = nsn_peft.search_ranks(model, stats, eval_fn, 0.25, higher_is_better=True, relative=False, max_steps=3,
-                                 show_progress=False)
+    plan = nsn_peft.search_ranks(
+        model, stats, eval_fn, 0.25, higher_is_better=True, relative=False, max_steps=3, show_progress=False
+    )
     target = plan.target
     assert target["metric"] >= target["baseline"] - 0.25 - 1e-9
     assert len(seen) == len(plan.history) and all(0 <= v <= 1 for v in seen)

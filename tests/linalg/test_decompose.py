@@ -136,7 +136,9 @@ def test_damped_cholesky_leaves_its_input_alone_unless_told_to_overwrite():
     factor = decompose.damped_cholesky(gram, 1e-6)
     assert torch.equal(gram, kept)
     eye = torch.eye(6, dtype=gram.dtype)
-    torch.testing.assert_close(factor, torch.linalg.cholesky(kept + 1e-6 * kept.diagonal().mean() * eye), rtol=0, atol=0)
+    torch.testing.assert_close(
+        factor, torch.linalg.cholesky(kept + 1e-6 * kept.diagonal().mean() * eye), rtol=0, atol=0
+    )
     singular = torch.zeros(4, 4, dtype=torch.float64)  # needs the damping to grow: still succeeds
     assert torch.isfinite(decompose.damped_cholesky(singular, 0.0, overwrite=True)).all()
 
@@ -154,7 +156,9 @@ def test_robust_eigh_falls_back_when_the_solver_fails(monkeypatch, failures, cap
     def flaky(m, *args, **kwargs):
         calls.append(m.dtype)
         if len(calls) <= failures:
-            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned")
+            raise torch.linalg.LinAlgError(
+                "linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned"
+            )
         return real_eigh(m, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
@@ -166,7 +170,9 @@ def test_robust_eigh_falls_back_when_the_solver_fails(monkeypatch, failures, cap
     assert values.dtype == vectors.dtype == torch.float32
     assert calls[1] == torch.float64 and "solved in float64" in caplog.text
     torch.testing.assert_close(values.double(), expected.eigenvalues, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close((vectors @ torch.diag(values) @ vectors.T).double(), matrix.double(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        (vectors @ torch.diag(values) @ vectors.T).double(), matrix.double(), rtol=1e-4, atol=1e-3
+    )
 
 
 def test_robust_eigh_names_non_finite_input():

@@ -32,7 +32,11 @@ def _output_error(model, stats, reference):
 
 def test_epsilon_search_respects_the_budget_and_is_monotone(calibrated):
     base, _, stats = calibrated
-    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    reference = {
+        n: m.weight.detach().clone()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    }
     before = {n: t.clone() for n, t in reference.items()}
     energies = {}
     for epsilon in (0.01, 0.5):
@@ -48,7 +52,11 @@ def test_epsilon_search_respects_the_budget_and_is_monotone(calibrated):
 
 def test_epsilon_plan_feeds_config_and_round_trips(calibrated, tmp_path):
     base, ids, stats = calibrated
-    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    reference = {
+        n: m.weight.detach().clone()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    }
     plan = search_ranks(base, stats, lambda m: _output_error(m, stats, reference), 10.0, max_steps=4, min_energy=0.3)
     plan.save(tmp_path / "plan.json")
     again = RankPlan.load(tmp_path / "plan.json")
@@ -128,14 +136,20 @@ def test_budget_allocation_with_measured_sensitivity(calibrated):
 
 def test_whitened_epsilon_search_with_a_fake_monotone_metric(calibrated):
     base, _, stats = calibrated
-    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    reference = {
+        n: m.weight.detach().clone()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    }
     calls = []
 
     def metric(model):  # higher is better: 1 / (1 + output error)
         calls.append(1)
         return 1.0 / _output_error(model, stats, reference)
 
-    plan = search_ranks(base, stats, metric, 0.3, init="whitened", higher_is_better=True, max_steps=5, show_progress=False)
+    plan = search_ranks(
+        base, stats, metric, 0.3, init="whitened", higher_is_better=True, max_steps=5, show_progress=False
+    )
     assert plan.init == "whitened" and not plan.energies
     assert plan.target["metric"] >= plan.target["baseline"] * (1 - 0.3) - 1e-12
     assert len(calls) == 1 + 2 * 5 + 1  # baseline, 5 steps for each of 2 groups, final check
@@ -151,8 +165,14 @@ def test_whitened_epsilon_search_with_a_fake_monotone_metric(calibrated):
 
 def test_epsilon_zero_keeps_everything_dense(calibrated):
     base, _, stats = calibrated
-    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    plan = search_ranks(base, stats, lambda m: _output_error(m, stats, reference), 0.0, max_steps=3, show_progress=False)
+    reference = {
+        n: m.weight.detach().clone()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    }
+    plan = search_ranks(
+        base, stats, lambda m: _output_error(m, stats, reference), 0.0, max_steps=3, show_progress=False
+    )
     assert plan.ranks == {} and len(plan.kept_dense) == 14
     with pytest.raises(ValueError, match="nothing to adapt"):
         plan.to_config_kwargs()
@@ -195,8 +215,17 @@ def test_plan_kwargs_overrides_and_shape_validation(tmp_path):
     with pytest.raises(ValueError, match="both factored and dense"):
         RankPlan({"a.b": 2}, ["a.b"])
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps({"format": "nsn-peft-rank-plan", "version": 1, "ranks": {"x": 2}, "init": "projected",
-                                "energies": {"x": [0.5, 1.5]}}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "nsn-peft-rank-plan",
+                "version": 1,
+                "ranks": {"x": 2},
+                "init": "projected",
+                "energies": {"x": [0.5, 1.5]},
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"plan\.json: RankPlan\.energies\['x'\]"):
         RankPlan.load(path)
     path.write_text(json.dumps({"format": "nsn-peft-rank-plan", "version": 2, "ranks": {}}))
@@ -229,16 +258,21 @@ def test_gradient_weighted_allocation_meets_budget_and_beats_uniform(calibrated,
     base, ids, stats = calibrated
     targets = ["gate_proj", "up_proj", "down_proj"]
     grads = collect_gradient_stats(base, ids, target_modules=targets, show_progress=False)
-    plan = allocate_ranks_for_budget(base, stats, fraction, target_modules=targets, gradient_stats=grads, show_progress=False)
+    plan = allocate_ranks_for_budget(
+        base, stats, fraction, target_modules=targets, gradient_stats=grads, show_progress=False
+    )
     assert plan.target["weighting"] == "output_gradient" and plan.target["normalize"] == "none"
     assert plan.parameter_fraction() <= fraction + 1e-9
     errors = whitened_spectra(base, stats, target_modules=targets, gradient_stats=grads, show_progress=False)
 
     def loss_increase(p):
-        return sum(errors[n][p.ranks[n]:].sum().item() for n in p.ranks)
+        return sum(errors[n][p.ranks[n] :].sum().item() for n in p.ranks)
 
     assert loss_increase(plan) <= loss_increase(uniform_plan(base, fraction, target_modules=targets)) + 1e-12
-    with pytest.raises(ValueError, match=r"Output-gradient statistics from gradient_stats \(model .llama.\) do not match this model: missing layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"Output-gradient statistics from gradient_stats \(model .llama.\) do not match this model: missing layers",
+    ):
         allocate_ranks_for_budget(base, stats, fraction, target_modules=["q_proj"], gradient_stats=grads)
     with pytest.raises(ValueError, match="gradient_stats holds activation statistics, not output_gradient statistics"):
         allocate_ranks_for_budget(base, stats, fraction, target_modules=targets, gradient_stats=stats)
@@ -248,11 +282,24 @@ def test_gradient_weighted_allocation_meets_budget_and_beats_uniform(calibrated,
 def test_decomposition_cache_changes_only_the_time(calibrated, init):
     """A step reuses each layer's energy-independent decomposition; the search it makes is the one without."""
     base, _, stats = calibrated
-    reference = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    reference = {
+        n: m.weight.detach().clone()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    }
 
     def search(cache_bytes):
-        return search_ranks(base, stats, lambda m: _output_error(m, stats, reference), 0.2, init=init, max_steps=4,
-                            min_energy=0.3, show_progress=False, cache_bytes=cache_bytes)
+        return search_ranks(
+            base,
+            stats,
+            lambda m: _output_error(m, stats, reference),
+            0.2,
+            init=init,
+            max_steps=4,
+            min_energy=0.3,
+            show_progress=False,
+            cache_bytes=cache_bytes,
+        )
 
     cached, uncached, partial = search(2**30), search(0), search(40_000)  # partial: only the first layers fit
     for plan in (uncached, partial):

@@ -57,8 +57,9 @@ def tiny():
 def test_schedule_builds_an_adapter_that_switches_budgets(tiny, allocation, input_ids):
     base, _, stats, grads = tiny
     budgets = [0.25, 0.5, 1.0]
-    schedule = plan_budget_schedule(base, stats, budgets, target_modules=TARGETS, gradient_stats=grads, allocation=allocation,
-                                    show_progress=False)
+    schedule = plan_budget_schedule(
+        base, stats, budgets, target_modules=TARGETS, gradient_stats=grads, allocation=allocation, show_progress=False
+    )
     assert schedule.budgets == budgets
     for small, large in zip(budgets, budgets[1:]):
         assert all(schedule.plans[small][n] <= schedule.plans[large][n] for n in schedule.max_ranks)

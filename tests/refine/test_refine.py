@@ -79,7 +79,9 @@ def test_end_to_end_lowers_the_calibration_loss_and_keeps_shapes_and_nesting():
     calib = _calibration()
     before_kl = _kl_to_dense(model, calib)
     before = _snapshot(model)
-    result = refine_end_to_end(model, calib, tokens=calib.numel() * 6, lr=3e-2, batch_size=4, log_every=4, show_progress=False)
+    result = refine_end_to_end(
+        model, calib, tokens=calib.numel() * 6, lr=3e-2, batch_size=4, log_every=4, show_progress=False
+    )
     assert result.steps == 24 and result.tokens == 24 * 4 * 12
     assert result.kl_history[-1]["kl"] < result.kl_history[0]["kl"]
     assert _kl_to_dense(model, calib) < 0.8 * before_kl
@@ -123,8 +125,17 @@ def test_choose_on_validation_keeps_the_baseline_unless_strictly_better():
     assert winner == "uniform"
 
 
-CONFIG = RefineConfig(batch_size=4, blockwise_epochs=2, blockwise_lr=1e-2, e2e_tokens=16 * 12 * 3, e2e_lr=1e-2,
-                      gradient_tokens=64, save_interval_s=0.0, log_every=2, validation_fraction=0.2)
+CONFIG = RefineConfig(
+    batch_size=4,
+    blockwise_epochs=2,
+    blockwise_lr=1e-2,
+    e2e_tokens=16 * 12 * 3,
+    e2e_lr=1e-2,
+    gradient_tokens=64,
+    save_interval_s=0.0,
+    log_every=2,
+    validation_fraction=0.2,
+)
 
 
 def test_compress_and_refine_end_to_end(tmp_path, input_ids):
@@ -155,9 +166,14 @@ def test_compress_and_refine_end_to_end(tmp_path, input_ids):
 
 
 def test_forced_uniform_and_fraction_checks():
-    model, report = compress_and_refine(tiny_llama(), _calibration(n=20), 0.5, allocation="uniform",
-                                        config=RefineConfig(batch_size=4, blockwise_epochs=1, e2e_tokens=0),
-                                        show_progress=False)
+    model, report = compress_and_refine(
+        tiny_llama(),
+        _calibration(n=20),
+        0.5,
+        allocation="uniform",
+        config=RefineConfig(batch_size=4, blockwise_epochs=1, e2e_tokens=0),
+        show_progress=False,
+    )
     assert report.allocation == "uniform" and report.end_to_end is None and set(report.candidates) == {"uniform"}
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
         compress_and_refine(tiny_llama(), _calibration(), 1.0)
@@ -176,6 +192,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
             on_interval(steps, optimizer, record)
             if steps >= 4:
                 raise KeyboardInterrupt("simulated crash")
+
         return original(*args, on_interval=interval, **kwargs)
 
     monkeypatch.setattr(stages_module, "refine_end_to_end", crashing)
@@ -183,9 +200,15 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
         compress_and_refine(tiny_llama(), calib, 0.5, config=CONFIG, state_dir=state_dir, show_progress=False)
     saved = json.loads((state_dir / "refine_state.json").read_text())
     assert saved["stage"] == "end_to_end" and saved["step"] == 4
-    assert {p.name for p in state_dir.iterdir()} == {"refine_state.json", "factors.safetensors", "optimizer.safetensors"}
+    assert {p.name for p in state_dir.iterdir()} == {
+        "refine_state.json",
+        "factors.safetensors",
+        "optimizer.safetensors",
+    }
     monkeypatch.setattr(stages_module, "refine_end_to_end", original)
-    resumed, report = compress_and_refine(tiny_llama(), calib, 0.5, config=CONFIG, state_dir=state_dir, show_progress=False)
+    resumed, report = compress_and_refine(
+        tiny_llama(), calib, 0.5, config=CONFIG, state_dir=state_dir, show_progress=False
+    )
     assert report.resumed
     for name, value in nsn_factors(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
@@ -196,4 +219,6 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
     # another calibration set does not silently reuse the state
     with pytest.raises(ValueError, match="other inputs"):
-        compress_and_refine(tiny_llama(), _calibration(n=20, seed=9), 0.5, config=CONFIG, state_dir=state_dir, show_progress=False)
+        compress_and_refine(
+            tiny_llama(), _calibration(n=20, seed=9), 0.5, config=CONFIG, state_dir=state_dir, show_progress=False
+        )

@@ -19,8 +19,25 @@ def _bench():
 
 def test_bench_runs_and_reports_per_block_figures(tmp_path, monkeypatch):
     out = tmp_path / "scale.json"
-    monkeypatch.setattr(sys, "argv", ["bench_scale.py", "--device", "cpu", "--variants", "tiny:1,tiny:2", "--tokens", "256",
-                                      "--seq-len", "32", "--isolate", "no", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "bench_scale.py",
+            "--device",
+            "cpu",
+            "--variants",
+            "tiny:1,tiny:2",
+            "--tokens",
+            "256",
+            "--seq-len",
+            "32",
+            "--isolate",
+            "no",
+            "--out",
+            str(out),
+        ],
+    )
     _bench().main()
     rows = json.loads(out.read_text())["rows"]
     assert [r["blocks"] for r in rows] == [1, 2]
@@ -37,9 +54,29 @@ def test_peak_memory_is_flat_in_depth(tmp_path):
     would otherwise let the peak RSS creep up by a few MiB per block with no more tensors alive."""
     out = tmp_path / "scale.json"
     bench = _bench()
-    argv = ["bench_scale.py", "--device", "cpu", "--variants", "small:4,small:16,small:64", "--tokens", "2048",
-            "--seq-len", "128", "--threads", "1", "--mmap-threshold", "65536", "--isolate", "yes", "--offload-folder", str(tmp_path / "work"), "--out", str(out),
-            "--time-limit", "100000"]
+    argv = [
+        "bench_scale.py",
+        "--device",
+        "cpu",
+        "--variants",
+        "small:4,small:16,small:64",
+        "--tokens",
+        "2048",
+        "--seq-len",
+        "128",
+        "--threads",
+        "1",
+        "--mmap-threshold",
+        "65536",
+        "--isolate",
+        "yes",
+        "--offload-folder",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--time-limit",
+        "100000",
+    ]
     sys_argv, sys.argv = sys.argv, argv
     try:
         bench.main()

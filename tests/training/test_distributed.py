@@ -37,7 +37,9 @@ from nsn_peft.training.distributed import (
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
-needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+needs_gloo = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 def _env(**extra) -> dict:
@@ -47,8 +49,19 @@ def _env(**extra) -> dict:
 
 def _run_equivalence(tmp_path, script: str, *flags: str, timeout: int = 600) -> dict:
     out = tmp_path / "result.json"
-    cmd = [sys.executable, str(BENCH / script), "--device", "cpu", "--nproc", "2", "--out", str(out),
-           "--work-dir", str(tmp_path / "runs"), *flags]
+    cmd = [
+        sys.executable,
+        str(BENCH / script),
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "runs"),
+        *flags,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -84,8 +97,17 @@ def _assert_sharded_run_matches(result: dict, sharding: str, tol: float = 1e-5) 
 @needs_gloo
 def test_fsdp2_two_processes_match_one_and_resume(tmp_path):
     """NSNTrainer through Trainer/Accelerate FSDP2: uncertainty weighting, distillation, the saved adapter, resume."""
-    result = _run_equivalence(tmp_path, "fsdp_equivalence.py", "--strategy", "fsdp2", "--steps", "2",
-                              "--distill-alpha", "0.3", "--resume-check")
+    result = _run_equivalence(
+        tmp_path,
+        "fsdp_equivalence.py",
+        "--strategy",
+        "fsdp2",
+        "--steps",
+        "2",
+        "--distill-alpha",
+        "0.3",
+        "--resume-check",
+    )
     _assert_sharded_run_matches(result, "fsdp2")
     assert result["sharded"]["wrapped_model"] == "FSDPPeftModel" and result["sharded"]["nsn_param_type"] == "DTensor"
     resumed = result["resume_check"]
@@ -98,8 +120,9 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path):
 @pytest.mark.slow
 def test_fsdp2_bf16_with_activation_checkpointing(tmp_path):
     """bf16 under FSDP2 (float32 gradient reduction, uncast outputs) tracks one process with autocast."""
-    result = _run_equivalence(tmp_path, "fsdp_equivalence.py", "--strategy", "fsdp2", "--steps", "4", "--bf16",
-                              "--gc", "fsdp")
+    result = _run_equivalence(
+        tmp_path, "fsdp_equivalence.py", "--strategy", "fsdp2", "--steps", "4", "--bf16", "--gc", "fsdp"
+    )
     assert "reduce_dtype=torch.float32" in result["sharded"]["fsdp_mixed_precision_policy"]
     assert "output_dtype=None" in result["sharded"]["fsdp_mixed_precision_policy"]
     assert result["max_rel_loss_diff"] < 1e-4
@@ -111,8 +134,20 @@ def test_fsdp2_bf16_with_activation_checkpointing(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 def test_zero3_two_processes_match_one_and_resume(tmp_path):
-    result = _run_equivalence(tmp_path, "fsdp_equivalence.py", "--strategy", "zero3", "--steps", "2",
-                              "--distill-alpha", "0.3", "--gc", "hf", "--resume-check", timeout=1200)
+    result = _run_equivalence(
+        tmp_path,
+        "fsdp_equivalence.py",
+        "--strategy",
+        "zero3",
+        "--steps",
+        "2",
+        "--distill-alpha",
+        "0.3",
+        "--gc",
+        "hf",
+        "--resume-check",
+        timeout=1200,
+    )
     _assert_sharded_run_matches(result, "deepspeed")
     assert result["sharded"]["wrapped_model"] == "DeepSpeedEngine"
     assert result["resume_check"]["max_rel_loss_diff_vs_uninterrupted"] < 1e-6
@@ -122,15 +157,41 @@ def test_zero3_two_processes_match_one_and_resume(tmp_path):
 @pytest.mark.slow
 def test_scale_benchmark_runs_every_strategy_on_cpu(tmp_path):
     out = tmp_path / "scale.json"
-    cmd = [sys.executable, str(BENCH / "bench_fsdp_scale.py"), "--device", "cpu", "--nproc", "2", "--sizes", "tiny",
-           "--steps", "1", "--warmup", "1", "--seq-len", "16", "--vocab", "64", "--granularity", "16", "--out", str(out),
-           "--work-dir", str(tmp_path / "runs")]
+    cmd = [
+        sys.executable,
+        str(BENCH / "bench_fsdp_scale.py"),
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        "--sizes",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--seq-len",
+        "16",
+        "--vocab",
+        "64",
+        "--granularity",
+        "16",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "runs"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]["tiny"]
     assert {k: v["status"] for k, v in results.items()} == {"nsn-fsdp2": "ok", "nsn-ddp": "ok", "dense-fsdp2": "ok"}
-    assert results["nsn-fsdp2"]["wrapped_model"] == "FSDPPeftModel" and results["nsn-ddp"]["wrapped_model"] == "DistributedDataParallel"
-    assert results["nsn-fsdp2"]["trainable_parameters"] > results["dense-fsdp2"]["trainable_parameters"]  # full-rank factors
+    assert (
+        results["nsn-fsdp2"]["wrapped_model"] == "FSDPPeftModel"
+        and results["nsn-ddp"]["wrapped_model"] == "DistributedDataParallel"
+    )
+    assert (
+        results["nsn-fsdp2"]["trainable_parameters"] > results["dense-fsdp2"]["trainable_parameters"]
+    )  # full-rank factors
 
 
 CLI_WRAPPER = textwrap.dedent(
@@ -152,13 +213,40 @@ def test_cli_train_fsdp_writes_a_single_process_adapter(tmp_path):
     words = " ".join(f"w{i % 40}" for i in range(4000))
     (tmp_path / "train.txt").write_text(words, encoding="utf-8")
     (tmp_path / "cli.py").write_text(CLI_WRAPPER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "cli.py", "train",
-           "--model", "tiny", "--max-rank", "32", "--granularity", "8", "--data", "train.txt", "--seq-len", "16",
-           "--max-tokens", "512", "--batch-size", "2", "--max-steps", "2", "--fsdp", "--device", "cpu",
-           "--output", "trained", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "cli.py",
+        "train",
+        "--model",
+        "tiny",
+        "--max-rank",
+        "32",
+        "--granularity",
+        "8",
+        "--data",
+        "train.txt",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "512",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--fsdp",
+        "--device",
+        "cpu",
+        "--output",
+        "trained",
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(proc.stdout[proc.stdout.index("{"): proc.stdout.index("\n}") + 2])
+    data = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.index("\n}") + 2])
     assert data["sharding"] == "fsdp2" and data["processes"] == 2 and data["steps"] == 2
     from transformers import AutoModelForCausalLM
 
@@ -255,7 +343,7 @@ def test_log_var_optimizer_state_round_trip():
 def test_schedule_factor_reads_the_first_group():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     assert schedule_factor(opt, scheduler, 0.2) == pytest.approx(1.0)
     opt.step()
     scheduler.step()
@@ -274,7 +362,8 @@ def test_canonical_parameter_name_drops_wrapper_pieces():
 def _fake_trainer(fsdp_version=None, deepspeed=False, policy=None):
     plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version, mixed_precision_policy=policy)
     return SimpleNamespace(
-        is_fsdp_enabled=fsdp_version is not None, is_deepspeed_enabled=deepspeed,
+        is_fsdp_enabled=fsdp_version is not None,
+        is_deepspeed_enabled=deepspeed,
         accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
     )
 
@@ -350,7 +439,9 @@ def test_deepspeed_resume_directory(tmp_path):
 
 
 def test_save_trained_adapter_in_one_process(tmp_path):
-    model = get_peft_model(tiny_llama(0), nsn_peft.NSNConfig(target_modules=["up_proj", "down_proj"], rank_granularity=8))
+    model = get_peft_model(
+        tiny_llama(0), nsn_peft.NSNConfig(target_modules=["up_proj", "down_proj"], rank_granularity=8)
+    )
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1)
     trainer = NSNTrainer(model, args)
     assert trainer._logvar_optimizer is None  # unsharded: the log-variances join Trainer's optimizer
@@ -367,7 +458,9 @@ def test_save_trained_adapter_in_one_process(tmp_path):
 def test_a_model_laid_out_for_serving_trains_contiguous_factors(tmp_path):
     """compile_for_ranks and factors-only loading store nsn_B rank-major; FSDP2/ZeRO-3 shard only contiguous
     parameters, so the trainer restores the training layout, without changing what the model computes."""
-    model = get_peft_model(tiny_llama(0), nsn_peft.NSNConfig(target_modules=["up_proj", "down_proj"], rank_granularity=8))
+    model = get_peft_model(
+        tiny_llama(0), nsn_peft.NSNConfig(target_modules=["up_proj", "down_proj"], rank_granularity=8)
+    )
     layers = [m for m in model.modules() if isinstance(m, nsn_peft.NSNLinear)]
     assert all(layer.make_rank_major() for layer in layers)
     ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))

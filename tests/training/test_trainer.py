@@ -113,9 +113,18 @@ def peft_model(seed=0):
 
 def make_args(tmp_path, **overrides):
     kwargs = dict(
-        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0, weight_decay=0.0,
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        weight_decay=0.0,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -129,7 +138,9 @@ def trainable_state(model):
 def test_trainer_loss_decreases_and_logs_per_rank(tmp_path):
     model = peft_model()
     trainer = NSNTrainer(
-        model, make_args(tmp_path, max_steps=12, learning_rate=3e-2), train_dataset=TokenData(repeat=True),
+        model,
+        make_args(tmp_path, max_steps=12, learning_rate=3e-2),
+        train_dataset=TokenData(repeat=True),
         rank_sampler=SandwichRankSampler(1),
     )
     assert trainer.rank_grid == GRID
@@ -153,8 +164,13 @@ def test_per_rank_backward_matches_single_graph_and_gradient_accumulation(tmp_pa
     for per_rank, batch, accumulation in ((True, 4, 1), (False, 4, 1), (True, 2, 2), (False, 2, 2)):
         model = peft_model()
         trainer = NSNTrainer(
-            model, make_args(tmp_path, max_steps=2, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation),
-            train_dataset=TokenData(n=8), rank_sampler=UniformRankSampler(2, seed=1), backward_per_rank=per_rank,
+            model,
+            make_args(
+                tmp_path, max_steps=2, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation
+            ),
+            train_dataset=TokenData(n=8),
+            rank_sampler=UniformRankSampler(2, seed=1),
+            backward_per_rank=per_rank,
         )
         trainer.train()
         results.append((trainable_state(model), trainer.rank_loss.log_vars.detach().clone()))
@@ -169,7 +185,11 @@ def test_one_step_gradients_of_log_vars(tmp_path):
     """The trainer's log-variance gradient is 1 - e^{-s} L_r for the sampled ranks and 0 elsewhere."""
     model = peft_model()
     trainer = NSNTrainer(
-        model, make_args(tmp_path, max_steps=1), train_dataset=TokenData(), rank_sampler=FixedRankSampler([8, 32]), init_logvar=0.3
+        model,
+        make_args(tmp_path, max_steps=1),
+        train_dataset=TokenData(),
+        rank_sampler=FixedRankSampler([8, 32]),
+        init_logvar=0.3,
     )
     batch = {k: torch.stack([TokenData()[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
     trainer.create_optimizer()
@@ -195,11 +215,18 @@ def test_evaluate_reports_each_rank(tmp_path):
     assert "eval_runtime" in metrics and not any(k.startswith("eval_runtime@") for k in metrics)
     # the full rank reproduces the dense model
     with torch.no_grad(), model.disable_adapter():
-        dense = model(**{k: torch.stack([TokenData(4, seed=3)[i][k] for i in range(4)]) for k in ("input_ids", "labels")}).loss
+        dense = model(
+            **{k: torch.stack([TokenData(4, seed=3)[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
+        ).loss
     assert per_rank[32] == pytest.approx(dense.item(), rel=1e-4)
     assert nsn_peft.get_rank(model)["model.layers.0.mlp.up_proj"] == 32  # rank restored after evaluation
     named = trainer.evaluate(eval_dataset={"a": TokenData(4, seed=3), "b": TokenData(4, seed=4)}, eval_ranks=[16])
-    assert set(k for k in named if "loss" in k) == {"eval_a_loss@r=16", "eval_a_loss", "eval_b_loss@r=16", "eval_b_loss"}
+    assert set(k for k in named if "loss" in k) == {
+        "eval_a_loss@r=16",
+        "eval_a_loss",
+        "eval_b_loss@r=16",
+        "eval_b_loss",
+    }
     assert trainer.state.log_history[-1]["eval_b_loss@r=16"] == named["eval_b_loss@r=16"]
 
 
@@ -226,7 +253,9 @@ def test_checkpoint_resume_restores_log_vars_and_sampler(tmp_path):
     assert resumed.rank_counts == {int(k): v for k, v in meta["rank_counts"].items()}
 
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    torch.testing.assert_close(resumed.rank_loss.log_vars.detach(), full.rank_loss.log_vars.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        resumed.rank_loss.log_vars.detach(), full.rank_loss.log_vars.detach(), atol=1e-6, rtol=1e-5
+    )
     assert resumed.rank_counts == full.rank_counts
     for name, value in trainable_state(model).items():
         torch.testing.assert_close(value, trainable_state(full_model)[name], atol=1e-6, rtol=1e-5, msg=name)
@@ -252,8 +281,12 @@ def test_distillation_runs_with_and_without_teacher_rank(tmp_path):
     for sampler in (SandwichRankSampler(1), FixedRankSampler([8, 16])):
         model = peft_model()
         trainer = NSNTrainer(
-            model, make_args(tmp_path, max_steps=3), train_dataset=TokenData(repeat=True), rank_sampler=sampler,
-            distill_alpha=0.5, distill_temperature=2.0,
+            model,
+            make_args(tmp_path, max_steps=3),
+            train_dataset=TokenData(repeat=True),
+            rank_sampler=sampler,
+            distill_alpha=0.5,
+            distill_temperature=2.0,
         )
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h]

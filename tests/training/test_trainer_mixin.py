@@ -24,14 +24,25 @@ class NSNSFTTrainer(NSNTrainerMixin, trl.SFTTrainer):
 
 
 def _data(n=8):
-    return datasets.Dataset.from_dict({"prompt": ["Q: where is the fox? A:"] * n, "completion": [" over the lazy dog."] * n})
+    return datasets.Dataset.from_dict(
+        {"prompt": ["Q: where is the fox? A:"] * n, "completion": [" over the lazy dog."] * n}
+    )
 
 
 def _args(tmp_path, **overrides):
     kwargs = dict(
-        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4, learning_rate=3e-2,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0, max_length=48,
+        output_dir=str(tmp_path / "out"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        max_length=48,
     )
     kwargs.update(overrides)
     return trl.SFTConfig(**kwargs)
@@ -40,8 +51,13 @@ def _args(tmp_path, **overrides):
 def _trainer(tmp_path, **options):
     args = _args(tmp_path, **options.pop("args", {}))
     return NSNSFTTrainer(
-        model=tiny_llama(), args=args, train_dataset=_data(), eval_dataset=_data(4), processing_class=char_tokenizer(),
-        peft_config=NSNConfig(target_modules=TARGETS, rank_granularity=8), **options,
+        model=tiny_llama(),
+        args=args,
+        train_dataset=_data(),
+        eval_dataset=_data(4),
+        processing_class=char_tokenizer(),
+        peft_config=NSNConfig(target_modules=TARGETS, rank_granularity=8),
+        **options,
     )
 
 

@@ -60,7 +60,9 @@ def test_set_rank_flops_picks_the_planned_ranks(input_ids):
 
 def test_unknown_budget_names_the_available_ones():
     model, _ = _model()
-    with pytest.raises(ValueError, match="No budget plan for flops=0.3; this adapter has plans for the FLOPs budgets 0.5, 1"):
+    with pytest.raises(
+        ValueError, match="No budget plan for flops=0.3; this adapter has plans for the FLOPs budgets 0.5, 1"
+    ):
         model.set_rank(flops=0.3)
     with pytest.raises(ValueError, match="exactly one"):
         model.set_rank(4, flops=0.5)
@@ -70,7 +72,9 @@ def test_unknown_budget_names_the_available_ones():
 
 
 def test_plan_must_match_the_layers():
-    model = get_peft_model(tiny_llama(), NSNConfig(target_modules=TARGETS, budget_plans={0.5: {"model.layers.0.mlp.up_proj": 4}}))
+    model = get_peft_model(
+        tiny_llama(), NSNConfig(target_modules=TARGETS, budget_plans={0.5: {"model.layers.0.mlp.up_proj": 4}})
+    )
     with pytest.raises(ValueError, match="does not match the model's NSN layers: no rank for"):
         model.set_rank(flops=0.5)
 

@@ -76,7 +76,9 @@ def test_budget_plans_warm_like_any_rank(input_ids):
     plans = {0.5: {n: 8 for n in names}, 1.0: {n: 16 for n in names}}
     model.peft_config["default"].budget_plans = nsn_peft.tuner.config.normalize_budget_plans(plans)
     compiled = torch.compile(model.get_base_model(), backend="eager")
-    warm = nsn_peft.compile_for_ranks(model, [RankSpec.flops(1.0), RankSpec.flops(0.5)], warmup=lambda: compiled(input_ids))
+    warm = nsn_peft.compile_for_ranks(
+        model, [RankSpec.flops(1.0), RankSpec.flops(0.5)], warmup=lambda: compiled(input_ids)
+    )
     assert warm.new_graphs == [1, 0]
     assert _check_switches(model, compiled, [RankSpec.flops(0.5), RankSpec.flops(1.0)], input_ids) == 0
 

@@ -59,7 +59,9 @@ def test_whitened_is_nested_and_optimal_in_the_output_metric():
     ids = _blocks(16, 16)
     stats = collect_activation_stats(base, ids, show_progress=False)
     name = "model.layers.1.mlp.down_proj"
-    model = get_peft_model(base, NSNConfig(init="whitened", stats=stats, target_modules=["down_proj"], whitening_damp=0.0))
+    model = get_peft_model(
+        base, NSNConfig(init="whitened", stats=stats, target_modules=["down_proj"], whitening_damp=0.0)
+    )
     layer = nsn_peft.tuner.ranks.nsn_layers(model)[name]
     w = layer.dense_weight().detach().double()
     gram = stats.gram(name).double()
@@ -130,8 +132,17 @@ def test_projected_energy_thresholds_shrink_the_utilized_rank():
     stats = collect_activation_stats(base, _blocks(), show_progress=False)
     ranks = {}
     for energy in (1.0, 0.99, 0.8, 0.5):
-        model = get_peft_model(tiny_llama(), NSNConfig(init="projected", stats=stats, target_modules=["down_proj"],
-                                                       energy_input=energy, energy_output=energy, keep_dense_if_no_savings=False))
+        model = get_peft_model(
+            tiny_llama(),
+            NSNConfig(
+                init="projected",
+                stats=stats,
+                target_modules=["down_proj"],
+                energy_input=energy,
+                energy_output=energy,
+                keep_dense_if_no_savings=False,
+            ),
+        )
         ranks[energy] = nsn_peft.get_max_rank(model)["model.layers.0.mlp.down_proj"]
     assert ranks[1.0] >= ranks[0.99] >= ranks[0.8] >= ranks[0.5] >= 1
     assert ranks[0.5] < ranks[1.0]
@@ -141,7 +152,9 @@ def test_whitened_mixed_rank_pattern_round_trip(tmp_path):
     base = tiny_llama()
     stats = collect_activation_stats(base, _blocks(), show_progress=False)
     pattern = {"model.layers.0.mlp.up_proj": 5, "model.layers.1.mlp.up_proj": 11, "down_proj": 7}
-    model = get_peft_model(base, NSNConfig(init="whitened", stats=stats, target_modules=["up_proj", "down_proj"], rank_pattern=pattern))
+    model = get_peft_model(
+        base, NSNConfig(init="whitened", stats=stats, target_modules=["up_proj", "down_proj"], rank_pattern=pattern)
+    )
     ranks = nsn_peft.get_max_rank(model)
     assert ranks["model.layers.0.mlp.up_proj"] == 5 and ranks["model.layers.1.mlp.up_proj"] == 11
     assert ranks["model.layers.0.mlp.down_proj"] == ranks["model.layers.1.mlp.down_proj"] == 7

@@ -115,7 +115,9 @@ def test_set_rank_on_a_merged_model_remerges_at_the_new_rank(input_ids, tmp_path
 
 
 def test_fractions_move_layers_whose_max_rank_is_below_the_granularity():
-    model = get_peft_model(tiny_llama(), NSNConfig(target_modules=["up_proj", "q_proj"]))  # max ranks 32, granularity 64
+    model = get_peft_model(
+        tiny_llama(), NSNConfig(target_modules=["up_proj", "q_proj"])
+    )  # max ranks 32, granularity 64
     assert set(model.get_max_rank().values()) == {32}
     model.set_rank(fraction=0.5)
     assert set(model.get_rank().values()) == {16}
@@ -145,7 +147,9 @@ def test_layers_to_transform_out_of_range_names_the_option_and_the_range():
     with pytest.raises(ValueError, match=r"layers_to_transform=\[0, 7\].*no layer 7"):
         get_peft_model(tiny_llama(), NSNConfig(target_modules=["q_proj"], layers_to_transform=[0, 7]))
     with pytest.raises(ValueError, match=r"layers_pattern='blocks'.*\['layers'\]"):
-        get_peft_model(tiny_llama(), NSNConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="blocks"))
+        get_peft_model(
+            tiny_llama(), NSNConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="blocks")
+        )
 
 
 def _saved_adapter(tmp_path):
@@ -164,7 +168,10 @@ def test_non_finite_factors_are_named_on_load(tmp_path):
     key = next(k for k in state if "layers.1" in k and "nsn_B" in k)
     state[key][0, 0] = float("inf")
     save_file(state, weights)
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*nsn_B factor of module 'model\.layers\.1\.mlp\.up_proj' holds Inf"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter_model\.safetensors.*nsn_B factor of module 'model\.layers\.1\.mlp\.up_proj' holds Inf",
+    ):
         PeftModel.from_pretrained(tiny_llama(), folder)
 
 

@@ -89,7 +89,9 @@ def test_set_flops_on_a_merged_model_is_not_the_previous_budget(input_ids):
 
 
 def test_factors_only_merged_model_follows_rank_changes(input_ids):
-    model = get_peft_model(tiny_llama(), NSNConfig(keep_base_weights=False, budget_plans=None, rank_granularity=8)).eval()
+    model = get_peft_model(
+        tiny_llama(), NSNConfig(keep_base_weights=False, budget_plans=None, rank_granularity=8)
+    ).eval()
     model.set_rank(16)
     expected = _logits(model, input_ids)
     model.set_rank(8)
@@ -126,7 +128,9 @@ def test_merging_a_second_adapter_over_a_merged_one_raises_and_changes_nothing()
     model, _ = _two_adapters()
     model.merge_adapter()  # a1
     merged_a1 = _logits(model, ids)
-    with pytest.raises(ValueError, match="Cannot merge adapter 'a2' into .* holds adapter 'a1' merged already.*unmerge_adapter"):
+    with pytest.raises(
+        ValueError, match="Cannot merge adapter 'a2' into .* holds adapter 'a1' merged already.*unmerge_adapter"
+    ):
         model.merge_and_unload(adapter_names=["a2"])
     with pytest.raises(ValueError, match="holds adapter 'a1' merged already"):
         model.merge_adapter(adapter_names=["a2"])

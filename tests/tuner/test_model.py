@@ -38,7 +38,9 @@ def test_bert_sequence_classification_full_rank(input_ids):
     base = tiny_bert_classifier()
     with torch.no_grad():
         ref = base(input_ids).logits
-    model = get_peft_model(base, NSNConfig(target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"]))
+    model = get_peft_model(
+        base, NSNConfig(target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"])
+    )
     with torch.no_grad():
         assert _rel_err(model(input_ids).logits, ref) < 1e-4
 
@@ -95,7 +97,9 @@ def test_rank_switch_shares_storage():
 
 
 def test_rank_pattern_sets_per_module_max_rank():
-    model = get_peft_model(tiny_llama(), NSNConfig(max_rank=16, rank_pattern={"down_proj": 4, "layers.1.self_attn.q_proj": 6}))
+    model = get_peft_model(
+        tiny_llama(), NSNConfig(max_rank=16, rank_pattern={"down_proj": 4, "layers.1.self_attn.q_proj": 6})
+    )
     maxima = model.get_max_rank()
     assert maxima["model.layers.0.mlp.down_proj"] == 4
     assert maxima["model.layers.1.self_attn.q_proj"] == 6
@@ -228,7 +232,10 @@ def test_auto_peft_sequence_classification(tmp_path, input_ids):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     base = tiny_bert_classifier()
     base.save_pretrained(base_dir)
-    model = get_peft_model(base, NSNConfig(max_rank=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    model = get_peft_model(
+        base,
+        NSNConfig(max_rank=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
+    )
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     with torch.no_grad():
         model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)

@@ -452,8 +452,10 @@ def test_modules_to_save_are_trained_saved_and_kept_per_adapter(tmp_path):
         torch.testing.assert_close(_out(loaded, inputs), _out(model, inputs))
     model.add_adapter("other", _config(row[1]))
     model.set_adapter("other")
-    assert not torch.equal(model.base_model.model.lin2.modules_to_save["other"].weight,
-                           model.base_model.model.lin2.modules_to_save["default"].weight)
+    assert not torch.equal(
+        model.base_model.model.lin2.modules_to_save["other"].weight,
+        model.base_model.model.lin2.modules_to_save["default"].weight,
+    )
 
 
 # -- training ----------------------------------------------------------------------------------------------------------
@@ -535,7 +537,9 @@ def test_generate_keyword_positional_and_half_precision(row):
     half = get_peft_model(factory().to(torch.bfloat16), _config(kwargs))
     mask = torch.tensor([[1, 1, 1], [1, 0, 1]])
     with torch.no_grad():
-        half.generate(input_ids=torch.tensor([[1, 1, 1], [2, 1, 2]]), attention_mask=mask, max_new_tokens=2, do_sample=False)
+        half.generate(
+            input_ids=torch.tensor([[1, 1, 1], [2, 1, 2]]), attention_mask=mask, max_new_tokens=2, do_sample=False
+        )
 
 
 @parametrize_decoders

@@ -25,7 +25,11 @@ def test_specs_validate_compare_and_label():
     assert RankSpec.coerce("full") == RankSpec.full()
     assert hash(RankSpec.flops(0.5)) == hash(RankSpec.flops(0.5))
     assert [str(s) for s in (RankSpec.rank(8), RankSpec.fraction(0.5), RankSpec.flops(0.25), RankSpec.full())] == [
-        "r=8", "fraction=0.5", "flops=0.25", "full"]
+        "r=8",
+        "fraction=0.5",
+        "flops=0.25",
+        "full",
+    ]
     assert repr(RankSpec.layers({"up_proj": 4})) == "RankSpec.layers({'up_proj': 4})"
     assert RankSpec.from_arguments(fraction=0.5) == RankSpec.fraction(0.5)
     for bad, match in [
@@ -50,7 +54,9 @@ MAXIMA = {"l0.q": 32, "l0.up": 48, "l1.q": 16, "l1.up": 5}
 
 @settings(max_examples=60, deadline=None)
 @given(
-    maxima=st.dictionaries(st.sampled_from([f"m.layers.{i}.{t}" for i in range(4) for t in "qkvo"]), st.integers(1, 300), min_size=1),
+    maxima=st.dictionaries(
+        st.sampled_from([f"m.layers.{i}.{t}" for i in range(4) for t in "qkvo"]), st.integers(1, 300), min_size=1
+    ),
     rank=st.integers(1, 400),
     fraction=st.floats(0.01, 1.0),
     granularity=st.integers(1, 64),
@@ -84,7 +90,9 @@ def test_a_budget_resolves_to_its_stored_plan():
     plans = {"0.5": {n: 2 for n in MAXIMA}, "1": dict(MAXIMA)}
     assert resolve_ranks(RankSpec.flops(0.5), MAXIMA, budget_plans=plans) == {n: 2 for n in MAXIMA}
     assert resolve_ranks(RankSpec.flops(1.0), MAXIMA, budget_plans=plans) == MAXIMA
-    with pytest.raises(ValueError, match="No budget plan for flops=0.25; this adapter has plans for the FLOPs budgets 0.5, 1"):
+    with pytest.raises(
+        ValueError, match="No budget plan for flops=0.25; this adapter has plans for the FLOPs budgets 0.5, 1"
+    ):
         resolve_ranks(RankSpec.flops(0.25), MAXIMA, budget_plans=plans)
     with pytest.raises(ValueError, match="stores none"):
         resolve_ranks(RankSpec.flops(0.25), MAXIMA)
@@ -103,7 +111,9 @@ def test_the_saved_active_rank_field():
 
 # -- on a model ------------------------------------------------------------------------------------------
 def _model(**kwargs):
-    return get_peft_model(tiny_llama(), NSNConfig(target_modules=["up_proj", "o_proj"], rank_granularity=8, **kwargs)).eval()
+    return get_peft_model(
+        tiny_llama(), NSNConfig(target_modules=["up_proj", "o_proj"], rank_granularity=8, **kwargs)
+    ).eval()
 
 
 def test_every_entry_point_takes_a_spec(input_ids):
@@ -156,10 +166,17 @@ def test_a_second_adapter_saves_its_own_ranks(tmp_path):
 
 def test_rank_points_hold_a_spec(input_ids):
     model = _model(budget_plans={0.5: {n: 4 for n in _model().get_rank()}, 1.0: {n: 8 for n in _model().get_rank()}})
-    points = resolve_rank_points(model, ranks=[8, "full"], fractions=[0.5], target_flops=[0.5],
-                                 points=[RankSpec.flops(1.0), {"up_proj": 2}])
-    assert [p.spec for p in points] == [RankSpec.rank(8), RankSpec.full(), RankSpec.fraction(0.5), RankSpec.flops(0.5),
-                                        RankSpec.flops(1.0), RankSpec.layers({"up_proj": 2})]
+    points = resolve_rank_points(
+        model, ranks=[8, "full"], fractions=[0.5], target_flops=[0.5], points=[RankSpec.flops(1.0), {"up_proj": 2}]
+    )
+    assert [p.spec for p in points] == [
+        RankSpec.rank(8),
+        RankSpec.full(),
+        RankSpec.fraction(0.5),
+        RankSpec.flops(0.5),
+        RankSpec.flops(1.0),
+        RankSpec.layers({"up_proj": 2}),
+    ]
     assert [p.label for p in points][-2:] == ["flops=1", "layers(1)"]
     with points[3].context(model):
         assert set(model.get_rank().values()) == {4}
@@ -176,13 +193,17 @@ def test_rank_points_hold_a_spec(input_ids):
 
 
 def test_trainer_points_resolve_to_specs():
-    names = [f"model.layers.{i}.mlp.up_proj" for i in range(2)] + [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(2)] + [
+        f"model.layers.{i}.self_attn.o_proj" for i in range(2)
+    ]
     model = _model(budget_plans={0.25: {n: 2 for n in names}, 0.5: {n: 4 for n in names}})
     points = TrainingPoints(model, [0.5, RankSpec.flops(0.25), 0.5000000001])
     assert points.grid == [1, 2] and points.budgets == [0.25, 0.5]
     assert points.spec(1) == RankSpec.flops(0.25) and points.label(2) == "flops=0.5"
     ranks = TrainingPoints(model)
-    assert ranks.grid == nsn_peft.selectable_ranks(model) and ranks.spec(8) == RankSpec.rank(8) and ranks.label(8) == "r=8"
+    assert (
+        ranks.grid == nsn_peft.selectable_ranks(model) and ranks.spec(8) == RankSpec.rank(8) and ranks.label(8) == "r=8"
+    )
     with pytest.raises(ValueError, match="No budget plan for flops=0.75"):
         TrainingPoints(model, [0.75])
     with pytest.raises(ValueError, match="FLOPs budgets"):

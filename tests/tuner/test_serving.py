@@ -30,7 +30,11 @@ def _held_bytes(model) -> int:
 
 
 def _factor_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for layer in _nsn_layers(model) for p in (*layer.nsn_A.values(), *layer.nsn_B.values()))
+    return sum(
+        p.numel() * p.element_size()
+        for layer in _nsn_layers(model)
+        for p in (*layer.nsn_A.values(), *layer.nsn_B.values())
+    )
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -57,7 +61,15 @@ def test_factors_only_holds_no_dense_weight(pair):
 def test_factors_only_outputs_equal_default_mode_at_every_rank(pair, input_ids):
     _, keep, drop = pair
     top = max(nsn_peft.get_max_rank(keep).values())
-    for rank in [1, 2, 5, 8, 16, top, {"up_proj": 3} if "llama" in type(keep.get_base_model()).__name__.lower() else {"c_fc": 3}]:
+    for rank in [
+        1,
+        2,
+        5,
+        8,
+        16,
+        top,
+        {"up_proj": 3} if "llama" in type(keep.get_base_model()).__name__.lower() else {"c_fc": 3},
+    ]:
         keep.set_rank(rank)
         drop.set_rank(rank)
         with torch.no_grad():
@@ -280,8 +292,14 @@ def test_factors_only_loading_peak_memory_stays_near_the_final_size(tmp_path):
 
     # Layers large enough (64 MiB dense) that the interpreter's own ~10-30 MB of objects and allocator slack,
     # which RSS also counts, stay under the one-layer bound.
-    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
-                                      num_key_value_heads=4, vocab_size=128)
+    config = transformers.LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=128,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     char_tokenizer().save_pretrained(tmp_path / "base")
     from nsn_peft.tuner.peft_type import checkpoint_load_scope
@@ -294,8 +312,13 @@ def test_factors_only_loading_peak_memory_stays_near_the_final_size(tmp_path):
     adapter.save_pretrained(tmp_path / "adapter")
     dense_kib = sum(p.numel() * 4 for p in transformers.LlamaForCausalLM(config).parameters()) / 1024
     src = str(Path(nsn_peft.__file__).parents[1])
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "adapter"), str(tmp_path / "base")],
-                         capture_output=True, text=True, check=True, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "adapter"), str(tmp_path / "base")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
     run = json.loads(out.stdout.strip().splitlines()[-1])
     largest_layer_kib = 2048 * 8192 * 4 / 1024
     assert run["held_kib"] < 0.4 * dense_kib  # the served model is far smaller than the dense one ...
@@ -313,7 +336,9 @@ def test_kernel_dispatch_on_cpu_is_the_reference(input_ids, monkeypatch):
     with torch.no_grad():
         expected = model(input_ids).logits
         assert not calls
-        assert nsn_peft.set_runtime_options(model, kernels=True) == nsn_peft.RuntimeOptions(kernels=True, rank_major=True)
+        assert nsn_peft.set_runtime_options(model, kernels=True) == nsn_peft.RuntimeOptions(
+            kernels=True, rank_major=True
+        )
         torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
         assert calls
         torch.testing.assert_close(model(input_ids[:, :1]).logits, model.get_base_model()(input_ids[:, :1]).logits)

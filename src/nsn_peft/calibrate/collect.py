@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["calibration_targets", "collect_activation_stats", "collect_gradient_stats"]
 
 
-
-
 def calibration_targets(
     model: nn.Module,
     target_modules: Union[None, str, Sequence[str], LayerSelection] = None,
@@ -58,7 +56,11 @@ def calibration_targets(
         raise ValueError(
             f"No linear layer of {type(model).__name__} matches target_modules={selection.target_modules!r}"
             + (f", exclude_modules={selection.exclude_modules!r}" if selection.exclude_modules else "")
-            + (f", layers_to_transform={selection.layers_to_transform!r}" if selection.layers_to_transform is not None else "")
+            + (
+                f", layers_to_transform={selection.layers_to_transform!r}"
+                if selection.layers_to_transform is not None
+                else ""
+            )
         )
     return targets
 
@@ -81,7 +83,9 @@ def _batches(data: Any, tokenizer, max_tokens: Optional[int], seq_len: int, batc
                 raise ValueError(f"The token stream has {data.numel()} tokens, fewer than seq_len={seq_len}")
             data = data[: data.numel() // seq_len * seq_len].view(-1, seq_len)
         elif data.dim() != 2:
-            raise ValueError(f"A calibration tensor must be 1-D (a stream) or 2-D (blocks), got shape {tuple(data.shape)}")
+            raise ValueError(
+                f"A calibration tensor must be 1-D (a stream) or 2-D (blocks), got shape {tuple(data.shape)}"
+            )
         for start in range(0, data.shape[0], batch_size):
             yield {"input_ids": data[start : start + batch_size]}
         return
@@ -91,7 +95,9 @@ def _batches(data: Any, tokenizer, max_tokens: Optional[int], seq_len: int, batc
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch if batch.dim() == 2 else batch[None]}
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise TypeError(f"Calibration batches must be dicts with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}")
+            raise TypeError(
+                f"Calibration batches must be dicts with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}"
+            )
         yield batch
 
 
@@ -135,8 +141,15 @@ def _run_device(model: nn.Module, device: Optional[Union[str, torch.device]]) ->
 
 
 def _token_batches(
-    model: nn.Module, data: Any, tokenizer: Any, max_tokens: Optional[int], seq_len: int, batch_size: int,
-    device: torch.device, desc: str, show_progress: bool,
+    model: nn.Module,
+    data: Any,
+    tokenizer: Any,
+    max_tokens: Optional[int],
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+    show_progress: bool,
 ) -> Iterator[_TokenBatch]:
     """Calibration batches on ``device`` (model in eval mode meanwhile), a progress bar, and a stop at ``max_tokens``."""
     was_training = model.training
@@ -241,17 +254,26 @@ def collect_activation_stats(
         raise ValueError(f"max_tokens must be positive or None, got {max_tokens}")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-    targets = calibration_targets(model, target_modules, exclude_modules=exclude_modules,
-                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
+    targets = calibration_targets(
+        model,
+        target_modules,
+        exclude_modules=exclude_modules,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
+    )
     run_device = _run_device(model, device)
     if run_device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
-        logger.warning("float32 matmul precision is %r (TF32): the Gram matrices lose precision in their small "
-                       "directions; torch.set_float32_matmul_precision('highest') is recommended for calibration",
-                       torch.get_float32_matmul_precision())
+        logger.warning(
+            "float32 matmul precision is %r (TF32): the Gram matrices lose precision in their small "
+            "directions; torch.set_float32_matmul_precision('highest') is recommended for calibration",
+            torch.get_float32_matmul_precision(),
+        )
     collector = InputGramCollector(targets, dtype, run_device, share_inputs)
     forward_kwargs = _forward_kwargs(model, targets)
     seen = 0
-    batches = _token_batches(model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Calibrating", show_progress)
+    batches = _token_batches(
+        model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Calibrating", show_progress
+    )
     try:
         with collector.attached():
             for batch in batches:
@@ -311,16 +333,22 @@ def collect_gradient_stats(
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None:
         raise TypeError(f"{type(model).__name__} has no input embeddings; gradient statistics need a language model")
-    targets = calibration_targets(model, target_modules, exclude_modules=exclude_modules,
-                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
+    targets = calibration_targets(
+        model,
+        target_modules,
+        exclude_modules=exclude_modules,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
+    )
     run_device = _run_device(model, device)
     collector = OutputGradientCollector(targets, dtype, run_device)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     seen = 0
-    batches = _token_batches(model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Output gradients",
-                             show_progress)
+    batches = _token_batches(
+        model, data, tokenizer, max_tokens, seq_len, batch_size, run_device, "Output gradients", show_progress
+    )
     try:
         with collector.attached():
             for batch in batches:
@@ -333,7 +361,9 @@ def collect_gradient_stats(
                     output = model(inputs_embeds=inputs, attention_mask=batch.attention_mask, use_cache=False)
                     logits = output.logits[:, :-1].float()
                     # The *summed* loss, so that batches of any size add up consistently.
-                    loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
+                    loss = nn.functional.cross_entropy(
+                        logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum"
+                    )
                     loss.backward()
                 seen += batch.tokens
     finally:
@@ -345,6 +375,11 @@ def collect_gradient_stats(
     grams, counts = collector.result(torch.distributed.is_available() and torch.distributed.is_initialized())
     seen = _all_reduce_count(seen, run_device)
     out_device = torch.device(stats_device) if stats_device is not None else run_device
-    extra = {"kind": "output_gradient", "seq_len": seq_len, "tokens": seen, "accumulate_dtype": str(dtype).removeprefix("torch.")}
+    extra = {
+        "kind": "output_gradient",
+        "seq_len": seq_len,
+        "tokens": seen,
+        "accumulate_dtype": str(dtype).removeprefix("torch."),
+    }
     logger.info("Collected output-gradient statistics of %d layers over %d tokens", len(grams), seen)
     return ActivationStats({n: g.to(out_device) for n, g in grams.items()}, counts, _model_id(model), extra)

@@ -57,7 +57,9 @@ class InputGramCollector:
     from the shared history (the batch Gram the shared one received is kept until the next batch).
     """
 
-    def __init__(self, targets: Mapping[str, nn.Module], dtype: torch.dtype, device: torch.device, share: bool = True) -> None:
+    def __init__(
+        self, targets: Mapping[str, nn.Module], dtype: torch.dtype, device: torch.device, share: bool = True
+    ) -> None:
         self.targets = dict(targets)
         self.sizes = {name: layer_features(m)[1] for name, m in targets.items()}
         self.dtype, self.device, self.share = dtype, device, share
@@ -157,8 +159,11 @@ class InputGramCollector:
                 acc.count = count
         missing = [n for n in self.sizes if n not in self.accs]
         if missing:
-            logger.warning("%d targeted layer(s) never ran during calibration and have no statistics: %s",
-                           len(missing), missing[:5])
+            logger.warning(
+                "%d targeted layer(s) never ran during calibration and have no statistics: %s",
+                len(missing),
+                missing[:5],
+            )
         names = [n for n in self.sizes if n in self.accs]
         return {n: self.accs[n].gram for n in names}, {n: self.accs[n].count for n in names}
 
@@ -172,8 +177,10 @@ class OutputGradientCollector:
 
     def __init__(self, targets: Mapping[str, nn.Module], dtype: torch.dtype, device: torch.device) -> None:
         self.targets = dict(targets)
-        self.grams = {name: torch.zeros(layer_features(m)[0], layer_features(m)[0], dtype=dtype, device=device)
-                      for name, m in targets.items()}
+        self.grams = {
+            name: torch.zeros(layer_features(m)[0], layer_features(m)[0], dtype=dtype, device=device)
+            for name, m in targets.items()
+        }
         self.counts = dict.fromkeys(targets, 0)
         self.keep: Optional[torch.Tensor] = None
         self.tokens = 0

@@ -11,6 +11,7 @@ starts the processes itself (gloo on CPUs, NCCL with one GPU per process)::
         blocks = shard_blocks(token_blocks(texts, tokenizer, 512, 131072))
         return collect_activation_stats(model, blocks, max_tokens=None)
 
+
     stats = run_data_parallel(work, num_processes=4)  # rank 0's result
 
 The sums equal the single-process ones up to the order of floating-point additions (float64 accumulators).

@@ -48,7 +48,9 @@ GRADIENT_STATS_SUBDIR = "output_gradients"
 __all__ = ["ActivationStats"]
 
 
-def _distinct_matrices(grams: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> tuple[list[str], dict[str, str]]:
+def _distinct_matrices(
+    grams: Mapping[str, torch.Tensor], counts: Mapping[str, int]
+) -> tuple[list[str], dict[str, str]]:
     """``(stored, aliases)``: the first layer of each distinct matrix, and ``{other layer: stored layer}``.
 
     Two layers share a matrix when they hold the same tensor object (calibration shares the accumulator of
@@ -127,8 +129,11 @@ class ActivationStats:
         if source == "stats" and getattr(self, "_loaded_from", None):
             source = self._loaded_from  # name the folder the statistics came from
         if self.kind != kind:
-            hint = ("collect them with nsn_peft.collect_activation_stats (output-gradient statistics go to gradient_stats=)"
-                    if kind == "activation" else "collect them with nsn_peft.collect_gradient_stats")
+            hint = (
+                "collect them with nsn_peft.collect_activation_stats (output-gradient statistics go to gradient_stats=)"
+                if kind == "activation"
+                else "collect them with nsn_peft.collect_gradient_stats"
+            )
             raise ValueError(f"{source} holds {self.kind} statistics, not {kind} statistics; {hint}")
         feature = "in_features" if kind == "activation" else "out_features"
         missing = [n for n in shapes if canonical_module_name(n) not in self.grams]
@@ -139,22 +144,30 @@ class ActivationStats:
         ]
         problems = []
         if missing:
-            problems.append(f"missing layers {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            problems.append(
+                f"missing layers {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
         if wrong:
             problems.append(f"wrong shapes {wrong[:5]}")
         present = [canonical_module_name(n) for n in shapes if canonical_module_name(n) in self.grams]
         empty = [n for n in present if self.token_counts[n] <= 0]
         if empty:
-            problems.append(f"layers {empty[:5]} were measured over 0 tokens (their statistics say nothing; "
-                            "calibrate on data that reaches them)")
+            problems.append(
+                f"layers {empty[:5]} were measured over 0 tokens (their statistics say nothing; "
+                "calibrate on data that reaches them)"
+            )
         broken = [n for n in present if n not in empty and not bool(torch.isfinite(self.grams[n]).all())]
         if broken:
-            problems.append(f"layers {broken[:5]} hold NaN/Inf values (the model overflowed on the calibration "
-                            "data, or the file is damaged)")
+            problems.append(
+                f"layers {broken[:5]} hold NaN/Inf values (the model overflowed on the calibration "
+                "data, or the file is damaged)"
+            )
         if problems:
             origin = f" (model '{self.model_id}')" if self.model_id else ""
             label = "Activation" if kind == "activation" else "Output-gradient"
-            raise ValueError(f"{label} statistics from {source}{origin} do not match this model: " + "; ".join(problems))
+            raise ValueError(
+                f"{label} statistics from {source}{origin} do not match this model: " + "; ".join(problems)
+            )
 
     # -- merging across processes / runs -------------------------------------------------------------
     def merge(self, other: ActivationStats) -> ActivationStats:
@@ -194,7 +207,10 @@ class ActivationStats:
             "model_id": self.model_id,
             "dtype": str(dtype).removeprefix("torch."),
             "layout": "upper_triangle",
-            "layers": {name: {"in_features": int(g.shape[0]), "tokens": int(self.token_counts[name])} for name, g in self.grams.items()},
+            "layers": {
+                name: {"in_features": int(g.shape[0]), "tokens": int(self.token_counts[name])}
+                for name, g in self.grams.items()
+            },
             "aliases": aliases,
             "extra": self.extra,
         }
@@ -204,7 +220,9 @@ class ActivationStats:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", layers: Optional[Iterable[str]] = None) -> ActivationStats:
+    def load(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", layers: Optional[Iterable[str]] = None
+    ) -> ActivationStats:
         """Load statistics saved by :meth:`save`; ``layers`` restricts which matrices are read."""
         directory = Path(directory)
         finish_interrupted_save(directory)
@@ -222,7 +240,9 @@ class ActivationStats:
         check_safetensors(tensor_path)  # a truncated file is named here, not deep inside safetensors
         version = meta.get("format_version")
         if version not in READABLE_VERSIONS:
-            raise ValueError(f"{meta_path} has format_version {version!r}; this version reads {list(READABLE_VERSIONS)}")
+            raise ValueError(
+                f"{meta_path} has format_version {version!r}; this version reads {list(READABLE_VERSIONS)}"
+            )
         aliases = meta.get("aliases") or {}
         packed = meta.get("layout") == "upper_triangle"
         wanted = set(canonical_module_name(n) for n in layers) if layers is not None else None
@@ -245,7 +265,9 @@ class ActivationStats:
                         raise ValueError(f"{tensor_path}: layer '{key}': {err}") from None
                 gram = read[key]
                 if tuple(gram.shape) != (size, size):
-                    raise ValueError(f"{tensor_path}: layer '{name}' has shape {tuple(gram.shape)}, metadata says {size}")
+                    raise ValueError(
+                        f"{tensor_path}: layer '{name}' has shape {tuple(gram.shape)}, metadata says {size}"
+                    )
                 grams[name], counts[name] = gram, int(info["tokens"])
         stats = cls(grams, counts, meta.get("model_id"), meta.get("extra", {}))
         stats._loaded_from = str(directory)

@@ -92,7 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = commands[args.command]
     try:
         if args.config:
-            tokens = config_to_argv(sub, load_config_file(args.config), args.command, commands, source=f"config file {args.config}")
+            tokens = config_to_argv(
+                sub, load_config_file(args.config), args.command, commands, source=f"config file {args.config}"
+            )
             index = argv.index(args.command)
             args = parse(argv[: index + 1] + tokens + argv[index + 1 :])
     except UsageError as err:

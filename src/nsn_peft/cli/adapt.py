@@ -45,14 +45,21 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     group = parser.add_argument_group("output")
     group.add_argument("--output", "-o", default=None, metavar="DIR", help="Adapter folder to write (required).")
     group.add_argument(
-        "--active-rank", type=rank_value, default=None, metavar="R",
+        "--active-rank",
+        type=rank_value,
+        default=None,
+        metavar="R",
         help="Rank the saved adapter runs at when loaded (int or 'full'; default: full).",
     )
     group.add_argument(
-        "--base-model-id", default=None, metavar="ID",
+        "--base-model-id",
+        default=None,
+        metavar="ID",
         help="Base-model reference recorded in adapter_config.json (default: --model; set a Hub id before uploading).",
     )
-    group.add_argument("--save-tokenizer", action=argparse.BooleanOptionalAction, default=False, help="Also save the tokenizer.")
+    group.add_argument(
+        "--save-tokenizer", action=argparse.BooleanOptionalAction, default=False, help="Also save the tokenizer."
+    )
     add_overwrite_option(group)
     add_common_options(parser)
     parser.set_defaults(func=run)

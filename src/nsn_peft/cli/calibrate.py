@@ -49,23 +49,36 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     add_model_options(parser, task=False)
     add_data_options(parser, seq_len=512, max_tokens=131072)
     parser.add_argument(
-        "--target-modules", type=module_list, default=None, metavar="NAMES",
+        "--target-modules",
+        type=module_list,
+        default=None,
+        metavar="NAMES",
         help="Layers to collect (comma-separated names, 'all-linear' or 're:<regex>'; default: all linear layers).",
     )
     parser.add_argument(
-        "--exclude-modules", type=module_list, default=None, metavar="NAMES",
+        "--exclude-modules",
+        type=module_list,
+        default=None,
+        metavar="NAMES",
         help="Layers never collected (as in adapt: the same options select the same layers).",
     )
     parser.add_argument(
-        "--gradients", action="store_true",
+        "--gradients",
+        action="store_true",
         help="Also collect output-gradient statistics into DIR/output_gradients (for search-ranks --target-fraction).",
     )
     parser.add_argument(
-        "--gradient-tokens", type=positive_int, default=None, metavar="N",
+        "--gradient-tokens",
+        type=positive_int,
+        default=None,
+        metavar="N",
         help="Tokens for the output-gradient statistics (default: --max-tokens).",
     )
     parser.add_argument(
-        "--num-processes", type=positive_int, default=1, metavar="N",
+        "--num-processes",
+        type=positive_int,
+        default=1,
+        metavar="N",
         help="Data-parallel calibration: N processes (gloo on CPUs, one GPU each with --device cuda) each run every "
         "N-th calibration sequence, and the statistics are summed once at the end (equal to one process's). Under "
         "`accelerate launch -m nsn_peft calibrate ...` or torchrun the launched processes do the same; leave this out.",
@@ -84,7 +97,9 @@ def run(args: argparse.Namespace) -> CommandResult:
     output = check_output_dir(args.output, args.overwrite)
     if args.num_processes > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UsageError("--num-processes starts its own processes: leave it out under accelerate launch or torchrun")
+            raise UsageError(
+                "--num-processes starts its own processes: leave it out under accelerate launch or torchrun"
+            )
         device = resolve_device(args.device)
         data = run_data_parallel(collect_shard, args.num_processes, (args, str(output)), device=device)
     else:
@@ -98,9 +113,13 @@ def run(args: argparse.Namespace) -> CommandResult:
     text = "\n".join(
         [
             f"Saved activation statistics of {data['layers']} layers ({data['tokens']:,} tokens"
-            + (f", {data['processes']} processes" if data["processes"] > 1 else "") + f") to {output}"
-            + (f", output-gradient statistics ({data['gradient_tokens']:,} tokens) to {output / GRADIENT_STATS_SUBDIR}"
-               if data["gradient_tokens"] is not None else ""),
+            + (f", {data['processes']} processes" if data["processes"] > 1 else "")
+            + f") to {output}"
+            + (
+                f", output-gradient statistics ({data['gradient_tokens']:,} tokens) to {output / GRADIENT_STATS_SUBDIR}"
+                if data["gradient_tokens"] is not None
+                else ""
+            ),
             "",
             format_table(sorted(sizes.items()), ["in_features", "layers"], align="rr"),
         ]
@@ -139,18 +158,32 @@ def collect_shard(args: argparse.Namespace, output: str) -> dict[str, Any]:
 
     calibration_data, max_tokens = data(args.max_tokens)
     stats = calibration.collect_activation_stats(
-        model, calibration_data, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=args.seq_len,
-        batch_size=args.batch_size, target_modules=args.target_modules, exclude_modules=args.exclude_modules,
-        device=device, show_progress=progress_enabled(),
+        model,
+        calibration_data,
+        tokenizer=tokenizer,
+        max_tokens=max_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        target_modules=args.target_modules,
+        exclude_modules=args.exclude_modules,
+        device=device,
+        show_progress=progress_enabled(),
     )
     stats.model_id = base_model_reference(args.model, args.gguf_file)
     gradients = None
     if args.gradients:
         calibration_data, max_tokens = data(args.gradient_tokens or args.max_tokens)
         gradients = calibration.collect_gradient_stats(
-            model, calibration_data, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=args.seq_len,
-            batch_size=args.batch_size, target_modules=args.target_modules, exclude_modules=args.exclude_modules,
-            device=device, show_progress=progress_enabled(),
+            model,
+            calibration_data,
+            tokenizer=tokenizer,
+            max_tokens=max_tokens,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            target_modules=args.target_modules,
+            exclude_modules=args.exclude_modules,
+            device=device,
+            show_progress=progress_enabled(),
         )
         gradients.model_id = stats.model_id
     if rank > 0:
@@ -161,7 +194,11 @@ def collect_shard(args: argparse.Namespace, output: str) -> dict[str, Any]:
         if gradients is not None:
             gradients.save(tmp / GRADIENT_STATS_SUBDIR)
     return {
-        "output": output, "model": stats.model_id, "layers": len(stats.layer_names), "tokens": stats.num_tokens,
+        "output": output,
+        "model": stats.model_id,
+        "layers": len(stats.layer_names),
+        "tokens": stats.num_tokens,
         "in_features": {n: int(stats.grams[n].shape[0]) for n in stats.layer_names},
-        "gradient_tokens": gradients.num_tokens if gradients is not None else None, "processes": world_size,
+        "gradient_tokens": gradients.num_tokens if gradients is not None else None,
+        "processes": world_size,
     }

@@ -53,7 +53,9 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         "--adapter", default=None, metavar="DIR", help="NSN adapter folder (else --model is adapted on the fly)."
     )
     add_adapter_creation_options(parser, title="on-the-fly adapter (without --adapter)")
-    ranks = parser.add_argument_group("rank (at most one; default: the active ranks, and every budget of an adapter with budget plans: a nested export)")
+    ranks = parser.add_argument_group(
+        "rank (at most one; default: the active ranks, and every budget of an adapter with budget plans: a nested export)"
+    )
     ranks.add_argument(
         "--rank", type=rank_value, default=None, metavar="R", help="Rank of every layer (int or 'full')."
     )

@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 def add_model_source(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, task=False)
     parser.add_argument(
-        "--adapter", default=None, metavar="DIR",
+        "--adapter",
+        default=None,
+        metavar="DIR",
         help="NSN adapter folder; without it the --model is adapted on the fly with the options below.",
     )
     add_adapter_creation_options(parser, title="on-the-fly adapter (without --adapter)")
@@ -51,29 +53,44 @@ def add_rank_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ranks")
     group.add_argument("--ranks", type=rank_list, default=None, metavar="LIST", help="Ranks, e.g. 64,128,full.")
     group.add_argument(
-        "--fractions", type=csv_floats, default=None, metavar="LIST",
+        "--fractions",
+        type=csv_floats,
+        default=None,
+        metavar="LIST",
         help="Fractions of each layer's max rank, e.g. 0.25,0.5 (rounded down to the rank grid).",
     )
     group.add_argument(
-        "--target-flops", type=csv_floats, default=None, metavar="LIST",
+        "--target-flops",
+        type=csv_floats,
+        default=None,
+        metavar="LIST",
         help="FLOPs budgets as fractions of the dense model, e.g. 0.5,0.75: the largest grid rank within each.",
     )
     group.add_argument(
-        "--budgets", type=csv_floats, default=None, metavar="LIST",
+        "--budgets",
+        type=csv_floats,
+        default=None,
+        metavar="LIST",
         help="Stored budget plans of the adapter (FLOPs fractions of its targeted layers), e.g. 0.5,0.8.",
     )
     group.add_argument(
-        "--flops-scope", default="model", choices=["model", "targeted"],
+        "--flops-scope",
+        default="model",
+        choices=["model", "targeted"],
         help="What --target-flops budgets: all matmuls of the model or only the factored layers.",
     )
     group.add_argument(
-        "--baseline", action=argparse.BooleanOptionalAction, default=None,
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="Also evaluate the dense base model (adapter disabled), shown beside every rank and on the plot "
         "(default: on, except for a compressed model, which has no dense weights left; --no-baseline skips it).",
     )
     group.add_argument("--stride", type=positive_int, default=None, help="Sliding-window stride (default: --seq-len).")
     group.add_argument(
-        "--ppl-protocol", default="nsn", choices=["nsn", "standard"],
+        "--ppl-protocol",
+        default="nsn",
+        choices=["nsn", "standard"],
         help="Perplexity protocol: nsn (EOS between documents, --seq-len windows, default) or standard (the papers': "
         "documents joined with blank lines, no EOS, 2048-token windows unless --seq-len, partial last window dropped).",
     )
@@ -135,6 +152,7 @@ def load_texts(args: argparse.Namespace) -> list[str]:
     required(args, "data")
     check_data_ref(args.data)
     from .. import data
+
     texts = data.load_texts(args.data, split=args.split, text_field=args.text_field, max_docs=args.max_docs)
     if not texts:
         raise UsageError(f"--data {args.data} holds no text")
@@ -144,9 +162,17 @@ def load_texts(args: argparse.Namespace) -> list[str]:
 def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> dict[str, float]:
     """``{"perplexity", "nll", "tokens"}`` of ``model`` on ``texts`` (sliding window)."""
     from .. import evaluation
+
     result = evaluation.evaluate_perplexity(
-        model, texts, tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, device=compute_device(args), show_progress=progress_enabled(),
+        model,
+        texts,
+        tokenizer=tokenizer,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        device=compute_device(args),
+        show_progress=progress_enabled(),
         protocol=getattr(args, "ppl_protocol", "nsn"),
     )
     return {"perplexity": float(result["perplexity"]), "nll": float(result["nll"]), "tokens": int(result["tokens"])}
@@ -168,7 +194,11 @@ def check_enough_tokens(args: argparse.Namespace, tokenizer: Any, texts: list[st
     else:
         count = int(token_stream(texts, tokenizer, args.max_tokens).numel())
     if count < args.seq_len:
-        limit = f" (--max-tokens {args.max_tokens})" if args.max_tokens is not None and args.max_tokens < args.seq_len else ""
+        limit = (
+            f" (--max-tokens {args.max_tokens})"
+            if args.max_tokens is not None and args.max_tokens < args.seq_len
+            else ""
+        )
         raise UsageError(
             f"--data {args.data} gives {count} tokens{limit}, fewer than --seq-len {args.seq_len}: not one full window "
             "to evaluate; give more text or a smaller --seq-len"
@@ -181,7 +211,9 @@ def check_source(args: argparse.Namespace) -> None:
         read_adapter_config(args.adapter)
 
 
-def evaluate_points(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str], points: list[RankPoint]) -> list[dict[str, Any]]:
+def evaluate_points(
+    args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str], points: list[RankPoint]
+) -> list[dict[str, Any]]:
     """Perplexity and FLOPs of ``model`` at every point (progress bar over the points)."""
     rows = []
     for point in progress(points, desc="Evaluating ranks", unit="rank", disable=len(points) < 2 or None):
@@ -226,8 +258,11 @@ def with_baseline(rows: list[dict[str, Any]], baseline: Optional[float]) -> list
 
 
 def rows_text(rows: list[dict[str, Any]], baseline: Optional[float], tokens: Optional[int] = None) -> str:
-    table_rows = [(r["label"], round(r["mean_rank"], 1), round(r["model_flops_fraction"], 4), round(r["perplexity"], 4))
-                  + ((f"{r['vs_dense']:.3f}×",) if baseline else ()) for r in rows]
+    table_rows = [
+        (r["label"], round(r["mean_rank"], 1), round(r["model_flops_fraction"], 4), round(r["perplexity"], 4))
+        + ((f"{r['vs_dense']:.3f}×",) if baseline else ())
+        for r in rows
+    ]
     headers = ["rank", "mean rank", "FLOPs vs dense", "perplexity"] + (["vs dense"] if baseline else [])
     if baseline is not None:
         table_rows.append(("dense", "-", 1.0, round(baseline, 4), "1.000×"))
@@ -253,8 +288,10 @@ def check_budgets(args: argparse.Namespace, model: Any) -> None:
     from ..tuner.ranks import budget_plans
 
     if getattr(args, "budgets", None) and not budget_plans(model):
-        raise UsageError("--budgets needs an adapter with stored budget plans (trained or refined for several budgets); "
-                         "--target-flops picks a uniform rank within a FLOPs budget instead")
+        raise UsageError(
+            "--budgets needs an adapter with stored budget plans (trained or refined for several budgets); "
+            "--target-flops picks a uniform rank within a FLOPs budget instead"
+        )
 
 
 def run_eval(args: argparse.Namespace) -> CommandResult:
@@ -278,19 +315,39 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
     check_enough_tokens(args, tokenizer, texts)
     if not nsn_layers(model):  # a compressed model: fixed ranks
         if args.ranks or args.fractions or flops_budgets(args):
-            raise UsageError("--ranks/--fractions/--target-flops/--budgets need an NSN model; a compressed model runs at fixed ranks")
-        rows = [{"label": "compressed", "kind": "compressed", "value": None, **fixed_rank_flops(model),
-                 **_perplexity(args, model, tokenizer, texts)}]
+            raise UsageError(
+                "--ranks/--fractions/--target-flops/--budgets need an NSN model; a compressed model runs at fixed ranks"
+            )
+        rows = [
+            {
+                "label": "compressed",
+                "kind": "compressed",
+                "value": None,
+                **fixed_rank_flops(model),
+                **_perplexity(args, model, tokenizer, texts),
+            }
+        ]
     else:
         check_budgets(args, model)
         points = resolve_rank_points(
-            model, ranks=args.ranks, fractions=args.fractions, target_flops=flops_budgets(args), flops_scope=args.flops_scope
+            model,
+            ranks=args.ranks,
+            fractions=args.fractions,
+            target_flops=flops_budgets(args),
+            flops_scope=args.flops_scope,
         )
         rows = evaluate_points(args, model, tokenizer, texts, points)
     baseline = dense_baseline(args, model, tokenizer, texts)
     rows = with_baseline(rows, baseline)
-    data = {"model": ref, "adapter": args.adapter, "data": args.data, "results": rows, "baseline_perplexity": baseline,
-            "perplexity_protocol": args.ppl_protocol, "seq_len": args.seq_len}
+    data = {
+        "model": ref,
+        "adapter": args.adapter,
+        "data": args.data,
+        "results": rows,
+        "baseline_perplexity": baseline,
+        "perplexity_protocol": args.ppl_protocol,
+        "seq_len": args.seq_len,
+    }
     if output is not None:
         write_json(output, data)
     return CommandResult(data, rows_text(rows, baseline, rows[0].get("tokens") if rows else None))

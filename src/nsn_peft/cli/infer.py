@@ -49,14 +49,22 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         ],
     )
     add_model_options(parser, task=False)
-    parser.add_argument("--adapter", default=None, metavar="DIR", help="NSN adapter folder (else --model is adapted on the fly).")
+    parser.add_argument(
+        "--adapter", default=None, metavar="DIR", help="NSN adapter folder (else --model is adapted on the fly)."
+    )
     add_adapter_creation_options(parser, title="on-the-fly adapter (without --adapter)")
     add_serving_options(parser)
     ranks = parser.add_argument_group("rank (at most one; default: full)")
-    ranks.add_argument("--rank", type=rank_value, default=None, metavar="R", help="Rank of every layer (int or 'full').")
+    ranks.add_argument(
+        "--rank", type=rank_value, default=None, metavar="R", help="Rank of every layer (int or 'full')."
+    )
     ranks.add_argument("--fraction", type=unit_fraction, default=None, help="Fraction of each layer's max rank.")
-    ranks.add_argument("--target-flops", type=unit_fraction, default=None, metavar="F", help="FLOPs budget vs dense, in (0, 1].")
-    ranks.add_argument("--flops-scope", default="model", choices=["model", "targeted"], help="What --target-flops budgets.")
+    ranks.add_argument(
+        "--target-flops", type=unit_fraction, default=None, metavar="F", help="FLOPs budget vs dense, in (0, 1]."
+    )
+    ranks.add_argument(
+        "--flops-scope", default="model", choices=["model", "targeted"], help="What --target-flops budgets."
+    )
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", default=None, help="Prompt text.")
     gen.add_argument("--prompt-file", default=None, metavar="FILE", help="Read the prompt from this file.")
@@ -65,7 +73,9 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     gen.add_argument("--top-p", type=unit_fraction, default=1.0, help="Nucleus sampling mass (with --temperature > 0).")
     gen.add_argument("--seed", type=nonnegative_int, default=0, help="Random seed for sampling.")
     gen.add_argument(
-        "--chat", action=argparse.BooleanOptionalAction, default=None,
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="Wrap the prompt in the tokenizer's chat template (default: when it has one).",
     )
     gen.add_argument("--system", default=None, help="System message (with --chat).")
@@ -92,7 +102,9 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: Any, system: Any) -> tuple[
     use_chat = has_template if chat is None else bool(chat)
     if use_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         return dict(encoded), True
     return dict(tokenizer(prompt, return_tensors="pt")), False
 
@@ -120,11 +132,16 @@ def run(args: argparse.Namespace) -> CommandResult:
         context, info = point.context(model), None
     else:  # a compressed model: fixed ranks
         if chosen:
-            raise UsageError("--rank/--fraction/--target-flops need an NSN model; a compressed model runs at fixed ranks")
+            raise UsageError(
+                "--rank/--fraction/--target-flops need an NSN model; a compressed model runs at fixed ranks"
+            )
         from .evaluate import fixed_rank_flops
 
         point = RankPoint("compressed", "compressed", "compressed")
-        context, info = contextlib.nullcontext(), {"label": "compressed", "kind": "compressed", **fixed_rank_flops(model)}
+        context, info = (
+            contextlib.nullcontext(),
+            {"label": "compressed", "kind": "compressed", **fixed_rank_flops(model)},
+        )
     inputs, used_chat = encode_prompt(tokenizer, prompt, args.chat, args.system)
     check_token_ids(model, inputs["input_ids"], "the tokenized prompt")
     device = next(model.parameters()).device
@@ -142,14 +159,23 @@ def run(args: argparse.Namespace) -> CommandResult:
         info = info or describe_point(model, point)
         with torch.inference_mode():
             output = model.generate(**inputs, **gen_kwargs)
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
     completion = tokenizer.decode(new_tokens, skip_special_tokens=True)
     data = {
-        "model": ref, "adapter": args.adapter, "prompt": prompt, "completion": completion, "chat_template": used_chat,
-        "new_tokens": int(new_tokens.numel()), **info,
+        "model": ref,
+        "adapter": args.adapter,
+        "prompt": prompt,
+        "completion": completion,
+        "chat_template": used_chat,
+        "new_tokens": int(new_tokens.numel()),
+        **info,
     }
     if not args.json and not args.quiet:
-        how = f"rank {info['mean_rank']:.0f}" if info["min_rank"] == info["max_rank"] else f"mean rank {info['mean_rank']:.1f}"
+        how = (
+            f"rank {info['mean_rank']:.0f}"
+            if info["min_rank"] == info["max_rank"]
+            else f"mean rank {info['mean_rank']:.1f}"
+        )
         if point.kind != "rank":
             how += f" ({point.label})"
         sys.stderr.write(f"[{Path(str(ref)).name}: {how}, {info['model_flops_fraction']:.3f} of dense FLOPs]\n")

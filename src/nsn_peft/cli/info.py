@@ -39,10 +39,16 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         examples=["--adapter ./nsn-adapter", "--adapter ./nsn-adapter --ranks 64,128,full --layers --json"],
     )
     parser.add_argument(
-        "--adapter", default=None, metavar="DIR", help="Adapter folder, or a compressed model folder from `compress` (required)."
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="Adapter folder, or a compressed model folder from `compress` (required).",
     )
     parser.add_argument(
-        "--ranks", type=rank_list, default=None, metavar="LIST",
+        "--ranks",
+        type=rank_list,
+        default=None,
+        metavar="LIST",
         help="Ranks of the FLOPs table (default: a few ranks of the grid).",
     )
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=False, help="List every layer.")
@@ -78,7 +84,9 @@ def adapter_layers(folder: Path) -> dict[str, dict[str, int]]:
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         if (folder / "adapter_model.bin").is_file():
-            raise UsageError(f"{folder} stores its weights as adapter_model.bin; only safetensors adapters can be inspected")
+            raise UsageError(
+                f"{folder} stores its weights as adapter_model.bin; only safetensors adapters can be inspected"
+            )
         raise UsageError(f"{folder} has no {ADAPTER_WEIGHTS}")
     layers: dict[str, dict[str, int]] = {}
     for key, entry in read_safetensors_header(path).items():
@@ -125,8 +133,9 @@ def _table_ranks(requested: Optional[list], top: int, granularity: int) -> list[
     return sorted(picks)
 
 
-def _layer_report(layers: Mapping[str, Mapping[str, int]], active: Mapping[str, int], requested: Optional[list],
-                  granularity: int) -> dict[str, Any]:
+def _layer_report(
+    layers: Mapping[str, Mapping[str, int]], active: Mapping[str, int], requested: Optional[list], granularity: int
+) -> dict[str, Any]:
     """Totals, FLOPs table and per-layer rows shared by adapters and compressed folders."""
     from ..linalg.flops import dense_flops, factored_flops
 
@@ -148,8 +157,13 @@ def _layer_report(layers: Mapping[str, Mapping[str, int]], active: Mapping[str, 
         "flops_table": flops_rows,
         "layers": [
             {
-                "name": n, "out_features": v["out"], "in_features": v["in"], "max_rank": v["max_rank"],
-                "active_rank": active[n], "params": v["max_rank"] * (v["out"] + v["in"]), "dense_params": v["out"] * v["in"],
+                "name": n,
+                "out_features": v["out"],
+                "in_features": v["in"],
+                "max_rank": v["max_rank"],
+                "active_rank": active[n],
+                "params": v["max_rank"] * (v["out"] + v["in"]),
+                "dense_params": v["out"] * v["in"],
                 "flops_fraction": factored_flops(v["out"], v["in"], active[n]) / dense_flops(v["out"], v["in"]),
             }
             for n, v in layers.items()
@@ -163,15 +177,26 @@ def _report_lines(data: Mapping[str, Any], show_layers: bool, flops_table: bool 
         lines += [
             "",
             "FLOPs of the factored layers (2r(m+d) per token vs 2md dense):",
-            format_table([(r["rank"], r["flops_per_token"], round(r["flops_fraction"], 4)) for r in data["flops_table"]],
-                         ["rank", "FLOPs/token", "vs dense"]),
+            format_table(
+                [(r["rank"], r["flops_per_token"], round(r["flops_fraction"], 4)) for r in data["flops_table"]],
+                ["rank", "FLOPs/token", "vs dense"],
+            ),
         ]
     if show_layers:
         lines += [
             "",
             format_table(
-                [(r["name"], r["out_features"], r["in_features"], r["max_rank"], r["active_rank"], round(r["flops_fraction"], 4))
-                 for r in data["layers"]],
+                [
+                    (
+                        r["name"],
+                        r["out_features"],
+                        r["in_features"],
+                        r["max_rank"],
+                        r["active_rank"],
+                        round(r["flops_fraction"], 4),
+                    )
+                    for r in data["layers"]
+                ],
                 ["layer", "out", "in", "max rank", "active", "FLOPs vs dense"],
             ),
         ]
@@ -183,14 +208,22 @@ def compressed_info(folder: Path, args: argparse.Namespace) -> CommandResult:
     from ..export.compressed import describe_export
 
     meta = describe_export(folder)
-    layers = {n: {"out": v["out"], "in": v["in"], "max_rank": v["max_rank"]}
-              for n, v in sorted(meta["layers"].items(), key=lambda kv: _natural_key(kv[0]))}
+    layers = {
+        n: {"out": v["out"], "in": v["in"], "max_rank": v["max_rank"]}
+        for n, v in sorted(meta["layers"].items(), key=lambda kv: _natural_key(kv[0]))
+    }
     if not layers:
         raise ValueError(f"{folder} lists no factored layer")
     active = {n: meta["layers"][n]["rank"] for n in layers}
     report = _layer_report(layers, active, args.ranks, 64)
-    data = {"path": str(folder), "kind": "compressed", "architecture": meta.get("architecture"), "dtype": meta.get("dtype"),
-            "budgets": sorted(float(b) for b in meta.get("budget_plans") or {}), **report}
+    data = {
+        "path": str(folder),
+        "kind": "compressed",
+        "architecture": meta.get("architecture"),
+        "dtype": meta.get("dtype"),
+        "budgets": sorted(float(b) for b in meta.get("budget_plans") or {}),
+        **report,
+    }
     lines = [
         f"Compressed model {folder}",
         f"  architecture: {data['architecture']}; dtype: {data['dtype']}",

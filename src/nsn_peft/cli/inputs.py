@@ -23,8 +23,13 @@ def looks_like_path(ref: str) -> bool:
     """Whether ``ref`` is meant as a local path rather than a Hub id / datasets name."""
     text = str(ref)
     return (
-        text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and os.sep != "/"
-        or text.lower().endswith((".gguf", ".txt", ".md", ".rst", ".jsonl", ".json", ".yaml", ".yml", ".safetensors", ".csv"))
+        text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or os.sep in text
+        and os.sep != "/"
+        or text.lower().endswith(
+            (".gguf", ".txt", ".md", ".rst", ".jsonl", ".json", ".yaml", ".yml", ".safetensors", ".csv")
+        )
         or Path(text).exists()
     )
 
@@ -97,7 +102,9 @@ def check_output_file(path: Optional[str], overwrite: bool, what: str = "--outpu
     return p
 
 
-def load_base(args: argparse.Namespace, *, model: Optional[str] = None, task: Optional[str] = None, tokenizer: bool = True):
+def load_base(
+    args: argparse.Namespace, *, model: Optional[str] = None, task: Optional[str] = None, tokenizer: bool = True
+):
     """``(model, tokenizer)`` from ``--model``/``--gguf-file``/``--tokenizer``/``--dtype``/``--device``.
 
     With ``tokenizer=False`` (commands that need none, e.g. ``adapt``) the tokenizer is ``None`` unless
@@ -117,8 +124,9 @@ def load_base(args: argparse.Namespace, *, model: Optional[str] = None, task: Op
             raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
     dtype = None if args.dtype == "auto" else args.dtype
     task = task or getattr(args, "task", "causal-lm")
-    base = load_model(ref, gguf_file=args.gguf_file, task=task, dtype=dtype, device=resolve_device(args.device),
-                      **placement(args))
+    base = load_model(
+        ref, gguf_file=args.gguf_file, task=task, dtype=dtype, device=resolve_device(args.device), **placement(args)
+    )
     return base, tok
 
 
@@ -149,9 +157,15 @@ def load_adapter(args: argparse.Namespace, *, trainable: bool = False, task: Opt
     if args.model:
         check_model_ref(args.model)
     return load(
-        args.adapter, model=args.model or None, gguf_file=args.gguf_file, tokenizer=args.tokenizer or None,
-        task=task, dtype=None if args.dtype == "auto" else args.dtype, device=resolve_device(args.device),
-        trainable=trainable, keep_base_weights=keep_base_weights(args),
+        args.adapter,
+        model=args.model or None,
+        gguf_file=args.gguf_file,
+        tokenizer=args.tokenizer or None,
+        task=task,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        device=resolve_device(args.device),
+        trainable=trainable,
+        keep_base_weights=keep_base_weights(args),
         **{k: v for k, v in placement(args).items() if k != "offload_folder"},
     )
 
@@ -199,7 +213,9 @@ def nsn_config_from_args(args: argparse.Namespace, *, task: Optional[str] = None
     kwargs["init"] = args.init or kwargs.get("init") or ("whitened" if args.stats else "svd")
     if kwargs["init"] in ("whitened", "projected") and not args.stats:
         origin = "--init" if args.init else "the rank plan's init"
-        raise UsageError(f"{origin} {kwargs['init']} needs activation statistics: pass --stats DIR (from `nsn-peft calibrate`)")
+        raise UsageError(
+            f"{origin} {kwargs['init']} needs activation statistics: pass --stats DIR (from `nsn-peft calibrate`)"
+        )
     if args.stats:
         check_stats_dir(args.stats)
         kwargs["stats_path"] = str(Path(args.stats).expanduser())
@@ -219,7 +235,9 @@ def check_stats_dir(path: str) -> Path:
     folder = check_input_path(path, "stats folder", kind="dir")
     finish_interrupted_save(folder)
     if not (folder / META_FILE).is_file() or not (folder / STATS_FILE).is_file():
-        raise UsageError(f"{path} is not an activation-stats folder (expected {META_FILE} and {STATS_FILE}; create it with `nsn-peft calibrate`)")
+        raise UsageError(
+            f"{path} is not an activation-stats folder (expected {META_FILE} and {STATS_FILE}; create it with `nsn-peft calibrate`)"
+        )
     # Cheap checks of the files now, rather than a failure after the model has loaded.
     for stats_dir in [folder] + ([folder / GRADIENT_STATS_SUBDIR] if (folder / GRADIENT_STATS_SUBDIR).is_dir() else []):
         try:
@@ -278,8 +296,13 @@ def load_compressed_model(args: argparse.Namespace, ref: str):
     from ..hub import load_compressed_model as load
 
     try:
-        return load(ref, tokenizer=args.tokenizer or None, dtype=None if args.dtype == "auto" else args.dtype,
-                    device=resolve_device(args.device), **placement(args))
+        return load(
+            ref,
+            tokenizer=args.tokenizer or None,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            device=resolve_device(args.device),
+            **placement(args),
+        )
     except NoTokenizerError:
         raise UsageError(f"{ref} holds no tokenizer; pass --tokenizer") from None
 

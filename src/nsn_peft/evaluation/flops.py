@@ -22,7 +22,13 @@ def compressed_flops(model: nn.Module) -> dict[str, Any]:
 
     ranks, factored, dense_of_factored, other = [], 0, 0, 0
     # The factors are nn.Linear themselves: counted once, as their layer.
-    inside = {id(sub) for module in model.modules() if is_factored_linear(module) for sub in module.modules() if sub is not module}
+    inside = {
+        id(sub)
+        for module in model.modules()
+        if is_factored_linear(module)
+        for sub in module.modules()
+        if sub is not module
+    }
     for module in model.modules():
         if id(module) in inside:
             continue
@@ -37,7 +43,9 @@ def compressed_flops(model: nn.Module) -> dict[str, Any]:
     if not ranks:
         raise ValueError("the model has neither NSN nor factored layers")
     return {
-        "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks), "max_rank": max(ranks),
+        "mean_rank": sum(ranks) / len(ranks),
+        "min_rank": min(ranks),
+        "max_rank": max(ranks),
         "targeted_flops_fraction": factored / dense_of_factored,
         "model_flops_fraction": (factored + other) / (dense_of_factored + other),
         "flops_per_token": factored + other,

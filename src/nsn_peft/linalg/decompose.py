@@ -105,8 +105,15 @@ def robust_eigh(matrix: torch.Tensor, *, values_only: bool = False) -> tuple[tor
             values, vectors = solve(make())
         except torch.linalg.LinAlgError:
             continue
-        logger.warning("eigh of a %d×%d %s matrix on %s failed (%s); solved in %s", n, n,
-                       str(matrix.dtype).removeprefix("torch."), matrix.device, first, how)
+        logger.warning(
+            "eigh of a %d×%d %s matrix on %s failed (%s); solved in %s",
+            n,
+            n,
+            str(matrix.dtype).removeprefix("torch."),
+            matrix.device,
+            first,
+            how,
+        )
         values = (values - offset).to(device=matrix.device, dtype=matrix.dtype)
         return values, None if vectors is None else vectors.to(device=matrix.device, dtype=matrix.dtype)
     raise first
@@ -122,8 +129,9 @@ def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(0).clamp_min(0), vectors.flip(1)
 
 
-def symmetrized(gram: torch.Tensor, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                strip: int = 1024) -> torch.Tensor:
+def symmetrized(
+    gram: torch.Tensor, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None, strip: int = 1024
+) -> torch.Tensor:
     """``(C + Cᵀ) / 2`` as a new ``dtype`` matrix on ``device``, with one strip of temporaries instead of two
     full copies (a 28,672-wide float64 Gram is 6.6 GB: the difference decides whether a 70B block fits).
 
@@ -233,7 +241,14 @@ def energy_rank(eigenvalues: torch.Tensor, energy: float) -> int:
         tol = eigenvalues[0] * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
         return int((eigenvalues > tol).sum().item())
     cumulative = torch.cumsum(eigenvalues, 0) / total
-    k = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype, device=cumulative.device)).item()) + 1
+    k = (
+        int(
+            torch.searchsorted(
+                cumulative, torch.tensor(energy, dtype=cumulative.dtype, device=cumulative.device)
+            ).item()
+        )
+        + 1
+    )
     # Rounding can leave the last cumulative share a hair below an energy just under 1: never exceed n.
     return min(k, eigenvalues.numel())
 
@@ -262,10 +277,14 @@ class ProjectionBases:
     out_vectors: torch.Tensor
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.in_values, self.in_vectors, self.out_values, self.out_vectors))
+        return sum(
+            t.numel() * t.element_size() for t in (self.in_values, self.in_vectors, self.out_values, self.out_vectors)
+        )
 
 
-def projection_bases(weight: torch.Tensor, gram: torch.Tensor, compute_dtype: torch.dtype = torch.float64) -> ProjectionBases:
+def projection_bases(
+    weight: torch.Tensor, gram: torch.Tensor, compute_dtype: torch.dtype = torch.float64
+) -> ProjectionBases:
     """Input and output bases of ``weight`` under the activation Gram ``gram`` (see :class:`ProjectionBases`)."""
     out_features, in_features = weight.shape
     if gram.shape != (in_features, in_features):
@@ -317,7 +336,9 @@ def projected_factors(
     return ProjectedFactors(b=b, a=a, input_rank=k_s, output_rank=k_t, utilized_rank=utilized)
 
 
-def projected_weight(bases: ProjectionBases, weight: torch.Tensor, energy_input: float, energy_output: float) -> tuple[torch.Tensor, int]:
+def projected_weight(
+    bases: ProjectionBases, weight: torch.Tensor, energy_input: float, energy_output: float
+) -> tuple[torch.Tensor, int]:
     """``(W' = P_T W P_S, its utilized rank)`` from precomputed bases, without factoring: what a search needs
     to try an energy.
 

@@ -88,8 +88,10 @@ def rank_for_params_fraction(out_features: int, in_features: int, fraction: floa
     if granularity < 1:
         raise ValueError(f"rank granularity must be >= 1, got {granularity}")
     # Integer arithmetic where possible: the budget must not round up on an exact break-even (e.g. 4096×4096).
-    exact = out_features * in_features // (out_features + in_features) if fraction == 1 else int(
-        fraction * out_features * in_features / (out_features + in_features)
+    exact = (
+        out_features * in_features // (out_features + in_features)
+        if fraction == 1
+        else int(fraction * out_features * in_features / (out_features + in_features))
     )
     exact = min(exact, min(out_features, in_features))
     on_grid = exact // granularity * granularity

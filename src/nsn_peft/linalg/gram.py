@@ -6,6 +6,7 @@ import torch
 
 __all__ = ["batch_gram", "pack_symmetric", "unpack_symmetric"]
 
+
 def batch_gram(x: torch.Tensor) -> torch.Tensor:
     """``xᵀx`` of a ``(tokens, d)`` matrix as a float32 GEMM, whatever the input dtype.
 
@@ -35,7 +36,9 @@ def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
 def unpack_symmetric(packed: torch.Tensor, size: int) -> torch.Tensor:
     """The ``(size, size)`` symmetric matrix whose upper triangle :func:`pack_symmetric` stored in ``packed``."""
     if packed.dim() != 1 or packed.numel() != size * (size + 1) // 2:
-        raise ValueError(f"a packed {size}×{size} symmetric matrix has {size * (size + 1) // 2} values, got shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"a packed {size}×{size} symmetric matrix has {size * (size + 1) // 2} values, got shape {tuple(packed.shape)}"
+        )
     rows, cols = torch.triu_indices(size, size, device=packed.device)
     matrix = torch.empty(size, size, dtype=packed.dtype, device=packed.device)
     matrix[rows, cols] = packed

@@ -21,15 +21,15 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, damp: float = 1e
     return decompose.robust_eigh(small, values_only=True)[0].flip(0).clamp_min(0)
 
 
-
 def uniform_rank(m: int, d: int, fraction: float) -> int:
     """The rank of an m×d layer keeping ``fraction`` of its parameters (at least 1)."""
     return max(1, min(int(fraction * m * d / (m + d)), min(m, d)))
 
 
-
 @torch.no_grad()
-def loss_weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, grad_gram: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+def loss_weighted_spectrum(
+    weight: torch.Tensor, gram: torch.Tensor, grad_gram: torch.Tensor, damp: float = 1e-6
+) -> torch.Tensor:
     """Second-order loss increase of dropping each component of the whitened factorisation (in nesting order).
 
     With the whitened factors ``W = Σ_i b_i a_i`` (:func:`nsn_peft.decompose.whitened_factors`), input Gram

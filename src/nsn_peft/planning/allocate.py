@@ -44,8 +44,9 @@ def whitened_spectra(
     layers = layer_shapes(model, target_modules)
     stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
     if gradient_stats is not None:
-        gradient_stats.check_compatible({n: m for n, (_, m, _) in layers.items()}, source="gradient_stats",
-                                        kind="output_gradient")
+        gradient_stats.check_compatible(
+            {n: m for n, (_, m, _) in layers.items()}, source="gradient_stats", kind="output_gradient"
+        )
     spectra = {}
     desc = "Loss-weighted spectra" if gradient_stats is not None else "Whitened spectra"
     for name, (module, _, _) in tqdm(layers.items(), desc=desc, unit="layer", disable=not show_progress):
@@ -172,14 +173,25 @@ def allocate_ranks_for_budget(
         raise ValueError(f"granularity must be a positive int, got {granularity!r}")
     layers = layer_shapes(model, target_modules)
     if stats is None and (spectra is None or loss_fn is not None):
-        raise ValueError("allocate_ranks_for_budget needs activation statistics (stats=) unless spectra= are given "
-                         "and loss_fn= is not")
+        raise ValueError(
+            "allocate_ranks_for_budget needs activation statistics (stats=) unless spectra= are given "
+            "and loss_fn= is not"
+        )
     if stats is not None:
         stats.check_compatible({n: d for n, (_, _, d) in layers.items()})
-    weighting = "output_gradient" if gradient_stats is not None else ("given" if spectra is not None else "output_error")
+    weighting = (
+        "output_gradient" if gradient_stats is not None else ("given" if spectra is not None else "output_error")
+    )
     if spectra is None:
-        spectra = whitened_spectra(model, stats, target_modules=target_modules, gradient_stats=gradient_stats, damp=damp,
-                                   device=device, show_progress=show_progress)
+        spectra = whitened_spectra(
+            model,
+            stats,
+            target_modules=target_modules,
+            gradient_stats=gradient_stats,
+            damp=damp,
+            device=device,
+            show_progress=show_progress,
+        )
     missing = [n for n in layers if n not in spectra]
     if missing:
         raise ValueError(f"spectra= lacks the targeted layers {missing[:5]}; compute them with whitened_spectra(...)")
@@ -189,7 +201,7 @@ def allocate_ranks_for_budget(
         total = spectrum.sum()
         if normalize == "uniform":
             _, m, d = layers[name]
-            anchor = float(spectrum[uniform_rank(m, d, target_fraction):].sum())
+            anchor = float(spectrum[uniform_rank(m, d, target_fraction) :].sum())
             scale = anchor if anchor > 0 else float(total)
             spectra[name] = spectrum / scale if scale > 0 else spectrum
         else:
@@ -249,13 +261,28 @@ def allocate_ranks_for_budget(
         logger.warning("Budget %.3f is not reachable with the rank floors; allocated %.3f", target_fraction, achieved)
     ranks = {n: int(r) for n, r in rank.items() if r is not None}
     dense = sorted(n for n, r in rank.items() if r is None)
-    logger.info("Allocated ranks for %.3f of the %s (achieved %.4f); %d layer(s) dense", target_fraction, measure, achieved, len(dense))
+    logger.info(
+        "Allocated ranks for %.3f of the %s (achieved %.4f); %d layer(s) dense",
+        target_fraction,
+        measure,
+        achieved,
+        len(dense),
+    )
     return RankPlan(
-        ranks, dense, "whitened",
-        target={"mode": "budget", "fraction": target_fraction, "achieved": achieved, "measure": measure,
-                "granularity": granularity, "normalize": normalize, "min_rank_fraction": min_rank_fraction,
-                "measured_sensitivity": loss_fn is not None,
-                "weighting": weighting},
+        ranks,
+        dense,
+        "whitened",
+        target={
+            "mode": "budget",
+            "fraction": target_fraction,
+            "achieved": achieved,
+            "measure": measure,
+            "granularity": granularity,
+            "normalize": normalize,
+            "min_rank_fraction": min_rank_fraction,
+            "measured_sensitivity": loss_fn is not None,
+            "weighting": weighting,
+        },
         shapes={n: [m, d] for n, (_, m, d) in layers.items()},
     )
 
@@ -285,8 +312,13 @@ def uniform_plan(
             ranks[name] = r
         else:
             dense.append(name)
-    plan = RankPlan(ranks, sorted(dense), init, target={"mode": "uniform", "fraction": target_fraction, "granularity": granularity},
-                    shapes={n: [m, d] for n, (_, m, d) in layers.items()})
+    plan = RankPlan(
+        ranks,
+        sorted(dense),
+        init,
+        target={"mode": "uniform", "fraction": target_fraction, "granularity": granularity},
+        shapes={n: [m, d] for n, (_, m, d) in layers.items()},
+    )
     plan.target["achieved"] = plan.parameter_fraction()
     return plan
 
@@ -315,7 +347,9 @@ def projected_plan_for_budget(
     shapes = {n: [m, d] for n, (_, m, d) in layers.items()}
     spectra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     weights: dict[str, torch.Tensor] = {}
-    for name, (module, m, d) in tqdm(layers.items(), desc="Projection spectra", unit="layer", disable=not show_progress):
+    for name, (module, m, d) in tqdm(
+        layers.items(), desc="Projection spectra", unit="layer", disable=not show_progress
+    ):
         weight = dense_weight(module).detach()
         weight = weight.to(device) if device is not None else weight
         values, vectors = decompose.robust_eigh(decompose.symmetrized(stats.gram(name), torch.float64, weight.device))
@@ -350,8 +384,17 @@ def projected_plan_for_budget(
         else:
             dense.append(name)
     plan = RankPlan(ranks, sorted(dense), "projected", energies, shapes=shapes)
-    plan.target = {"mode": "budget", "fraction": target_fraction, "achieved": plan.parameter_fraction(), "energy": energy,
-                   "measure": "params"}
-    logger.info("Projected plan: energy %.6f keeps %.4f of the parameters (target %.3f)", energy, plan.target["achieved"], target_fraction)
+    plan.target = {
+        "mode": "budget",
+        "fraction": target_fraction,
+        "achieved": plan.parameter_fraction(),
+        "energy": energy,
+        "measure": "params",
+    }
+    logger.info(
+        "Projected plan: energy %.6f keeps %.4f of the parameters (target %.3f)",
+        energy,
+        plan.target["achieved"],
+        target_fraction,
+    )
     return plan
-

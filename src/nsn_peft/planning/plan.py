@@ -59,10 +59,15 @@ class RankPlan:
         if not isinstance(self.kept_dense, list) or not all(isinstance(n, str) for n in self.kept_dense):
             raise ValueError(f"RankPlan.kept_dense must be a list of layer names, got {self.kept_dense!r}")
         if not isinstance(self.energies, dict):
-            raise ValueError(f"RankPlan.energies must be a mapping {{layer: [e_in, e_out]}}, got {type(self.energies).__name__}")
+            raise ValueError(
+                f"RankPlan.energies must be a mapping {{layer: [e_in, e_out]}}, got {type(self.energies).__name__}"
+            )
         for name, pair in self.energies.items():
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                    and all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in pair)):
+            if not (
+                isinstance(pair, (list, tuple))
+                and len(pair) == 2
+                and all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in pair)
+            ):
                 raise ValueError(f"RankPlan.energies[{name!r}] must be [e_in, e_out] in (0, 1], got {pair!r}")
         if self.energies and self.init != "projected":
             raise ValueError(f"RankPlan.energies is only meaningful with init='projected', not {self.init!r}")
@@ -71,12 +76,20 @@ class RankPlan:
         if not isinstance(self.history, list):
             raise ValueError(f"RankPlan.history must be a list, got {type(self.history).__name__}")
         if not isinstance(self.shapes, dict):
-            raise ValueError(f"RankPlan.shapes must be a mapping {{layer: [out, in]}}, got {type(self.shapes).__name__}")
+            raise ValueError(
+                f"RankPlan.shapes must be a mapping {{layer: [out, in]}}, got {type(self.shapes).__name__}"
+            )
         for name, shape in self.shapes.items():
-            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+            if not (
+                isinstance(shape, (list, tuple))
+                and len(shape) == 2
+                and all(isinstance(v, int) and v > 0 for v in shape)
+            ):
                 raise ValueError(f"RankPlan.shapes[{name!r}] must be [out_features, in_features], got {shape!r}")
             if name in self.ranks and self.ranks[name] > min(shape):
-                raise ValueError(f"RankPlan.ranks[{name!r}] = {self.ranks[name]} exceeds min{tuple(shape)} of the layer")
+                raise ValueError(
+                    f"RankPlan.ranks[{name!r}] = {self.ranks[name]} exceeds min{tuple(shape)} of the layer"
+                )
         overlap = set(self.ranks) & set(self.kept_dense)
         if overlap:
             raise ValueError(f"RankPlan lists layers both factored and dense: {sorted(overlap)[:5]}")
@@ -145,9 +158,11 @@ class RankPlan:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"{path} is not an nsn-peft rank plan (missing \"format\": \"{PLAN_FORMAT}\")")
+            raise ValueError(f'{path} is not an nsn-peft rank plan (missing "format": "{PLAN_FORMAT}")')
         if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"{path}: rank plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
+            raise ValueError(
+                f"{path}: rank plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})"
+            )
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known - {"format", "version"}
         if unknown:
@@ -158,4 +173,3 @@ class RankPlan:
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
-

@@ -222,14 +222,24 @@ def plan_budget_schedule(
             if stats is None:
                 raise ValueError("allocation='mixed' needs activation statistics (stats=) or precomputed spectra=")
             if gradient_stats is None:
-                logger.warning("plan_budget_schedule without gradient_stats compares whitened output errors across "
-                               "layers, which says little about the loss; pass gradient_stats=collect_gradient_stats(...)")
-            spectra = whitened_spectra(model, stats, target_modules=target_modules, gradient_stats=gradient_stats,
-                                       damp=damp, device=device, show_progress=show_progress)
+                logger.warning(
+                    "plan_budget_schedule without gradient_stats compares whitened output errors across "
+                    "layers, which says little about the loss; pass gradient_stats=collect_gradient_stats(...)"
+                )
+            spectra = whitened_spectra(
+                model,
+                stats,
+                target_modules=target_modules,
+                gradient_stats=gradient_stats,
+                damp=damp,
+                device=device,
+                show_progress=show_progress,
+            )
         plans = nested_budget_ranks(spectra, shapes, budgets, max_ranks=caps, granularity=granularity)
     top = max(plans)
-    schedule = BudgetSchedule(plans, dict(plans[top]), {n: list(s) for n, s in shapes.items()}, allocation,
-                              granularity=granularity)
+    schedule = BudgetSchedule(
+        plans, dict(plans[top]), {n: list(s) for n, s in shapes.items()}, allocation, granularity=granularity
+    )
     schedule.achieved = {b: schedule.flops_fraction(b) for b in plans}
     logger.info("Budget schedule (%s): %s", allocation, {f"{b:g}": round(a, 4) for b, a in schedule.achieved.items()})
     return schedule

@@ -203,8 +203,12 @@ def search_ranks(
     chosen: dict[str, float] = {}
     lo_nines, hi_nines = -math.log10(1 - min_energy), -math.log10(1 - max_energy)
     # Every eval_fn call counts (the baseline and the final check too), so the bar's time left is right from the start.
-    progress = tqdm(total=len(grouped) * max_steps + 1 + (baseline is None), desc="Rank search", unit="eval",
-                    disable=not show_progress)
+    progress = tqdm(
+        total=len(grouped) * max_steps + 1 + (baseline is None),
+        desc="Rank search",
+        unit="eval",
+        disable=not show_progress,
+    )
     try:
         reference = float(eval_fn(model)) if baseline is None else float(baseline)
         if baseline is None:
@@ -222,8 +226,12 @@ def search_ranks(
                 apply_group(names, energy)
                 metric = float(eval_fn(model))
                 ok = math.isfinite(metric) and drop(metric) <= allowed
-                history.append({"group": group, "energy": energy, "metric": metric, "accepted": ok, "allowed_drop": allowed})
-                logger.info("search %s: energy %.6f -> metric %.6g (%s)", group, energy, metric, "ok" if ok else "too lossy")
+                history.append(
+                    {"group": group, "energy": energy, "metric": metric, "accepted": ok, "allowed_drop": allowed}
+                )
+                logger.info(
+                    "search %s: energy %.6f -> metric %.6g (%s)", group, energy, metric, "ok" if ok else "too lossy"
+                )
                 progress.update(1)
                 if ok:
                     best, hi = energy, mid
@@ -251,10 +259,29 @@ def search_ranks(
         if init == "projected":
             energies[name] = [energy, energy]
     group_energies = {g: chosen.get(n[0], 1.0) for g, n in grouped.items()}
-    logger.info("Rank search: metric %.6g vs baseline %.6g (ε=%g); energies %s", final_metric, reference, epsilon, group_energies)
-    return RankPlan(ranks, sorted(dense), init, energies, target={
-        "mode": "epsilon", "epsilon": epsilon, "relative": relative, "baseline": reference, "metric": final_metric,
-        "higher_is_better": higher_is_better, "split": split, "group_energies": group_energies,
-        "groups": {g: len(n) for g, n in grouped.items()},
-    }, history=history, shapes={n: [m, d] for n, (_, m, d) in layers.items()})
-
+    logger.info(
+        "Rank search: metric %.6g vs baseline %.6g (ε=%g); energies %s",
+        final_metric,
+        reference,
+        epsilon,
+        group_energies,
+    )
+    return RankPlan(
+        ranks,
+        sorted(dense),
+        init,
+        energies,
+        target={
+            "mode": "epsilon",
+            "epsilon": epsilon,
+            "relative": relative,
+            "baseline": reference,
+            "metric": final_metric,
+            "higher_is_better": higher_is_better,
+            "split": split,
+            "group_energies": group_energies,
+            "groups": {g: len(n) for g, n in grouped.items()},
+        },
+        history=history,
+        shapes={n: [m, d] for n, (_, m, d) in layers.items()},
+    )

@@ -29,4 +29,3 @@ def layer_shapes(model: nn.Module, target_modules) -> dict[str, tuple[nn.Module,
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if isinstance(module, Conv1D) else module.weight
-

@@ -100,8 +100,13 @@ def check_tokens(calibration: torch.Tensor, what: str = "calibration") -> torch.
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, precision: str = "auto",
-             max_batches: Optional[int] = None) -> float:
+def mean_nll(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    precision: str = "auto",
+    max_batches: Optional[int] = None,
+) -> float:
     """Mean next-token negative log-likelihood (nats) of ``model`` over token ``blocks``."""
     device = model_device(model)
     was_training = model.training

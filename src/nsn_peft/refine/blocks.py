@@ -85,7 +85,9 @@ class BlockCall:
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[0] != self.batch_size or hidden.shape[1] != self.seq_len:
-            raise ValueError(f"Block inputs must be ({self.batch_size}, {self.seq_len}, hidden); got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"Block inputs must be ({self.batch_size}, {self.seq_len}, hidden); got {tuple(hidden.shape)}"
+            )
         out = block(hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 

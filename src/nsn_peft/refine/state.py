@@ -80,8 +80,9 @@ def save_state(
 ) -> None:
     """Write ``state``, the factors and (optionally) the optimizer into ``directory``, atomically."""
     with atomic_directory(directory) as tmp:
-        write_safetensors(tmp / FACTORS_FILE, {name: p.detach() for name, p in factors.items()},
-                          metadata={"format": STATE_FORMAT})
+        write_safetensors(
+            tmp / FACTORS_FILE, {name: p.detach() for name, p in factors.items()}, metadata={"format": STATE_FORMAT}
+        )
         meta = {"format": STATE_FORMAT, "version": STATE_VERSION, **asdict(state)}
         if optimizer is not None:
             tensors, rest = _optimizer_tensors(optimizer)
@@ -117,12 +118,16 @@ def restore_factors(directory: Union[str, os.PathLike], factors: dict[str, nn.Pa
     with torch.no_grad():
         for name, param in factors.items():
             if tuple(saved[name].shape) != tuple(param.shape):
-                raise ValueError(f"Refinement state in {directory}: '{name}' has shape {tuple(saved[name].shape)}, "
-                                 f"the model {tuple(param.shape)}")
+                raise ValueError(
+                    f"Refinement state in {directory}: '{name}' has shape {tuple(saved[name].shape)}, "
+                    f"the model {tuple(param.shape)}"
+                )
             param.copy_(saved[name].to(param))
 
 
-def restore_optimizer(directory: Union[str, os.PathLike], meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+def restore_optimizer(
+    directory: Union[str, os.PathLike], meta: dict[str, Any], optimizer: torch.optim.Optimizer
+) -> None:
     """Load the optimizer moments saved by :func:`save_state` into ``optimizer`` (built over the same parameters)."""
     info = meta.get("optimizer")
     path = Path(directory) / OPTIMIZER_FILE

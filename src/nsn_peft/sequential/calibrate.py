@@ -31,8 +31,9 @@ def _model_id(model: nn.Module) -> Optional[str]:
 def _setup(model, calibration, target_modules, device, materialize, max_memory):
     tokens = check_tokens(calibration)
     layout = block_layout(model, target_modules)
-    placement = BlockPlacement(model, layout.blocks, resolve_device(device), materialize=materialize,
-                               max_memory=max_memory)
+    placement = BlockPlacement(
+        model, layout.blocks, resolve_device(device), materialize=materialize, max_memory=max_memory
+    )
     return tokens, layout, placement
 
 
@@ -71,12 +72,23 @@ def collect_activation_stats_sequential(
     model.eval()
     try:
         trajectory = Trajectory(placement, layout, tokens, batch_size, model.get_input_embeddings().weight.dtype)
-        forward_statistics(placement, layout, trajectory, store=store, dtype=dtype, share_inputs=share_inputs,
-                           show_progress=show_progress)
+        forward_statistics(
+            placement,
+            layout,
+            trajectory,
+            store=store,
+            dtype=dtype,
+            share_inputs=share_inputs,
+            show_progress=show_progress,
+        )
     finally:
         placement.close()
         model.train(was_training)
-    extra = {"seq_len": tokens.shape[1], "tokens": int(tokens.numel()), "accumulate_dtype": str(dtype).removeprefix("torch.")}
+    extra = {
+        "seq_len": tokens.shape[1],
+        "tokens": int(tokens.numel()),
+        "accumulate_dtype": str(dtype).removeprefix("torch."),
+    }
     return store.merged(_model_id(model), extra)
 
 
@@ -112,17 +124,37 @@ def collect_gradient_stats_sequential(
     model.eval()
     try:
         trajectory = Trajectory(placement, layout, tokens, batch_size, model.get_input_embeddings().weight.dtype)
-        forward_statistics(placement, layout, trajectory, store=None, keep_inputs=tokens.shape[0], kept=inputs,
-                           show_progress=show_progress)
+        forward_statistics(
+            placement,
+            layout,
+            trajectory,
+            store=None,
+            keep_inputs=tokens.shape[0],
+            kept=inputs,
+            show_progress=show_progress,
+        )
         calls = trajectory.calls
         del trajectory
-        backward_statistics(placement, layout, tokens, inputs, calls, batch_size=batch_size, dtype=dtype, on_block=keep,
-                            show_progress=show_progress)
+        backward_statistics(
+            placement,
+            layout,
+            tokens,
+            inputs,
+            calls,
+            batch_size=batch_size,
+            dtype=dtype,
+            on_block=keep,
+            show_progress=show_progress,
+        )
     finally:
         inputs.clear()
         placement.close()
         model.train(was_training)
     ordered = [n for block in layout.targets for n in block]
-    extra = {"kind": "output_gradient", "seq_len": tokens.shape[1], "tokens": int(tokens.numel()),
-             "accumulate_dtype": str(dtype).removeprefix("torch.")}
+    extra = {
+        "kind": "output_gradient",
+        "seq_len": tokens.shape[1],
+        "tokens": int(tokens.numel()),
+        "accumulate_dtype": str(dtype).removeprefix("torch."),
+    }
     return ActivationStats({n: grams[n] for n in ordered}, {n: counts[n] for n in ordered}, _model_id(model), extra)

@@ -17,7 +17,9 @@ __all__ = ["save_offloaded_adapter"]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def save_offloaded_adapter(peft_model: nn.Module, placement: BlockPlacement, directory: Union[str, os.PathLike]) -> Path:
+def save_offloaded_adapter(
+    peft_model: nn.Module, placement: BlockPlacement, directory: Union[str, os.PathLike]
+) -> Path:
     """Write the active adapter as ``PeftModel.save_pretrained`` would (``adapter_config.json`` and
     ``adapter_model.safetensors``), copying the factors kept in ``placement``'s offload folder file by file.
 

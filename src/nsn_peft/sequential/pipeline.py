@@ -133,8 +133,13 @@ class _Meter:
         now = time.perf_counter()
         self.report.block_seconds[self.phase].append(round(now - self.last, 3))
         peaks = self.report.peak_device_bytes[self.phase]
-        logger.info("%s, block %d of the pass: %.2f s%s", self.phase, len(self.report.block_seconds[self.phase]),
-                    now - self.last, f", peak {format_bytes(peaks[-1])}" if peaks else "")
+        logger.info(
+            "%s, block %d of the pass: %.2f s%s",
+            self.phase,
+            len(self.report.block_seconds[self.phase]),
+            now - self.last,
+            f", peak {format_bytes(peaks[-1])}" if peaks else "",
+        )
         self.last = now
         self._reset()
 
@@ -231,36 +236,62 @@ def compress_sequential(
 
     config = config or RefineConfig()
     if allocation not in SEQUENTIAL_ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {SEQUENTIAL_ALLOCATIONS} for sequential compression, got {allocation!r} "
-                         "(the validation-based choice needs the whole model: compress_and_refine)")
+        raise ValueError(
+            f"allocation must be one of {SEQUENTIAL_ALLOCATIONS} for sequential compression, got {allocation!r} "
+            "(the validation-based choice needs the whole model: compress_and_refine)"
+        )
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
     train = check_tokens(calibration)
     started = time.perf_counter()
     run_device = torch.device(resolve_device(device))
     layout = block_layout(model, target_modules)
-    placement = BlockPlacement(model, layout.blocks, run_device, materialize=materialize, max_memory=max_memory,
-                               offload_folder=os.path.join(offload_folder, "factors") if offload_folder else None)
+    placement = BlockPlacement(
+        model,
+        layout.blocks,
+        run_device,
+        materialize=materialize,
+        max_memory=max_memory,
+        offload_folder=os.path.join(offload_folder, "factors") if offload_folder else None,
+    )
     store = StatsStore(os.path.join(offload_folder, "stats") if offload_folder else None, stats_dtype)
     bs, seq_len = config.batch_size, train.shape[1]
     dtype = model.get_input_embeddings().weight.dtype
-    report = SequentialReport(fraction=fraction, allocation=allocation, device=str(run_device), blocks=len(layout.blocks),
-                              calibration_tokens=int(train.numel()))
+    report = SequentialReport(
+        fraction=fraction,
+        allocation=allocation,
+        device=str(run_device),
+        blocks=len(layout.blocks),
+        calibration_tokens=int(train.numel()),
+    )
     was_training = model.training
     model.eval()
     try:
-        gradient_tokens = (train if config.gradient_tokens is None else train[: max(1, config.gradient_tokens // seq_len)])
+        gradient_tokens = (
+            train if config.gradient_tokens is None else train[: max(1, config.gradient_tokens // seq_len)]
+        )
         mixed = allocation == "mixed"
         if stats is not None:
             for index, targets in enumerate(layout.targets):
-                store.put(index, ActivationStats({n: stats.grams[n] for n in targets}, {n: stats.token_counts[n] for n in targets}))
+                store.put(
+                    index,
+                    ActivationStats({n: stats.grams[n] for n in targets}, {n: stats.token_counts[n] for n in targets}),
+                )
         inputs = HiddenStore(os.path.join(offload_folder, "hidden") if offload_folder else None)
         if stats is None or mixed:
             meter = _Meter(report, "statistics", placement)
             trajectory = Trajectory(placement, layout, train, bs, dtype)
-            forward_statistics(placement, layout, trajectory, store=store if stats is None else None, dtype=stats_dtype,
-                               keep_inputs=gradient_tokens.shape[0] if mixed else 0, kept=inputs,
-                               on_block=lambda i, b: meter.block_done(), show_progress=show_progress)
+            forward_statistics(
+                placement,
+                layout,
+                trajectory,
+                store=store if stats is None else None,
+                dtype=stats_dtype,
+                keep_inputs=gradient_tokens.shape[0] if mixed else 0,
+                kept=inputs,
+                on_block=lambda i, b: meter.block_done(),
+                show_progress=show_progress,
+            )
             del trajectory
             meter.done()
         t = time.perf_counter()
@@ -269,15 +300,31 @@ def compress_sequential(
             calls = Trajectory(placement, layout, gradient_tokens, max(1, bs // 2), dtype).calls
             spectra: dict[str, torch.Tensor] = {}
             report.gradient_tokens = backward_statistics(
-                placement, layout, gradient_tokens, inputs, calls, batch_size=max(1, bs // 2), dtype=stats_dtype,
-                on_block=_block_spectra(layout, store, spectra, 1e-6, meter), show_progress=show_progress)
+                placement,
+                layout,
+                gradient_tokens,
+                inputs,
+                calls,
+                batch_size=max(1, bs // 2),
+                dtype=stats_dtype,
+                on_block=_block_spectra(layout, store, spectra, 1e-6, meter),
+                show_progress=show_progress,
+            )
             inputs.clear()
             meter.report.block_seconds["gradients"].reverse()
             meter.report.peak_device_bytes["gradients"].reverse()
             meter.done()
             t = time.perf_counter()
-            plan = allocate_ranks_for_budget(model, None, fraction, target_modules=target_modules, granularity=granularity,
-                                             spectra=spectra, normalize="none", show_progress=show_progress)
+            plan = allocate_ranks_for_budget(
+                model,
+                None,
+                fraction,
+                target_modules=target_modules,
+                granularity=granularity,
+                spectra=spectra,
+                normalize="none",
+                show_progress=show_progress,
+            )
             plan.target["weighting"] = "output_gradient"
         else:
             plan = uniform_plan(model, fraction, target_modules=target_modules, granularity=granularity)
@@ -285,8 +332,11 @@ def compress_sequential(
         report.ranks, report.kept_dense = dict(plan.ranks), list(plan.kept_dense)
         report.achieved = float(plan.target.get("achieved", plan.parameter_fraction()))
 
-        nsn_config = NSNConfig(target_modules=sorted(plan.ranks), init="whitened",
-                               rank_pattern={re.escape(n): r for n, r in plan.ranks.items()})
+        nsn_config = NSNConfig(
+            target_modules=sorted(plan.ranks),
+            init="whitened",
+            rank_pattern={re.escape(n): r for n, r in plan.ranks.items()},
+        )
         # The factors are made block by block below, as a checkpoint's would be read: none now, none allocated.
         with checkpoint_load_scope(), init_empty_weights(include_buffers=False):
             peft_model = get_peft_model(model, nsn_config)
@@ -305,15 +355,26 @@ def compress_sequential(
     return peft_model, report
 
 
-def _refine(peft_model, placement: BlockPlacement, layout: BlockLayout, plan: RankPlan, store: StatsStore,
-            train: torch.Tensor, config: RefineConfig, dtype: torch.dtype, report: SequentialReport,
-            show_progress: bool) -> None:
+def _refine(
+    peft_model,
+    placement: BlockPlacement,
+    layout: BlockLayout,
+    plan: RankPlan,
+    store: StatsStore,
+    train: torch.Tensor,
+    config: RefineConfig,
+    dtype: torch.dtype,
+    report: SequentialReport,
+    show_progress: bool,
+) -> None:
     """Pass 4: each block's whitened factors, then its block-wise refinement, bottom to top."""
     bs, seq_len = config.batch_size, train.shape[1]
     tokens = train if config.blockwise_tokens is None else train[: max(bs, config.blockwise_tokens // seq_len)]
     n = tokens.shape[0] // bs * bs
     if n == 0:
-        raise ValueError(f"Block-wise refinement needs at least batch_size={bs} calibration sequences, got {tokens.shape[0]}")
+        raise ValueError(
+            f"Block-wise refinement needs at least batch_size={bs} calibration sequences, got {tokens.shape[0]}"
+        )
     tokens = tokens[:n]
     report.blockwise_tokens = int(tokens.numel())
     tuner = peft_model.base_model
@@ -325,11 +386,16 @@ def _refine(peft_model, placement: BlockPlacement, layout: BlockLayout, plan: Ra
     call = trajectory.calls[bs]
     generator = torch.Generator().manual_seed(config.seed)
     element = torch.empty(0, dtype=dtype).element_size()
-    for index in tqdm(range(len(layout.blocks)), desc="Compressing block by block", unit="block", disable=not show_progress):
+    for index in tqdm(
+        range(len(layout.blocks)), desc="Compressing block by block", unit="block", disable=not show_progress
+    ):
         names = [n for n in layout.targets[index] if n in plan.ranks]
         factors = _factor_bytes(layout, index, plan, element)
-        extra = {"factors and optimizer state": 4 * factors, "initialisation": _init_bytes(layout, index, plan),
-                 "activations": activation_bytes(layout.targets[index], bs * seq_len, 4, backward=True)}
+        extra = {
+            "factors and optimizer state": 4 * factors,
+            "initialisation": _init_bytes(layout, index, plan),
+            "activations": activation_bytes(layout.targets[index], bs * seq_len, 4, backward=True),
+        }
         with placement.visit(index, sum(extra.values()), extra) as block:
             t = time.perf_counter()
             if names:
@@ -337,9 +403,17 @@ def _refine(peft_model, placement: BlockPlacement, layout: BlockLayout, plan: Ra
                 tuner.initialize_factors(names)
                 adapter_config.stats = None
             init_seconds.append(round(time.perf_counter() - t, 3))
-            before, after, steps = refine_block(block, call, dense_h, student_h, epochs=config.blockwise_epochs,
-                                                lr=config.blockwise_lr, batch_size=bs, precision=config.precision,
-                                                generator=generator)
+            before, after, steps = refine_block(
+                block,
+                call,
+                dense_h,
+                student_h,
+                epochs=config.blockwise_epochs,
+                lr=config.blockwise_lr,
+                batch_size=bs,
+                precision=config.precision,
+                generator=generator,
+            )
         report.error_before.append(before)
         report.error_after.append(after)
         report.blockwise_steps += steps

@@ -39,8 +39,18 @@ __all__ = ["BlockDoesNotFitError", "BlockPlacement", "Materialize", "format_byte
 #: ``materialize(qualified_name, meta_tensor, device) -> tensor``: the value of a tensor held on ``meta``.
 Materialize = Callable[[str, torch.Tensor, torch.device], torch.Tensor]
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 class BlockDoesNotFitError(MemoryError):
@@ -236,8 +246,13 @@ class BlockPlacement:
                     value = value.to(device=self.device, dtype=tensor.dtype)
                 else:
                     value = tensor.to(self.device)
-                _set(module, name, value.data if isinstance(value, nn.Parameter) else value, is_param,
-                     tensor.requires_grad)
+                _set(
+                    module,
+                    name,
+                    value.data if isinstance(value, nn.Parameter) else value,
+                    is_param,
+                    tensor.requires_grad,
+                )
                 placed = module._parameters[name] if is_param else module._buffers[name]
                 moved[id(tensor)] = placed
                 self.visiting[key] = (None if tensor.is_meta else tensor, placed, placed._version)
@@ -253,7 +268,9 @@ class BlockPlacement:
                 if original is _RESIDENT:
                     continue
                 unchanged = tensor is placed and tensor._version == version
-                if original is not None and (unchanged or (tensor.shape == original.shape and tensor.dtype == original.dtype)):
+                if original is not None and (
+                    unchanged or (tensor.shape == original.shape and tensor.dtype == original.dtype)
+                ):
                     if not unchanged:  # trained during the visit: the values go home, into the same storage
                         original.copy_(tensor)
                     _set(module, name, original.data if is_param else original, is_param, tensor.requires_grad)
@@ -296,7 +313,9 @@ class BlockPlacement:
         return self._files[path]
 
     @contextlib.contextmanager
-    def visit(self, index: Optional[int], extra_bytes: int = 0, parts: Optional[Mapping[str, int]] = None) -> Iterator[nn.Module]:
+    def visit(
+        self, index: Optional[int], extra_bytes: int = 0, parts: Optional[Mapping[str, int]] = None
+    ) -> Iterator[nn.Module]:
         """Group ``index`` (a block, or the shell for ``None``) on the device for the duration of the block."""
         self.check_fits(index, extra_bytes, parts)
         self.onload(index)
@@ -330,5 +349,3 @@ class BlockPlacement:
                     self.stored.discard(key)
                     del self.sources[key]
         self._files.clear()
-
-

@@ -141,10 +141,14 @@ def forward_statistics(
     """
     rows = trajectory.batch_size * trajectory.hidden.shape[1]
     element = trajectory.hidden.element_size()
-    for index in tqdm(range(len(layout.blocks)), desc="Calibrating block by block", unit="block", disable=not show_progress):
+    for index in tqdm(
+        range(len(layout.blocks)), desc="Calibrating block by block", unit="block", disable=not show_progress
+    ):
         targets = layout.targets[index]
-        extra = {"statistics": _gram_bytes(targets, "input", dtype) if store is not None else 0,
-                 "activations": activation_bytes(targets, rows, element)}
+        extra = {
+            "statistics": _gram_bytes(targets, "input", dtype) if store is not None else 0,
+            "activations": activation_bytes(targets, rows, element),
+        }
         with placement.visit(index, sum(extra.values()), extra) as block:
             if keep_inputs:
                 kept.put(index, trajectory.hidden[:keep_inputs])
@@ -165,8 +169,9 @@ def forward_statistics(
         kept.put(len(layout.blocks), trajectory.hidden[:keep_inputs])
 
 
-def _summed_loss_gradient(placement: BlockPlacement, layout: BlockLayout, tokens: torch.Tensor, last: torch.Tensor,
-                          batch_size: int) -> torch.Tensor:
+def _summed_loss_gradient(
+    placement: BlockPlacement, layout: BlockLayout, tokens: torch.Tensor, last: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """``∂L/∂h`` of the summed next-token loss at the hidden states leaving the last block (CPU tensor)."""
     grads = torch.empty_like(last)
     with placement.visit(None) as model, model_tail(model, layout) as holder:
@@ -211,12 +216,19 @@ def backward_statistics(
         grads = _summed_loss_gradient(placement, layout, tokens, inputs.get(len(layout.blocks)), batch_size)
         seq_len = tokens.shape[1]
         rows = batch_size * seq_len
-        for index in tqdm(reversed(range(len(layout.blocks))), total=len(layout.blocks), desc="Output gradients block by block",
-                          unit="block", disable=not show_progress):
+        for index in tqdm(
+            reversed(range(len(layout.blocks))),
+            total=len(layout.blocks),
+            desc="Output gradients block by block",
+            unit="block",
+            disable=not show_progress,
+        ):
             targets = layout.targets[index]
-            extra = {"statistics": _gram_bytes(targets, "output", dtype),
-                     "activations": activation_bytes(targets, rows, 4, backward=True),
-                     "decomposition": decomposition_bytes(layer_features(m) for m in targets.values())}
+            extra = {
+                "statistics": _gram_bytes(targets, "output", dtype),
+                "activations": activation_bytes(targets, rows, 4, backward=True),
+                "decomposition": decomposition_bytes(layer_features(m) for m in targets.values()),
+            }
             with placement.visit(index, sum(extra.values()), extra) as block:
                 collector = OutputGradientCollector(targets, dtype, placement.device)
                 below = torch.empty_like(grads)

@@ -49,15 +49,19 @@ def block_layout(model: nn.Module, target_modules: Union[None, str, Sequence[str
             if count and (best is None or count > best[0]):
                 best = (count, name, module)
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks holding the targeted layers; "
-                         "it cannot be processed block by block")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of blocks holding the targeted layers; "
+            "it cannot be processed block by block"
+        )
     _, name, blocks = best
     per_block = [{owner[id(m)]: m for m in block.modules() if id(m) in owner} for block in blocks]
     inside = {n for block in per_block for n in block}
     outside = [n for n in targets if n not in inside]
     if outside:
-        raise ValueError(f"Targeted layers {outside[:5]} lie outside the transformer blocks ({name}); sequential "
-                         "compression factors layers inside the blocks only: leave them out of target_modules")
+        raise ValueError(
+            f"Targeted layers {outside[:5]} lie outside the transformer blocks ({name}); sequential "
+            "compression factors layers inside the blocks only: leave them out of target_modules"
+        )
     return BlockLayout(name, blocks, per_block)
 
 
@@ -80,8 +84,9 @@ class Trajectory:
     sequences (the last batch may be smaller, with its own recorded block arguments).
     """
 
-    def __init__(self, placement: BlockPlacement, layout: BlockLayout, tokens: torch.Tensor, batch_size: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, placement: BlockPlacement, layout: BlockLayout, tokens: torch.Tensor, batch_size: int, dtype: torch.dtype
+    ) -> None:
         self.batch_size, self.tokens = batch_size, tokens
         n, seq_len = tokens.shape
         batches = [tokens[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -94,9 +99,12 @@ class Trajectory:
             for group, start in ((full, 0), (rest, len(full) * batch_size)):
                 if group:
                     call = capture_block_inputs(model, layout.blocks, group, self.hidden[start:])
-                    self.calls[call.batch_size] = BlockCall(_to_device(call.args, placement.device),
-                                                           _to_device(call.kwargs, placement.device),
-                                                           call.batch_size, call.seq_len)
+                    self.calls[call.batch_size] = BlockCall(
+                        _to_device(call.args, placement.device),
+                        _to_device(call.kwargs, placement.device),
+                        call.batch_size,
+                        call.seq_len,
+                    )
 
     def batches(self) -> Iterator[tuple[slice, BlockCall]]:
         n = self.hidden.shape[0]

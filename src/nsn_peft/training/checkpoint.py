@@ -62,7 +62,9 @@ class MultiRankCheckpointMixin:
         """Write ``nsn_multirank_state.safetensors`` + ``.json`` into ``directory`` (one transaction, no pickle)."""
         tensors, meta = self.multirank_state()
         with atomic_directory(directory) as staging:
-            write_safetensors(staging / MULTIRANK_STATE_TENSORS, tensors, metadata={"format": "nsn-peft-multirank-state"})
+            write_safetensors(
+                staging / MULTIRANK_STATE_TENSORS, tensors, metadata={"format": "nsn-peft-multirank-state"}
+            )
             write_json(staging / MULTIRANK_STATE_JSON, meta)
 
     def load_multirank_state(self, directory: Union[str, os.PathLike]) -> None:
@@ -71,36 +73,52 @@ class MultiRankCheckpointMixin:
         finish_interrupted_save(directory)
         tensor_path, json_path = directory / MULTIRANK_STATE_TENSORS, directory / MULTIRANK_STATE_JSON
         if not tensor_path.is_file() or not json_path.is_file():
-            raise FileNotFoundError(f"'{directory}' holds no multi-rank state ({MULTIRANK_STATE_TENSORS} and {MULTIRANK_STATE_JSON})")
+            raise FileNotFoundError(
+                f"'{directory}' holds no multi-rank state ({MULTIRANK_STATE_TENSORS} and {MULTIRANK_STATE_JSON})"
+            )
         try:
             meta = json.loads(json_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"Corrupt {json_path}: {err}") from err
         if meta.get("format_version") != STATE_FORMAT_VERSION:
-            raise ValueError(f"{json_path} has format_version {meta.get('format_version')!r}; this version reads {STATE_FORMAT_VERSION}")
+            raise ValueError(
+                f"{json_path} has format_version {meta.get('format_version')!r}; this version reads {STATE_FORMAT_VERSION}"
+            )
         if meta.get("budgets") != self.budgets:
-            raise ValueError(f"{json_path} was saved for FLOPs budgets {meta.get('budgets')}, this trainer trains {self.budgets}")
+            raise ValueError(
+                f"{json_path} was saved for FLOPs budgets {meta.get('budgets')}, this trainer trains {self.budgets}"
+            )
         if meta.get("grid") != self.rank_grid:
-            raise ValueError(f"{json_path} was saved for selectable ranks {meta.get('grid')}, this model has {self.rank_grid}")
+            raise ValueError(
+                f"{json_path} was saved for selectable ranks {meta.get('grid')}, this model has {self.rank_grid}"
+            )
         if meta.get("buckets", {}).get("members") != self.rank_buckets.members:
             raise ValueError(
                 f"{json_path} has rank buckets {meta.get('bucket_labels')}, this trainer {self.bucket_labels()}: "
                 "pass the same num_rank_buckets as the run that saved it"
             )
         if meta.get("weighting") != self.rank_loss.weighting:
-            raise ValueError(f"{json_path} was saved with weighting={meta.get('weighting')!r}, this trainer uses {self.rank_loss.weighting!r}")
+            raise ValueError(
+                f"{json_path} was saved with weighting={meta.get('weighting')!r}, this trainer uses {self.rank_loss.weighting!r}"
+            )
         tensors = load_file(str(tensor_path))
         log_vars = tensors.get("log_vars")
         if log_vars is None or tuple(log_vars.shape) != tuple(self.rank_loss.log_vars.shape):
-            raise ValueError(f"{tensor_path}: log_vars missing or of the wrong shape (expected {tuple(self.rank_loss.log_vars.shape)})")
+            raise ValueError(
+                f"{tensor_path}: log_vars missing or of the wrong shape (expected {tuple(self.rank_loss.log_vars.shape)})"
+            )
         with torch.no_grad():
             self.rank_loss.log_vars.copy_(log_vars.to(self.rank_loss.log_vars))
         if self._logvar_optimizer is not None and not self._logvar_optimizer.load_state_tensors(tensors):
-            logger.warning("%s holds no log-variance optimizer state (saved by an unsharded run): it starts afresh", tensor_path)
+            logger.warning(
+                "%s holds no log-variance optimizer state (saved by an unsharded run): it starts afresh", tensor_path
+            )
         self.rank_sampler.load_state_dict(meta["sampler"])
         self.rank_counts = {r: int(meta.get("rank_counts", {}).get(str(r), 0)) for r in self.rank_grid}
         self._ranks_cache = None
-        logger.info("Restored multi-rank state from %s (log-variances %s)", directory, [round(v, 4) for v in log_vars.tolist()])
+        logger.info(
+            "Restored multi-rank state from %s (log-variances %s)", directory, [round(v, 4) for v in log_vars.tolist()]
+        )
 
     # -- Trainer hooks -----------------------------------------------------------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
@@ -134,5 +152,7 @@ class MultiRankCheckpointMixin:
             self.load_multirank_state(resume_from_checkpoint)
         else:
             logger.warning(
-                "Checkpoint %s has no %s: the rank log-variances and sampler start afresh", resume_from_checkpoint, MULTIRANK_STATE_JSON
+                "Checkpoint %s has no %s: the rank log-variances and sampler start afresh",
+                resume_from_checkpoint,
+                MULTIRANK_STATE_JSON,
             )

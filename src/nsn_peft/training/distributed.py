@@ -99,12 +99,16 @@ def use_precise_fsdp2_mixed_precision(trainer: Any) -> bool:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     plugin.mixed_precision_policy = MixedPrecisionPolicy(
-        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None,
+        param_dtype=policy.param_dtype,
+        reduce_dtype=torch.float32,
+        output_dtype=None,
         cast_forward_inputs=getattr(policy, "cast_forward_inputs", True),
     )
     logger.info(
         "FSDP2 mixed precision: compute in %s, gradient reduction in float32, outputs uncast (NSNTrainer's choice "
-        "instead of Accelerate's all-%s policy)", policy.param_dtype, policy.param_dtype,
+        "instead of Accelerate's all-%s policy)",
+        policy.param_dtype,
+        policy.param_dtype,
     )
     return True
 
@@ -141,7 +145,9 @@ def broadcast_trainable_parameters(model: nn.Module, src: int = 0) -> bool:
     if differed.item() > 0:
         logger.warning(
             "The trainable parameters differed across processes before sharding (%d parameter tensors in all); "
-            "every process now holds process %d's values", int(differed.item()), src,
+            "every process now holds process %d's values",
+            int(differed.item()),
+            src,
         )
     return bool(differed.item() > 0)
 
@@ -185,13 +191,19 @@ class LogVarOptimizer:
         betas, eps: AdamW's moment decay rates and epsilon.
     """
 
-    def __init__(self, log_vars: nn.Parameter, lr: float, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self, log_vars: nn.Parameter, lr: float, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
         if not lr >= 0:
             raise ValueError(f"LogVarOptimizer: lr must be >= 0, got {lr!r}")
         self.log_vars = log_vars
         self.base_lr = float(lr)
         self.optimizer = torch.optim.AdamW(
-            [log_vars], lr=self.base_lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=0.0,
+            [log_vars],
+            lr=self.base_lr,
+            betas=(float(betas[0]), float(betas[1])),
+            eps=float(eps),
+            weight_decay=0.0,
             foreach=False,
         )
 
@@ -206,13 +218,16 @@ class LogVarOptimizer:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The AdamW state as named float32 CPU tensors (empty before the first step), for safetensors."""
         state = self.optimizer.state.get(self.log_vars, {})
-        return {f"logvar_optimizer.{key}": torch.as_tensor(value).detach().float().cpu().reshape(-1).clone()
-                for key, value in state.items() if key in ("step", "exp_avg", "exp_avg_sq")}
+        return {
+            f"logvar_optimizer.{key}": torch.as_tensor(value).detach().float().cpu().reshape(-1).clone()
+            for key, value in state.items()
+            if key in ("step", "exp_avg", "exp_avg_sq")
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Restore what :meth:`state_tensors` wrote; ``False`` when ``tensors`` holds no optimizer state."""
         prefix = "logvar_optimizer."
-        found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not found:
             return False
         missing = {"step", "exp_avg", "exp_avg_sq"} - set(found)
@@ -221,7 +236,9 @@ class LogVarOptimizer:
         shape = tuple(self.log_vars.shape)
         for key in ("exp_avg", "exp_avg_sq"):
             if tuple(found[key].shape) != shape:
-                raise ValueError(f"log-variance optimizer state '{key}' has shape {tuple(found[key].shape)}, expected {shape}")
+                raise ValueError(
+                    f"log-variance optimizer state '{key}' has shape {tuple(found[key].shape)}, expected {shape}"
+                )
         device = self.log_vars.device
         self.optimizer.state[self.log_vars] = {
             "step": torch.tensor(float(found["step"].reshape(-1)[0]), dtype=torch.float32),
@@ -269,7 +286,9 @@ def prepare_sharded_training(trainer: Any, model: nn.Module) -> Optional[LogVarO
             "NSNTrainer(weighting='uncertainty') with fp16 is not supported under FSDP/DeepSpeed (the log-variances' "
             "gradients would stay loss-scaled); use bf16, or weighting='sum'."
         )
-    return LogVarOptimizer(rank_loss.log_vars, trainer.logvar_learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
+    return LogVarOptimizer(
+        rank_loss.log_vars, trainer.logvar_learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
+    )
 
 
 @contextlib.contextmanager

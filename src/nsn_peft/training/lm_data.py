@@ -19,7 +19,9 @@ from ..data import load_texts
 __all__ = ["TokenBlocks", "read_texts"]
 
 
-def read_texts(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], exclude: Iterable[str] = ()) -> list[str]:
+def read_texts(
+    paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], exclude: Iterable[str] = ()
+) -> list[str]:
     """Documents of every folder/file in ``paths`` (:func:`nsn_peft.data.load_texts`), skipping any subfolder
     whose name is in ``exclude`` (e.g. ``["howto"]`` to hold it out)."""
     if isinstance(paths, (str, os.PathLike)):

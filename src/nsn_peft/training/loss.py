@@ -42,7 +42,9 @@ class RankBuckets:
         if num_buckets is None:
             num_buckets = len(grid)
         if not isinstance(num_buckets, int) or isinstance(num_buckets, bool) or not 1 <= num_buckets <= len(grid):
-            raise ValueError(f"num_buckets must be an int in [1, {len(grid)}] (the number of ranks), got {num_buckets!r}")
+            raise ValueError(
+                f"num_buckets must be an int in [1, {len(grid)}] (the number of ranks), got {num_buckets!r}"
+            )
         self.grid = grid
         self.num_buckets = num_buckets
         base, extra = divmod(len(grid), num_buckets)
@@ -138,7 +140,8 @@ class UncertaintyWeightedLoss(nn.Module):
         self.num_buckets = num_buckets
         self.weighting: Weighting = weighting
         self.log_vars = nn.Parameter(
-            torch.full((num_buckets,), float(init_logvar), dtype=torch.float32), requires_grad=weighting == "uncertainty"
+            torch.full((num_buckets,), float(init_logvar), dtype=torch.float32),
+            requires_grad=weighting == "uncertainty",
         )
         fixed = torch.tensor(weights if weights is not None else [1.0] * num_buckets, dtype=torch.float32)
         self.register_buffer("fixed_weights", fixed)

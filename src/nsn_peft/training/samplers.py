@@ -91,7 +91,10 @@ class RankSampler(abc.ABC):
     def sample(self, step: int) -> list[int]:
         """Distinct grid ranks to train at in optimizer step ``step``, largest first."""
         _check_int("step", step, 0)
-        ranks = [int(r) if isinstance(r, numbers.Integral) and not isinstance(r, bool) else r for r in self._draw(step, self.rng(step))]
+        ranks = [
+            int(r) if isinstance(r, numbers.Integral) and not isinstance(r, bool) else r
+            for r in self._draw(step, self.rng(step))
+        ]
         if not ranks:
             raise ValueError(f"{type(self).__name__} returned no rank for step {step}")
         grid = set(self.grid)
@@ -115,7 +118,9 @@ class RankSampler(abc.ABC):
 
     def _load_config(self, config: dict[str, Any]) -> None:
         if config != self._config():
-            raise ValueError(f"{type(self).__name__}: checkpoint parameters {config} differ from this sampler's {self._config()}")
+            raise ValueError(
+                f"{type(self).__name__}: checkpoint parameters {config} differ from this sampler's {self._config()}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: the type, seed, grid and parameters (sampling is step-indexed, so that is all)."""
@@ -130,9 +135,13 @@ class RankSampler(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the sampler type must match (parameters are restored or checked)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"Rank-sampler state has version {state.get('version')!r}; this version reads {STATE_VERSION}")
+            raise ValueError(
+                f"Rank-sampler state has version {state.get('version')!r}; this version reads {STATE_VERSION}"
+            )
         if state.get("type") != self.name:
-            raise ValueError(f"Cannot load a '{state.get('type')}' rank-sampler state into {type(self).__name__} ('{self.name}')")
+            raise ValueError(
+                f"Cannot load a '{state.get('type')}' rank-sampler state into {type(self).__name__} ('{self.name}')"
+            )
         self._load_config(dict(state.get("config") or {}))
         self.seed = int(state["seed"])
         if state.get("grid") is not None:
@@ -154,7 +163,9 @@ class UniformRankSampler(RankSampler):
 
     def _validate_grid(self) -> None:
         if self.num_ranks > len(self.grid):
-            raise ValueError(f"UniformRankSampler(num_ranks={self.num_ranks}) exceeds the {len(self.grid)} selectable ranks {self.grid}")
+            raise ValueError(
+                f"UniformRankSampler(num_ranks={self.num_ranks}) exceeds the {len(self.grid)} selectable ranks {self.grid}"
+            )
 
     def _draw(self, step: int, rng: random.Random) -> Sequence[int]:
         return rng.sample(self.grid, self.num_ranks)
@@ -209,7 +220,9 @@ class FixedRankSampler(RankSampler):
     def _validate_grid(self) -> None:
         off = [r for r in self.ranks if r not in set(self.grid)]
         if off:
-            raise ValueError(f"FixedRankSampler ranks {off} are not selectable ranks (the granularity grid is {self.grid})")
+            raise ValueError(
+                f"FixedRankSampler ranks {off} are not selectable ranks (the granularity grid is {self.grid})"
+            )
 
     def _draw(self, step: int, rng: random.Random) -> Sequence[int]:
         return self.ranks
@@ -271,7 +284,9 @@ class StagedRankSampler(RankSampler):
 
     name = "staged"
 
-    def __init__(self, stages: Sequence[tuple[int, RankSampler]], *, seed: int = 0, grid: Optional[Sequence[int]] = None) -> None:
+    def __init__(
+        self, stages: Sequence[tuple[int, RankSampler]], *, seed: int = 0, grid: Optional[Sequence[int]] = None
+    ) -> None:
         stages = sorted(((int(start), sampler) for start, sampler in stages), key=lambda s: s[0])
         if not stages or stages[0][0] != 0:
             raise ValueError(f"StagedRankSampler needs a stage starting at step 0, got starts {[s for s, _ in stages]}")

@@ -75,7 +75,9 @@ def activation_checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": bool(enabled)}
+    return {
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": bool(enabled)
+    }
 
 
 class NSNTrainerMixin(MultiRankStepMixin, MultiRankEvaluationMixin, MultiRankCheckpointMixin, LogVarOptimizationMixin):
@@ -174,10 +176,14 @@ class NSNTrainerMixin(MultiRankStepMixin, MultiRankEvaluationMixin, MultiRankChe
         self.rank_grid: list[int] = list(self.points.grid)
         sampler = as_rank_sampler(rank_sampler, seed=self.args.seed)
         if sampler.is_bound and sampler.grid != self.rank_grid:
-            raise ValueError(f"rank_sampler is bound to ranks {sampler.grid}, but the model's selectable ranks are {self.rank_grid}")
+            raise ValueError(
+                f"rank_sampler is bound to ranks {sampler.grid}, but the model's selectable ranks are {self.rank_grid}"
+            )
         self.rank_sampler: RankSampler = sampler.bind(self.rank_grid)
         self.rank_buckets = RankBuckets(self.rank_grid, num_rank_buckets)
-        self.rank_loss = UncertaintyWeightedLoss(len(self.rank_buckets), weighting, fixed_weights, init_logvar).to(self.args.device)
+        self.rank_loss = UncertaintyWeightedLoss(len(self.rank_buckets), weighting, fixed_weights, init_logvar).to(
+            self.args.device
+        )
         self.logvar_learning_rate = float(logvar_learning_rate)
         self.distill_alpha = float(distill_alpha)
         self.distill_temperature = float(distill_temperature)
@@ -200,7 +206,9 @@ class NSNTrainerMixin(MultiRankStepMixin, MultiRankEvaluationMixin, MultiRankChe
             return default_eval_ranks(self.rank_grid)
         ranks = sorted({int(r) for r in eval_ranks})
         if not ranks or any(not 1 <= r <= self.top_rank for r in ranks):
-            raise ValueError(f"eval_ranks {list(eval_ranks)} must be non-empty ranks in [1, {self.top_rank}] (the top rank)")
+            raise ValueError(
+                f"eval_ranks {list(eval_ranks)} must be non-empty ranks in [1, {self.top_rank}] (the top rank)"
+            )
         return ranks
 
     # -- the operating points ----------------------------------------------------------------------------
@@ -235,7 +243,9 @@ class NSNTrainer(NSNTrainerMixin, Trainer):
     :class:`NSNTrainerMixin` for the options; the model must be a ``PeftModel`` or module with NSN layers)."""
 
 
-def _check_options(weighting: str, distill_alpha: float, distill_temperature: float, logvar_learning_rate: float, distill_teacher: str) -> None:
+def _check_options(
+    weighting: str, distill_alpha: float, distill_temperature: float, logvar_learning_rate: float, distill_teacher: str
+) -> None:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if not 0 <= distill_alpha <= 1:

@@ -119,6 +119,7 @@ def compile_for_ranks(
             raise ValueError("compile_for_ranks: pass warmup=<callable> or example_inputs=(...) to call the model with")
         compiled = torch.compile(model, **compile_kwargs)
         if isinstance(example_inputs, Mapping):
+
             def warmup() -> Any:
                 return compiled(**example_inputs)
         else:
@@ -128,7 +129,9 @@ def compile_for_ranks(
                 return compiled(*inputs)
     elif compile_kwargs:
         raise ValueError(f"compile_for_ranks: compile options {sorted(compile_kwargs)} apply only without warmup=")
-    set_runtime_options(model, rank_major=True)  # a row-major nsn_B would make the compiled graph specialise on the rank
+    set_runtime_options(
+        model, rank_major=True
+    )  # a row-major nsn_B would make the compiled graph specialise on the rank
     previous = _ranks.get_rank(model)
     seconds, new_graphs = [], []
     try:

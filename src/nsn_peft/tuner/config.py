@@ -75,7 +75,9 @@ class NSNConfig(PeftConfig):
     )
     max_params_fraction: Optional[float] = field(
         default=None,
-        metadata={"help": "Per-layer max rank from a parameter budget: factors hold at most this fraction of the dense weight."},
+        metadata={
+            "help": "Per-layer max rank from a parameter budget: factors hold at most this fraction of the dense weight."
+        },
     )
     keep_base_weights: bool = field(
         default=True,
@@ -91,7 +93,9 @@ class NSNConfig(PeftConfig):
     rank_granularity: int = field(default=64)
     init: Optional[str] = field(
         default=None,
-        metadata={"help": "One of 'svd', 'projected', 'whitened'; default: 'whitened' with stats/stats_path, else 'svd'."},
+        metadata={
+            "help": "One of 'svd', 'projected', 'whitened'; default: 'whitened' with stats/stats_path, else 'svd'."
+        },
     )
     stats_path: Optional[str] = field(default=None)
     stats: Optional[Any] = field(default=None, repr=False)
@@ -111,13 +115,19 @@ class NSNConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.NSN
-        if self.max_rank is not None and self.max_rank != BREAK_EVEN and (
-            not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 1
+        if (
+            self.max_rank is not None
+            and self.max_rank != BREAK_EVEN
+            and (not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 1)
         ):
-            raise ValueError(f"NSNConfig.max_rank must be a positive int, {BREAK_EVEN!r} or None, got {self.max_rank!r}")
+            raise ValueError(
+                f"NSNConfig.max_rank must be a positive int, {BREAK_EVEN!r} or None, got {self.max_rank!r}"
+            )
         if self.max_params_fraction is not None:
-            if isinstance(self.max_params_fraction, bool) or not isinstance(self.max_params_fraction, (int, float)) or not (
-                0 < self.max_params_fraction <= 1
+            if (
+                isinstance(self.max_params_fraction, bool)
+                or not isinstance(self.max_params_fraction, (int, float))
+                or not (0 < self.max_params_fraction <= 1)
             ):
                 raise ValueError(f"NSNConfig.max_params_fraction must be in (0, 1], got {self.max_params_fraction!r}")
             if self.max_rank is not None:
@@ -153,7 +163,11 @@ class NSNConfig(PeftConfig):
         self.budget_plans = normalize_budget_plans(self.budget_plans)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("NSNConfig.layers_pattern requires layers_to_transform to be set as well.")
-        if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear" and self.layers_to_transform is not None:
+        if (
+            isinstance(self.target_modules, str)
+            and self.target_modules.lower() != "all-linear"
+            and self.layers_to_transform is not None
+        ):
             warnings.warn(
                 f"NSNConfig.layers_to_transform={self.layers_to_transform!r} does not narrow a regex target_modules "
                 f"({self.target_modules!r}), as in PEFT: put the block numbers into the regex, or list module names.",
@@ -178,7 +192,9 @@ class NSNConfig(PeftConfig):
     # -- loading: PEFT reads a saved adapter's config through these (PeftModel.from_pretrained/load_adapter,
     # AutoPeftModel*), so NSN's loading behaviour hangs off them rather than off PEFT's entry points.
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> NSNConfig:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
+    ) -> NSNConfig:
         """The config of a saved NSN adapter, marked as coming from a checkpoint (injection then skips the
         factor initialisation its weights overwrite). A save of the folder that a kill interrupted after its
         commit point is completed first. ``keep_base_weights=`` (``PeftModel.from_pretrained`` passes its extra
@@ -196,7 +212,9 @@ class NSNConfig(PeftConfig):
         config._checkpoint_folder = folder
         weights = folder / "adapter_model.safetensors" if folder is not None else None
         # What load errors name: the weights file, else the folder or Hub id.
-        config._checkpoint_source = str(weights if weights is not None and weights.is_file() else folder or pretrained_model_name_or_path)
+        config._checkpoint_source = str(
+            weights if weights is not None and weights.is_file() else folder or pretrained_model_name_or_path
+        )
         return config
 
     @classmethod
@@ -228,13 +246,17 @@ def normalize_budget_plans(plans: Any) -> dict[str, dict[str, int]]:
     if plans is None:
         return {}
     if not isinstance(plans, dict):
-        raise ValueError(f"NSNConfig.budget_plans must be a mapping {{budget: {{layer: rank}}}}, got {type(plans).__name__}")
+        raise ValueError(
+            f"NSNConfig.budget_plans must be a mapping {{budget: {{layer: rank}}}}, got {type(plans).__name__}"
+        )
     normalized: dict[str, dict[str, int]] = {}
     for key, plan in plans.items():
         try:
             budget = float(key)
         except (TypeError, ValueError):
-            raise ValueError(f"NSNConfig.budget_plans key {key!r} is not a number (a FLOPs fraction in (0, 1])") from None
+            raise ValueError(
+                f"NSNConfig.budget_plans key {key!r} is not a number (a FLOPs fraction in (0, 1])"
+            ) from None
         if not 0 < budget <= 1:
             raise ValueError(f"NSNConfig.budget_plans key {key!r} must be a FLOPs fraction in (0, 1]")
         if not isinstance(plan, dict) or not plan:

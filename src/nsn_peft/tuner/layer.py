@@ -125,7 +125,9 @@ class NSNLayer(BaseTunerLayer):
         # Straight into _parameters: a meta-device context (accelerate's init_empty_weights, used by PEFT's
         # low_cpu_mem_usage loading) would otherwise move the placeholder to meta, and PEFT moves the factors
         # to the device of the base weight.
-        base._parameters["weight"] = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=device), requires_grad=False)
+        base._parameters["weight"] = nn.Parameter(
+            torch.empty(0, dtype=weight.dtype, device=device), requires_grad=False
+        )
         self.base_weight_dropped = True
 
     @torch.no_grad()
@@ -265,7 +267,9 @@ class NSNLayer(BaseTunerLayer):
     def _check_rank(self, rank: Any, adapter_name: str) -> None:
         limit = self.nsn_max_rank[adapter_name]
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
-            raise ValueError(f"Rank {rank!r} is invalid for '{self.module_name}' (adapter '{adapter_name}'): must be in [1, {limit}]")
+            raise ValueError(
+                f"Rank {rank!r} is invalid for '{self.module_name}' (adapter '{adapter_name}'): must be in [1, {limit}]"
+            )
 
     @torch.no_grad()
     def refresh_merged_weight(self) -> None:
@@ -360,8 +364,13 @@ class NSNLinear(nn.Module, NSNLayer):
     use_kernels: bool = False
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, max_rank: int, module_name: str = "",
-        device: Optional[torch.device | str] = None, rank_major: bool = False,
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        max_rank: int,
+        module_name: str = "",
+        device: Optional[torch.device | str] = None,
+        rank_major: bool = False,
         runtime_options: Optional[RuntimeOptions] = None,
     ) -> None:
         super().__init__()
@@ -415,5 +424,6 @@ def _warn_process_wide_kernels() -> None:
     warnings.warn(
         "NSNLinear.use_kernels (one switch for every model in the process) is deprecated; use "
         "nsn_peft.set_runtime_options(model, kernels=True), which applies to that model only.",
-        FutureWarning, stacklevel=4,
+        FutureWarning,
+        stacklevel=4,
     )

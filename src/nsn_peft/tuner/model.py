@@ -98,8 +98,9 @@ class NSNModel(BaseTuner):
             target.update_layer(adapter_name, max_rank, device=device)
             new_module = target
         else:
-            new_module = NSNLinear(target, adapter_name, max_rank, module_name=name, device=device,
-                                   runtime_options=self.runtime_options)
+            new_module = NSNLinear(
+                target, adapter_name, max_rank, module_name=name, device=device, runtime_options=self.runtime_options
+            )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -155,8 +156,11 @@ class NSNModel(BaseTuner):
             )
         try:
             super().inject_adapter(
-                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
             )
         finally:
             self._selection = None
@@ -169,7 +173,9 @@ class NSNModel(BaseTuner):
         if config.active_rank is not None:
             _ranks.set_rank(self, config.active_rank, adapter_name=adapter_name)
 
-    def initialize_factors(self, names: list[str], adapter_name: Optional[str] = None, show_progress: bool = False) -> None:
+    def initialize_factors(
+        self, names: list[str], adapter_name: Optional[str] = None, show_progress: bool = False
+    ) -> None:
         """Compute the factors of the named layers now, with the adapter config's ``init`` (and ``stats``).
 
         For factors created without values (an adapter injected under a checkpoint-loading scope, as the
@@ -177,16 +183,22 @@ class NSNModel(BaseTuner):
         hand, and ``stats`` need only cover these layers.
         """
         adapter_name = adapter_name or self.active_adapters[0]
-        index = {canonical_module_name(n): m for n, m in self.model.named_modules()
-                 if isinstance(m, NSNLayer) and adapter_name in m.nsn_A}
+        index = {
+            canonical_module_name(n): m
+            for n, m in self.model.named_modules()
+            if isinstance(m, NSNLayer) and adapter_name in m.nsn_A
+        }
         unknown = [n for n in names if n not in index]
         if unknown:
             raise KeyError(f"No NSN layer of adapter '{adapter_name}' is named {unknown[:3]}")
-        self._initialize_factors(self.peft_config[adapter_name], adapter_name, [(n, index[n]) for n in names], show_progress)
+        self._initialize_factors(
+            self.peft_config[adapter_name], adapter_name, [(n, index[n]) for n in names], show_progress
+        )
 
     @torch.no_grad()
-    def _initialize_factors(self, config: NSNConfig, adapter_name: str, pending: list[tuple[str, NSNLayer]],
-                            show_progress: bool = True) -> None:
+    def _initialize_factors(
+        self, config: NSNConfig, adapter_name: str, pending: list[tuple[str, NSNLayer]], show_progress: bool = True
+    ) -> None:
         stats = None
         if config.needs_stats:
             stats = config.stats
@@ -198,8 +210,9 @@ class NSNModel(BaseTuner):
             stats.check_compatible({n: layer.in_features for n, layer in pending}, source=str(source))
         kept_dense: list[str] = []
         result = None
-        for name, layer in tqdm(pending, desc=f"NSN init ({config.init})", unit="layer",
-                                disable=not pending or not show_progress):
+        for name, layer in tqdm(
+            pending, desc=f"NSN init ({config.init})", unit="layer", disable=not pending or not show_progress
+        ):
             weight = layer.dense_weight().detach()
             device = torch.device(resolve_device(config.init_device)) if config.init_device else weight.device
             weight = weight.to(device)
@@ -212,14 +225,20 @@ class NSNModel(BaseTuner):
                     b, a = decompose.whitened_factors(weight, stats.gram(name), limit, damp=config.whitening_damp)
                 else:
                     key = lookup_pattern(config.energy_pattern, name) if config.energy_pattern else None
-                    e_in, e_out = config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
+                    e_in, e_out = (
+                        config.energy_pattern[key] if key is not None else (config.energy_input, config.energy_output)
+                    )
                     result = decompose.projected_factors(weight, stats.gram(name), e_in, e_out, rank=limit)
                     b, a = result.b, result.a
             except (ValueError, RuntimeError) as err:  # torch.linalg.LinAlgError is a RuntimeError
-                origin = f" with statistics from {config.stats_path}" if config.needs_stats and config.stats_path else ""
+                origin = (
+                    f" with statistics from {config.stats_path}" if config.needs_stats and config.stats_path else ""
+                )
                 raise ValueError(f"NSN init={config.init!r} failed for layer '{name}'{origin}: {err}") from err
             if config.init == "projected":
-                if config.keep_dense_if_no_savings and not factoring_saves(layer.out_features, layer.in_features, b.shape[1]):
+                if config.keep_dense_if_no_savings and not factoring_saves(
+                    layer.out_features, layer.in_features, b.shape[1]
+                ):
                     kept_dense.append(name)
                     continue
                 if b.shape[1] != limit or name in config.rank_pattern:
@@ -235,7 +254,8 @@ class NSNModel(BaseTuner):
     def _keep_dense(self, config: NSNConfig, adapter_name: str, names: list[str]) -> None:
         logger.warning(
             "Kept %d layer(s) dense because their utilized rank r gives r(m+d) >= m*d (no savings): %s",
-            len(names), names if len(names) <= 8 else names[:8] + ["…"],
+            len(names),
+            names if len(names) <= 8 else names[:8] + ["…"],
         )
         for name in names:
             parent, target, target_name = self._get_submodule_triplet(name)
@@ -252,7 +272,9 @@ class NSNModel(BaseTuner):
             config.exclude_modules = f"(?:{exclude})|(?:.*\\.)?(?:{anchored})"
         else:
             config.exclude_modules = set(exclude) | set(names)
-        self.targeted_module_names = [n for n in self.targeted_module_names if canonical_module_name(n) not in set(names)]
+        self.targeted_module_names = [
+            n for n in self.targeted_module_names if canonical_module_name(n) not in set(names)
+        ]
         config.kept_dense = sorted(set(getattr(config, "kept_dense", [])) | set(names))
 
     def _get_submodule_triplet(self, name: str):
@@ -274,7 +296,9 @@ class NSNModel(BaseTuner):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         if isinstance(adapter_name, (list, tuple)) and len(adapter_name) > 1:
-            raise ValueError(f"NSN supports one active adapter at a time (factors replace the weight), got {adapter_name}")
+            raise ValueError(
+                f"NSN supports one active adapter at a time (factors replace the weight), got {adapter_name}"
+            )
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._layer_index = None
 
@@ -304,7 +328,11 @@ class NSNModel(BaseTuner):
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(
-        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
     ):
         if merge:
             self._check_mergeable(adapter_names)
@@ -320,7 +348,9 @@ class NSNModel(BaseTuner):
         ``merge_and_unload`` merges each layer at its current rank (``merge`` builds the weight); ``unload``
         rebuilds ``B @ A`` at the max rank, which is the dense weight only for full-rank factors.
         """
-        dropped = [m for m in self.model.modules() if isinstance(m, NSNLayer) and m.base_weight_dropped and not m.merged]
+        dropped = [
+            m for m in self.model.modules() if isinstance(m, NSNLayer) and m.base_weight_dropped and not m.merged
+        ]
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         for layer in dropped:
             adapter = next((n for n in names if n in layer.nsn_A), None)
@@ -364,7 +394,9 @@ class NSNModel(BaseTuner):
             module = canonical_module_name(key.rsplit(".nsn_", 1)[0])
             factor = "nsn_A" if ".nsn_A." in key else "nsn_B"
             if key not in remapped:
-                raise ValueError(f"NSN checkpoint{origin} has no {factor} for module '{module}' of this base model; was it saved from another model?")
+                raise ValueError(
+                    f"NSN checkpoint{origin} has no {factor} for module '{module}' of this base model; was it saved from another model?"
+                )
             found = tuple(remapped[key].shape)
             if found != shape:
                 raise ValueError(
@@ -378,7 +410,9 @@ class NSNModel(BaseTuner):
         unexpected = [k for k in remapped if (".nsn_A" in k or ".nsn_B" in k) and k not in expected]
         if unexpected:
             module = canonical_module_name(unexpected[0].rsplit(".nsn_", 1)[0])
-            raise ValueError(f"NSN checkpoint{origin} holds factors for module '{module}', which this base model lacks or does not target.")
+            raise ValueError(
+                f"NSN checkpoint{origin} holds factors for module '{module}', which this base model lacks or does not target."
+            )
         return remapped
 
     # -- rank API -------------------------------------------------------------------------------------
@@ -405,7 +439,11 @@ class NSNModel(BaseTuner):
         return _ranks.estimate_flops(self, rank, tokens)
 
     def set_runtime_options(
-        self, options: Optional[RuntimeOptions] = None, *, kernels: Optional[bool] = None, rank_major: Optional[bool] = None
+        self,
+        options: Optional[RuntimeOptions] = None,
+        *,
+        kernels: Optional[bool] = None,
+        rank_major: Optional[bool] = None,
     ) -> RuntimeOptions:
         """Run this model's NSN layers with ``options`` (or the current ones changed where a keyword is given):
         ``kernels`` (the Triton decode path), ``rank_major`` (``nsn_B`` storage). Per model, never process-wide."""

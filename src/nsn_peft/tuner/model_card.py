@@ -18,8 +18,10 @@ def nsn_summary_markdown(model) -> str:
     config = model.peft_config[model.active_adapter]
     lines = [MARKER, ""]
     lines.append(f"- Method: Nested Subspace Network factors (`nsn_peft`), init `{config.init}`")
-    lines.append(f"- Layers factored: {len(maxima)}; max rank (config): {config.max_rank or 'full'}; "
-                 f"rank granularity: {config.rank_granularity}")
+    lines.append(
+        f"- Layers factored: {len(maxima)}; max rank (config): {config.max_rank or 'full'}; "
+        f"rank granularity: {config.rank_granularity}"
+    )
     dense = getattr(config, "kept_dense", None)
     if dense:
         lines.append(f"- Kept dense (factoring would not save): {len(dense)} layer(s)")
@@ -30,12 +32,19 @@ def nsn_summary_markdown(model) -> str:
         lines += ["", f"Active ranks when saved: {dict(Counter(current.values()))} (rank: layers)"]
     grid = selectable_ranks(model)
     picks = sorted({grid[0], grid[len(grid) // 4], grid[len(grid) // 2], grid[(3 * len(grid)) // 4], grid[-1]})
-    lines += ["", "| rank | FLOPs of factored layers vs dense | whole-model matmul FLOPs vs dense |", "|---:|---:|---:|"]
+    lines += [
+        "",
+        "| rank | FLOPs of factored layers vs dense | whole-model matmul FLOPs vs dense |",
+        "|---:|---:|---:|",
+    ]
     for r in picks:
         report = estimate_flops(model, r)
         lines.append(f"| {r} | {report.targeted_fraction:.3f} | {report.model_fraction:.3f} |")
-    lines += ["", "Load with `import nsn_peft; PeftModel.from_pretrained(base, path)`; switch rank with "
-              "`model.set_rank(r)`.", ""]
+    lines += [
+        "",
+        "Load with `import nsn_peft; PeftModel.from_pretrained(base, path)`; switch rank with `model.set_rank(r)`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

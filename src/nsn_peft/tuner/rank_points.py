@@ -47,15 +47,23 @@ class RankPoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __init__(
-        self, label: str, kind: str, value: Any, rank: Any = None, fraction: Optional[float] = None,
-        extra: Optional[dict[str, Any]] = None, *, spec: Optional[RankLike] = None,
+        self,
+        label: str,
+        kind: str,
+        value: Any,
+        rank: Any = None,
+        fraction: Optional[float] = None,
+        extra: Optional[dict[str, Any]] = None,
+        *,
+        spec: Optional[RankLike] = None,
     ) -> None:
         if rank is not None or fraction is not None:
             if spec is not None:
                 raise ValueError("RankPoint: pass spec= alone (rank= and fraction= are its deprecated spellings)")
             warnings.warn(
                 "RankPoint(rank=..., fraction=...) is deprecated; pass spec=RankSpec.rank(...)/RankSpec.fraction(...)",
-                FutureWarning, stacklevel=2,
+                FutureWarning,
+                stacklevel=2,
             )
             spec = RankSpec.fraction(fraction) if fraction is not None else rank
         self.label, self.kind, self.value = label, kind, value
@@ -117,7 +125,9 @@ def resolve_rank_points(
             out.append(RankPoint(FULL, "rank", FULL, spec=RankSpec.full()))
         else:
             if r > top:
-                raise ValueError(f"rank {r} exceeds the adapter's largest max rank ({top}); use a rank <= {top} or 'full'")
+                raise ValueError(
+                    f"rank {r} exceeds the adapter's largest max rank ({top}); use a rank <= {top} or 'full'"
+                )
             out.append(RankPoint(str(r), "rank", int(r), spec=RankSpec.rank(int(r))))
     for f in fractions or []:
         out.append(RankPoint(f"fraction={f:g}", "fraction", float(f), spec=RankSpec.fraction(float(f))))

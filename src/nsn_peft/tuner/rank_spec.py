@@ -62,11 +62,15 @@ class RankSpec:
         if self.kind == "fraction":
             object.__setattr__(self, "value", _check_unit_fraction(self.value, "fraction must be in (0, 1]"))
         if self.kind == "flops":
-            object.__setattr__(self, "value", _check_unit_fraction(self.value, "flops must be a FLOPs fraction in (0, 1]"))
+            object.__setattr__(
+                self, "value", _check_unit_fraction(self.value, "flops must be a FLOPs fraction in (0, 1]")
+            )
         if self.kind == "layers":
             items = tuple(self.value.items()) if isinstance(self.value, Mapping) else self.value
             if not isinstance(items, tuple) or not all(isinstance(i, tuple) and len(i) == 2 for i in items):
-                raise ValueError(f"RankSpec.layers needs a mapping {{module name or pattern: rank}}, got {self.value!r}")
+                raise ValueError(
+                    f"RankSpec.layers needs a mapping {{module name or pattern: rank}}, got {self.value!r}"
+                )
             for key, rank in items:
                 if not isinstance(key, str) or not _is_int(rank) or rank < 1:
                     raise ValueError(f"RankSpec.layers: rank {rank!r} for {key!r} must be a positive int")
@@ -217,7 +221,9 @@ def resolve_ranks(
             )
         for name, limit in max_ranks.items():
             if not 1 <= plan[name] <= limit:
-                raise ValueError(f"Budget plan {key} gives '{name}' rank {plan[name]}, outside [1, {limit}] (its max rank)")
+                raise ValueError(
+                    f"Budget plan {key} gives '{name}' rank {plan[name]}, outside [1, {limit}] (its max rank)"
+                )
         return {name: plan[name] for name in max_ranks}
     wanted = spec.mapping
     for key in wanted:

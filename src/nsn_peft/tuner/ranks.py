@@ -272,7 +272,12 @@ def estimate_flops(
 
 
 def select_rank_for_target_flops(
-    model: nn.Module, target_fraction: float, *, per_layer: bool = False, scope: str = "targeted", adapter_name: Optional[str] = None
+    model: nn.Module,
+    target_fraction: float,
+    *,
+    per_layer: bool = False,
+    scope: str = "targeted",
+    adapter_name: Optional[str] = None,
 ) -> Union[int, dict[str, int]]:
     """Rank(s) on the granularity grid whose FLOPs stay within ``target_fraction`` of the dense cost.
 
@@ -294,7 +299,9 @@ def select_rank_for_target_flops(
         if scope != "targeted":
             raise ValueError("per_layer=True budgets each layer itself; use scope='targeted'")
         return {
-            name: F.rank_for_flops_fraction(layer.out_features, layer.in_features, target_fraction, layer.nsn_max_rank[adapter], g)
+            name: F.rank_for_flops_fraction(
+                layer.out_features, layer.in_features, target_fraction, layer.nsn_max_rank[adapter], g
+            )
             for name, layer in layers.items()
         }
     grid = selectable_ranks(model, adapter)
@@ -306,7 +313,10 @@ def select_rank_for_target_flops(
             chosen = r
     if chosen is None:
         logging.getLogger(__name__).warning(
-            "No rank on the grid meets %.3f of dense FLOPs (%s); returning the smallest, %d", target_fraction, scope, grid[0]
+            "No rank on the grid meets %.3f of dense FLOPs (%s); returning the smallest, %d",
+            target_fraction,
+            scope,
+            grid[0],
         )
         chosen = grid[0]
     return chosen

@@ -48,8 +48,9 @@ def set_runtime_options(
     return resolved
 
 
-def _resolved(current: RuntimeOptions, options: Optional[RuntimeOptions], kernels: Optional[bool],
-              rank_major: Optional[bool]) -> RuntimeOptions:
+def _resolved(
+    current: RuntimeOptions, options: Optional[RuntimeOptions], kernels: Optional[bool], rank_major: Optional[bool]
+) -> RuntimeOptions:
     changes = {k: v for k, v in (("kernels", kernels), ("rank_major", rank_major)) if v is not None}
     return dataclasses.replace(options if options is not None else current, **changes)
 

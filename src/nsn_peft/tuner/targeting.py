@@ -26,7 +26,9 @@ from .layer import NSNLayer
 
 
 def is_all_linear(target_modules: Any) -> bool:
-    return target_modules is None or (isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND)
+    return target_modules is None or (
+        isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    )
 
 
 class Selection:
@@ -58,7 +60,9 @@ def record_adapted_modules(model: nn.Module, config: Any, adapter_name: str, sel
     """After an ``"all-linear"`` injection filtered by ``layers_to_transform``, make ``target_modules`` the adapted
     names (PEFT saved all linear layers' names, which a load would match whatever their block)."""
     if selection.options.all_linear and selection.options.layers_to_transform is not None:
-        config.target_modules = {n for n, m in model.named_modules() if isinstance(m, NSNLayer) and adapter_name in m.nsn_A}
+        config.target_modules = {
+            n for n, m in model.named_modules() if isinstance(m, NSNLayer) and adapter_name in m.nsn_A
+        }
 
 
 def check_layers_to_transform(model: nn.Module, config: Any) -> None:
@@ -122,7 +126,9 @@ def check_supported_module(module: nn.Module, name: str) -> None:
     if isinstance(module, nn.Embedding):
         reason = "embeddings are lookups, not matrix products, and are not factored"
     elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        reason = f"convolutions (kernel size {tuple(module.kernel_size)}) are not supported; only nn.Linear and Conv1D are"
+        reason = (
+            f"convolutions (kernel size {tuple(module.kernel_size)}) are not supported; only nn.Linear and Conv1D are"
+        )
     else:
         reason = "only nn.Linear and transformers' Conv1D layers are supported"
     raise TypeError(f"NSN cannot adapt '{name}' ({kind}): {reason}.")

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
-def check_nested_args(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int, bias: Optional[torch.Tensor]) -> None:
+def check_nested_args(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int, bias: Optional[torch.Tensor]
+) -> None:
     """Raise ``ValueError`` on shapes the nested product does not define (cheap: shapes only, no data)."""
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"a and b must be 2-D, got a {tuple(a.shape)} and b {tuple(b.shape)}")

@@ -82,16 +82,27 @@ def choose_config(n: int, d: int, m: int, rank: int, dtype: torch.dtype) -> Kern
         return KernelConfig(block_n=16, block_r=32, block_k=128 // wide, block_m=16, block_k2=256 // wide)
     # 17-64 tokens: one bucket (each bucket is another compiled variant); 64-row fp32 accumulators per phase
     # fit in registers only with 64-wide steps (128 spills, per the compiler's resource report)
-    return KernelConfig(block_n=64, block_r=64, block_k=64 // wide, block_m=32, block_k2=64 // wide,
-                        num_stages=3, stages2=3)
+    return KernelConfig(
+        block_n=64, block_r=64, block_k=64 // wide, block_m=32, block_k2=64 // wide, num_stages=3, stages2=3
+    )
 
 
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _rows_dot(lhs, rhs, rhs_col_stride, k_lo, k_end, k_hi,
-                  BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                  PRECISION: tl.constexpr):
+    def _rows_dot(
+        lhs,
+        rhs,
+        rhs_col_stride,
+        k_lo,
+        k_end,
+        k_hi,
+        BLOCK_N: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        STAGES: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """fp32 ``[BLOCK_N, BLOCK_O]`` = Σ_k lhs[:, k]·rhs[:, k] over ``k`` in ``[k_lo, k_hi)``.
 
         ``lhs`` holds row pointers ``[BLOCK_N, 1]`` (a scalar pointer when BLOCK_N == 1) with unit column stride,
@@ -128,10 +139,29 @@ if TRITON_AVAILABLE:
         return out
 
     @triton.jit
-    def _phase1(pid, x_ptr, a_ptr, part_ptr, h_ptr, sync_ptr, n, d, rank, stride_xn, stride_ar, stride_hn,
-                split_k, chunks_per_split, tiles,
-                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                PRECISION: tl.constexpr, FUSED: tl.constexpr):
+    def _phase1(
+        pid,
+        x_ptr,
+        a_ptr,
+        part_ptr,
+        h_ptr,
+        sync_ptr,
+        n,
+        d,
+        rank,
+        stride_xn,
+        stride_ar,
+        stride_hn,
+        split_k,
+        chunks_per_split,
+        tiles,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        STAGES: tl.constexpr,
+        PRECISION: tl.constexpr,
+        FUSED: tl.constexpr,
+    ):
         """One (tile, split) of ``h = x·A_rᵀ``; the last split of a tile to arrive writes the tile of h."""
         tile = pid // split_k
         split = pid % split_k
@@ -176,9 +206,26 @@ if TRITON_AVAILABLE:
                     tl.atomic_add(sync_ptr + 1, 1, sem="release")
 
     @triton.jit
-    def _phase2(pid, h_ptr, b_ptr, bias_ptr, y_ptr, n, m, rank, stride_hn, stride_bm, stride_br, stride_yn,
-                has_bias, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K2: tl.constexpr,
-                STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    def _phase2(
+        pid,
+        h_ptr,
+        b_ptr,
+        bias_ptr,
+        y_ptr,
+        n,
+        m,
+        rank,
+        stride_hn,
+        stride_bm,
+        stride_br,
+        stride_yn,
+        has_bias,
+        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K2: tl.constexpr,
+        STAGES: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """``BLOCK_M`` output features of ``y = h·B_rᵀ + bias``."""
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -189,8 +236,19 @@ if TRITON_AVAILABLE:
             h_rows = h_ptr + tl.minimum(offs_n, n - 1)[:, None] * stride_hn
         # h needs no .cg: it is complete before any program reads it (two launches: the kernel boundary; one
         # launch: each reader's acquire of the finished count, which also invalidates L1), so no stale line.
-        out = _rows_dot(h_rows, b_rows, stride_br, 0, (rank // BLOCK_K2) * BLOCK_K2, rank,
-                        BLOCK_N, BLOCK_M, BLOCK_K2, STAGES, PRECISION)
+        out = _rows_dot(
+            h_rows,
+            b_rows,
+            stride_br,
+            0,
+            (rank // BLOCK_K2) * BLOCK_K2,
+            rank,
+            BLOCK_N,
+            BLOCK_M,
+            BLOCK_K2,
+            STAGES,
+            PRECISION,
+        )
         if has_bias != 0:  # a run-time flag: one compiled variant less, and the branch is outside every loop
             out += tl.load(bias_ptr + tl.minimum(offs_m, m - 1)).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :]
@@ -198,15 +256,44 @@ if TRITON_AVAILABLE:
 
     # Sizes that only bound loops or masks are not specialised (each specialisation is another compile); the row
     # strides are, since their alignment decides whether a row is read with 16-byte loads.
-    @triton.jit(do_not_specialize=["n", "d", "m", "rank", "split_k", "chunks_per_split", "tiles", "num_first",
-                                   "has_bias"])
-    def _nested_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, part_ptr, h_ptr, sync_ptr,
-                       n, d, m, rank, stride_xn, stride_ar, stride_bm, stride_br, stride_hn, stride_yn,
-                       split_k, chunks_per_split, tiles, num_first, has_bias,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K2: tl.constexpr,
-                       STAGES1: tl.constexpr, STAGES2: tl.constexpr, PRECISION: tl.constexpr,
-                       ROLE: tl.constexpr, MAX_SPIN: tl.constexpr):
+    @triton.jit(
+        do_not_specialize=["n", "d", "m", "rank", "split_k", "chunks_per_split", "tiles", "num_first", "has_bias"]
+    )
+    def _nested_kernel(
+        x_ptr,
+        a_ptr,
+        b_ptr,
+        bias_ptr,
+        y_ptr,
+        part_ptr,
+        h_ptr,
+        sync_ptr,
+        n,
+        d,
+        m,
+        rank,
+        stride_xn,
+        stride_ar,
+        stride_bm,
+        stride_br,
+        stride_hn,
+        stride_yn,
+        split_k,
+        chunks_per_split,
+        tiles,
+        num_first,
+        has_bias,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K2: tl.constexpr,
+        STAGES1: tl.constexpr,
+        STAGES2: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ROLE: tl.constexpr,
+        MAX_SPIN: tl.constexpr,
+    ):
         """ROLE 0: both products in one launch (ticket-ordered roles); 1: first product only; 2: second only.
 
         sync_ptr (int32): [0] tickets, [1] finished tiles of h, [2] finished programs, [3 + t] arrivals at tile t.
@@ -214,8 +301,29 @@ if TRITON_AVAILABLE:
         if ROLE == 0:
             ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
             if ticket < num_first:
-                _phase1(ticket, x_ptr, a_ptr, part_ptr, h_ptr, sync_ptr, n, d, rank, stride_xn, stride_ar,
-                        stride_hn, split_k, chunks_per_split, tiles, BLOCK_N, BLOCK_R, BLOCK_K, STAGES1, PRECISION, True)
+                _phase1(
+                    ticket,
+                    x_ptr,
+                    a_ptr,
+                    part_ptr,
+                    h_ptr,
+                    sync_ptr,
+                    n,
+                    d,
+                    rank,
+                    stride_xn,
+                    stride_ar,
+                    stride_hn,
+                    split_k,
+                    chunks_per_split,
+                    tiles,
+                    BLOCK_N,
+                    BLOCK_R,
+                    BLOCK_K,
+                    STAGES1,
+                    PRECISION,
+                    True,
+                )
             else:
                 # Every program with a smaller ticket has started, so this wait always ends; MAX_SPIN only turns
                 # a broken counter into a wrong result the tests catch instead of a hung GPU. The poll is a plain
@@ -228,8 +336,26 @@ if TRITON_AVAILABLE:
                     spins += 1
                 tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
                 tl.debug_barrier()
-                _phase2(ticket - num_first, h_ptr, b_ptr, bias_ptr, y_ptr, n, m, rank, stride_hn, stride_bm,
-                        stride_br, stride_yn, has_bias, BLOCK_N, BLOCK_M, BLOCK_K2, STAGES2, PRECISION)
+                _phase2(
+                    ticket - num_first,
+                    h_ptr,
+                    b_ptr,
+                    bias_ptr,
+                    y_ptr,
+                    n,
+                    m,
+                    rank,
+                    stride_hn,
+                    stride_bm,
+                    stride_br,
+                    stride_yn,
+                    has_bias,
+                    BLOCK_N,
+                    BLOCK_M,
+                    BLOCK_K2,
+                    STAGES2,
+                    PRECISION,
+                )
             tl.debug_barrier()
             finished = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
             if finished == tl.num_programs(0) - 1:  # everyone is past every counter: reset for the next launch
@@ -237,11 +363,50 @@ if TRITON_AVAILABLE:
                 tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
                 tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed")
         elif ROLE == 1:
-            _phase1(tl.program_id(0), x_ptr, a_ptr, part_ptr, h_ptr, sync_ptr, n, d, rank, stride_xn, stride_ar,
-                    stride_hn, split_k, chunks_per_split, tiles, BLOCK_N, BLOCK_R, BLOCK_K, STAGES1, PRECISION, False)
+            _phase1(
+                tl.program_id(0),
+                x_ptr,
+                a_ptr,
+                part_ptr,
+                h_ptr,
+                sync_ptr,
+                n,
+                d,
+                rank,
+                stride_xn,
+                stride_ar,
+                stride_hn,
+                split_k,
+                chunks_per_split,
+                tiles,
+                BLOCK_N,
+                BLOCK_R,
+                BLOCK_K,
+                STAGES1,
+                PRECISION,
+                False,
+            )
         else:
-            _phase2(tl.program_id(0), h_ptr, b_ptr, bias_ptr, y_ptr, n, m, rank, stride_hn, stride_bm, stride_br,
-                    stride_yn, has_bias, BLOCK_N, BLOCK_M, BLOCK_K2, STAGES2, PRECISION)
+            _phase2(
+                tl.program_id(0),
+                h_ptr,
+                b_ptr,
+                bias_ptr,
+                y_ptr,
+                n,
+                m,
+                rank,
+                stride_hn,
+                stride_bm,
+                stride_br,
+                stride_yn,
+                has_bias,
+                BLOCK_N,
+                BLOCK_M,
+                BLOCK_K2,
+                STAGES2,
+                PRECISION,
+            )
 
 
 # -- synchronisation buffer -------------------------------------------------------------------------------------
@@ -291,8 +456,10 @@ def _sync_buffer(device: torch.device) -> torch.Tensor:
     """
     if device.type != "cuda":
         return torch.zeros(_SYNC_INTS, dtype=torch.int32, device=device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
+    key = (
+        device.index if device.index is not None else torch.cuda.current_device(),
+        torch.cuda.current_stream(device).cuda_stream,
+    )
     buf = _SYNC.get(key)
     if buf is not None:
         return buf
@@ -381,12 +548,44 @@ def nested_linear_triton(
     bias_arg = bias.contiguous() if has_bias else y  # never read when has_bias is 0
     num_first = tiles * split_k
     num_second = triton.cdiv(m, cfg.block_m)
-    args = (x2, a, b, bias_arg, y, part, h, sync, n, d, m, rank, x2.stride(0), a.stride(0), b.stride(0), b.stride(1),
-            h.stride(0), y.stride(0), split_k, chunks_per_split, tiles, num_first, int(has_bias))
-    meta = dict(BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-                BLOCK_M=cfg.block_m, BLOCK_K2=cfg.block_k2, STAGES1=cfg.num_stages, STAGES2=cfg.stages2, PRECISION=_PRECISION[x.dtype],
-                MAX_SPIN=_MAX_SPIN,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (
+        x2,
+        a,
+        b,
+        bias_arg,
+        y,
+        part,
+        h,
+        sync,
+        n,
+        d,
+        m,
+        rank,
+        x2.stride(0),
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        h.stride(0),
+        y.stride(0),
+        split_k,
+        chunks_per_split,
+        tiles,
+        num_first,
+        int(has_bias),
+    )
+    meta = dict(
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m,
+        BLOCK_K2=cfg.block_k2,
+        STAGES1=cfg.num_stages,
+        STAGES2=cfg.stages2,
+        PRECISION=_PRECISION[x.dtype],
+        MAX_SPIN=_MAX_SPIN,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if cfg.fused:
         _nested_kernel[(num_first + num_second,)](*args, ROLE=0, **meta)
     else:
