@@ -7,7 +7,7 @@ three nested FLOPs-budget plans, and times in one process: ``set_rank(int)``, ``
 layer), the same rank again, an ``at_rank`` enter + exit, ranks the layers never ran at, and ``set_rank`` on a
 merged model (which also rebuilds the merged weights, so it scales with the layer sizes: tiny here).
 
-``--compare SRC`` runs the same measurements with the package from another checkout (e.g. ``/work/main/src``)
+``--compare SRC`` runs the same measurements with the package from another checkout (e.g. ``../nsn-peft-old/src``)
 in a child process, alternating rounds, and reports the ratios. Writes JSON::
 
     python benchmarks/bench_set_rank.py --compare ../main/src --out benchmarks/results/set_rank_cpu.json
