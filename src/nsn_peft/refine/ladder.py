@@ -19,7 +19,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..calibrate.collect import collect_activation_stats, collect_gradient_stats
 from ..calibrate.stats import ActivationStats
 from ..linalg.flops import break_even_rank
 from ..planning.allocate import whitened_spectra
@@ -31,7 +30,16 @@ from ..tuner.ranks import set_rank
 from ._common import check_tokens, mean_nll, model_device
 from .blocks import nsn_factors
 from .config import RefineConfig, RefineReport
-from .stages import _blockwise, _load, _resume, _run_stages, _split, ladder_nll, truncate_to_active_ranks
+from .stages import (
+    _blockwise,
+    _load,
+    _resume,
+    _run_stages,
+    _split,
+    calibration_statistics,
+    ladder_nll,
+    truncate_to_active_ranks,
+)
 from .state import RefineState, data_fingerprint, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -108,7 +116,6 @@ def compress_ladder(
 
     calibration = check_tokens(calibration)
     train, validation = _split(calibration, validation, config.validation_fraction)
-    seq_len = train.shape[1]
     bs = config.batch_size
     started = time.perf_counter()
     report = RefineReport(
@@ -133,28 +140,17 @@ def compress_ladder(
 
     report.validation_nll["dense"] = mean_nll(model, validation, bs, config.precision)
     t = time.perf_counter()
-    if stats is None:
-        stats = collect_activation_stats(
-            model,
-            train,
-            max_tokens=None,
-            seq_len=seq_len,
-            batch_size=bs,
-            target_modules=target_modules,
-            show_progress=show_progress,
-        )
     allocations = ("uniform", "mixed") if allocation == "auto" else (allocation,)
-    if "mixed" in allocations and gradient_stats is None:
-        tokens = train if config.gradient_tokens is None else train[: max(1, config.gradient_tokens // seq_len)]
-        gradient_stats = collect_gradient_stats(
-            model,
-            tokens,
-            max_tokens=None,
-            seq_len=seq_len,
-            batch_size=max(1, bs // 2),
-            target_modules=target_modules,
-            show_progress=show_progress,
-        )
+    stats, gradient_stats = calibration_statistics(
+        model,
+        train,
+        config,
+        stats=stats,
+        gradient_stats=gradient_stats,
+        need_gradients="mixed" in allocations,
+        target_modules=target_modules,
+        show_progress=show_progress,
+    )
     schedules = plan_ladder(
         model,
         budgets,

@@ -19,7 +19,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..calibrate.collect import collect_activation_stats, collect_gradient_stats
 from ..calibrate.stats import ActivationStats
 from ..planning.allocate import allocate_ranks_for_budget, uniform_plan
 from ..planning.plan import RankPlan
@@ -31,7 +30,7 @@ from .blocks import nsn_factors
 from .budgets import check_budgets
 from .config import ALLOCATIONS, RefineConfig, RefineReport
 from .ladder import compress_ladder
-from .stages import _blockwise, _load, _resume, _run_stages, _split, truncate_to_active_ranks
+from .stages import _blockwise, _load, _resume, _run_stages, _split, calibration_statistics, truncate_to_active_ranks
 from .state import RefineState, data_fingerprint, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -165,7 +164,6 @@ def compress_and_refine(
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
     calibration = check_tokens(calibration)
     train, validation = _split(calibration, validation, config.validation_fraction)
-    seq_len = train.shape[1]
     bs = config.batch_size
     started = time.perf_counter()
     report = RefineReport(
@@ -189,31 +187,20 @@ def compress_and_refine(
 
     report.validation_nll["dense"] = mean_nll(model, validation, bs, config.precision)
     t = time.perf_counter()
-    if stats is None:
-        stats = collect_activation_stats(
-            model,
-            train,
-            max_tokens=None,
-            seq_len=seq_len,
-            batch_size=bs,
-            target_modules=target_modules,
-            show_progress=show_progress,
-        )
+    stats, gradient_stats = calibration_statistics(
+        model,
+        train,
+        config,
+        stats=stats,
+        gradient_stats=gradient_stats,
+        need_gradients=allocation in ("mixed", "auto"),
+        target_modules=target_modules,
+        show_progress=show_progress,
+    )
     plans: dict[str, RankPlan] = {}
     if allocation in ("uniform", "auto"):
         plans["uniform"] = uniform_plan(model, fraction, target_modules=target_modules, granularity=granularity)
     if allocation in ("mixed", "auto"):
-        if gradient_stats is None:
-            tokens = train if config.gradient_tokens is None else train[: max(1, config.gradient_tokens // seq_len)]
-            gradient_stats = collect_gradient_stats(
-                model,
-                tokens,
-                max_tokens=None,
-                seq_len=seq_len,
-                batch_size=max(1, bs // 2),
-                target_modules=target_modules,
-                show_progress=show_progress,
-            )
         plans["mixed"] = allocate_ranks_for_budget(
             model,
             stats,

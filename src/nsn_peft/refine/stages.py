@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..calibrate.collect import collect_activation_stats, collect_gradient_stats
+from ..calibrate.stats import ActivationStats
 from ..tuner.config import NSNConfig
 from ..tuner.rank_spec import RankSpec, budget_key
 from ..tuner.ranks import at_rank, get_rank, nsn_layers, set_rank
@@ -234,3 +236,42 @@ def ladder_nll(
         with at_rank(model, RankSpec.flops(budget)):
             scores[budget_key(budget)] = mean_nll(model, validation, batch_size, precision)
     return scores
+
+
+def calibration_statistics(
+    model: nn.Module,
+    train: torch.Tensor,
+    config: RefineConfig,
+    *,
+    stats: Optional[ActivationStats],
+    gradient_stats: Optional[ActivationStats],
+    need_gradients: bool,
+    target_modules,
+    show_progress: bool,
+) -> tuple[ActivationStats, Optional[ActivationStats]]:
+    """The recipe's statistics (single budget and ladder alike): the activation Grams, and the output-gradient
+    Grams over the first ``config.gradient_tokens`` tokens when a loss-weighted (mixed) plan needs them. Statistics
+    the caller passes are used as they are."""
+    seq_len, batch_size = train.shape[1], config.batch_size
+    if stats is None:
+        stats = collect_activation_stats(
+            model,
+            train,
+            max_tokens=None,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            target_modules=target_modules,
+            show_progress=show_progress,
+        )
+    if need_gradients and gradient_stats is None:
+        tokens = train if config.gradient_tokens is None else train[: max(1, config.gradient_tokens // seq_len)]
+        gradient_stats = collect_gradient_stats(
+            model,
+            tokens,
+            max_tokens=None,
+            seq_len=seq_len,
+            batch_size=max(1, batch_size // 2),
+            target_modules=target_modules,
+            show_progress=show_progress,
+        )
+    return stats, gradient_stats
